@@ -1,0 +1,27 @@
+"""Layer-wise sparsity allocation: one rate per decoder block whose mean is the target.
+
+Every allocator has the shape `rates = allocate(num_blocks, target, **what_it_needs) -> list[float]`.
+Uniform is here; OWL, ATP and RMI plug into the same table.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from . import uniform
+
+ALLOCATORS = {"uniform": uniform.allocate}
+
+
+def check_rates(rates: list[float], num_blocks: int, target: float, tol: float = 1e-6) -> list[float]:
+    """Validate a rate vector: `num_blocks` entries, each in [0, 1), mean within `tol` of `target`.
+    Raises UsageError."""
+    rates = [float(r) for r in rates]
+    if len(rates) != num_blocks:
+        raise UsageError(f"allocation has {len(rates)} rates for {num_blocks} decoder blocks")
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    if bad:
+        raise UsageError(f"allocated rates must be in [0, 1); got {bad[:3]}")
+    mean = sum(rates) / num_blocks
+    if abs(mean - target) > tol:
+        raise UsageError(f"allocated rates have mean {mean:.6f}, not the target {target:.6f}")
+    return rates

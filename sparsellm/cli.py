@@ -1,0 +1,215 @@
+"""`sparsellm` command line: `prune` and `eval ppl`.
+
+Bad input gets one line on stderr and exit status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+log = logging.getLogger("sparsellm")
+
+DEMO = ["--model", "smollm2-135m", "--prune_method", "wanda", "--sparsity_ratio", "0.5", "--nsamples", "32",
+        "--seqlen", "512", "--eval", "wikitext2", "--eval_seqlen", "2048", "--max_windows", "4", "--eval_dense"]
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF hub id, local HF directory, .gguf file or preset (default: smollm2-135m)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the model for calibration forwards, pruning and evaluation "
+                        "(statistics are always accumulated in float32)")
+
+
+def _add_eval_args(p, default_eval):
+    p.add_argument("--eval", default=default_eval,
+                   help="comma-separated perplexity datasets: wikitext2, c4, or none (default: %(default)s)")
+    p.add_argument("--eval_seqlen", type=int, default=None,
+                   help="window length for perplexity (default: the calibration --seqlen, capped at context)")
+    p.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsellm", description="Post-training sparsification of LLMs.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-block lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model (no arguments: a few-minute demo on the default model)")
+    _add_model_args(p)
+    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity_ratio", type=float, default=None,
+                   help="target fraction of zeros in [0, 1) (default 0.5; implied by an N:M --sparsity_type)")
+    p.add_argument("--sparsity_type", default="unstructured",
+                   help="unstructured, or N:M = keep N of every M input weights (2:4, 4:8, ...)")
+    p.add_argument("--prunen", type=int, default=None, help="alias: N of an N:M pattern (with --prunem)")
+    p.add_argument("--prunem", type=int, default=None, help="alias: M of an N:M pattern (with --prunen)")
+    p.add_argument("--allocation", default="uniform", help="layer-wise sparsity allocation (default: uniform)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
+                   help="tokens per calibration window (default 2048; capped at the model's context)")
+    p.add_argument("--calib_dataset", default="c4",
+                   help="c4 (bundled) or a local .txt / .jsonl / .json.gz file with a 'text' field")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+    p.add_argument("--batch_size", type=int, default=1, help="calibration windows per block forward")
+    p.add_argument("--save_model", default=None, help="write the pruned HF model directory here")
+    p.add_argument("--save", default=None, help="write report.json and report.md here")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
+    p.add_argument("--eval_dense", action="store_true", help="also evaluate the dense model first")
+    _add_eval_args(p, "wikitext2")
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    ep = esub.add_parser("ppl", help="perplexity by the papers' protocol")
+    _add_model_args(ep)
+    ep.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4")
+    ep.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    ep.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
+    ep.add_argument("--save", default=None, help="write report.json here")
+    return parser
+
+
+def _datasets(spec: str) -> list[str]:
+    from .data import EVAL_SOURCES
+
+    names = [] if spec.strip().lower() == "none" else [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        if n not in EVAL_SOURCES:
+            raise UsageError(f"unknown evaluation dataset {n!r}; choose from {', '.join(EVAL_SOURCES)} or none")
+    return names
+
+
+def _evaluate(model, tok, names, seqlen, max_windows, progress) -> dict:
+    from .evaluate import perplexity
+
+    out = {}
+    for name in names:
+        r = perplexity(model, tok, name, seqlen, max_windows, progress=progress)
+        log.info("%s = %.3f (%d windows, %d tokens)", r["metric"], r["ppl"], r["windows"], r["tokens"])
+        out[r["metric"]] = r
+    return out
+
+
+def _dtype(name):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cmd_prune(args) -> int:
+    from . import api
+    from .models import check_output_dir, context_length, load_model, resolve_model
+    from .report import markdown, summary_table
+
+    if args.prunen is not None or args.prunem is not None:
+        if args.prunen is None or args.prunem is None:
+            raise UsageError("--prunen and --prunem go together")
+        args.sparsity_type = f"{args.prunen}:{args.prunem}"
+    ratio = args.sparsity_ratio
+    if ratio is None and args.sparsity_type == "unstructured":
+        ratio = 0.5
+    config = api.PruneConfig(
+        prune_method=args.prune_method, sparsity_ratio=ratio, sparsity_type=args.sparsity_type,
+        nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset, seed=args.seed,
+        allocation=args.allocation, blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
+    ).validate()
+    names = _datasets(args.eval)
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
+    if args.eval_seqlen is not None and args.eval_seqlen < 2:
+        raise UsageError(f"--eval_seqlen must be >= 2, got {args.eval_seqlen}")
+    if args.calib_dataset != "c4":
+        from .data import load_documents
+
+        load_documents(args.calib_dataset)  # fail early on a missing or unusable file
+    kind, src = resolve_model(args.model)
+    out = None
+    if args.save_model:
+        from .models import cache_dir
+
+        out = check_output_dir(args.save_model, args.overwrite, [src, cache_dir() if kind in ("preset", "gguf") else None])
+
+    model, tok, model_dir = load_model(args.model, _dtype(args.dtype))
+    if out is not None and model_dir is not None:
+        check_output_dir(out, args.overwrite, [model_dir])
+    seqlen = api.validate_for_model(model, config)
+    from .data import calibration_windows
+
+    calib = calibration_windows(tok, config.calib_dataset, config.nsamples, seqlen, config.seed)
+    eval_seqlen = min(args.eval_seqlen or seqlen, context_length(model))
+    progress = not args.quiet
+    run = {"command": "prune", "model": args.model, "config": api.config_dict(config), "eval_seqlen": eval_seqlen}
+    if args.eval_dense and names:
+        run["eval_dense"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress)
+    run["prune"] = api.prune(model, tok, config, calib_ids=calib, progress=progress)
+    if names:
+        run["eval"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress)
+    run["peak_rss_mib"] = api.peak_rss_mib()
+    md = markdown(run)
+    if out is not None:
+        api.save_pruned(model, tok, out, run["prune"], run, md)
+        log.info("saved pruned model to %s", out)
+    if args.save:
+        api.write_json_atomic(Path(args.save) / "report.json", run)
+        (Path(args.save) / "report.md").write_text(md)
+    print(summary_table(run))
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from . import api
+    from .models import context_length, load_model
+
+    names = _datasets(args.dataset) or ["wikitext2"]
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
+    if args.seqlen < 2:
+        raise UsageError(f"--seqlen must be >= 2, got {args.seqlen}")
+    model, tok, _ = load_model(args.model, _dtype(args.dtype))
+    seqlen = min(args.seqlen, context_length(model))
+    run = {"command": "eval ppl", "model": args.model, "eval": _evaluate(model, tok, names, seqlen, args.max_windows,
+                                                                          not args.quiet)}
+    run["versions"] = api.versions()
+    if args.save:
+        api.write_json_atomic(Path(args.save) / "report.json", run)
+    from .report import summary_table
+
+    print(summary_table(run))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv in (["prune"], ["--quiet", "prune"]):
+        print("sparsellm: no arguments given, running the demo: sparsellm prune " + " ".join(DEMO), file=sys.stderr)
+        argv = argv + DEMO
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            if args.command == "prune":
+                return cmd_prune(args)
+            return cmd_eval_ppl(args)
+    except UsageError as e:
+        print(f"sparsellm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"sparsellm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sparsellm: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Perplexity by the Wanda/SparseGPT protocol (algorithms.md §10.1): the text is tokenized once and cut
+into floor(T / seqlen) non-overlapping windows; each window is scored at batch 1 on its seqlen − 1
+shifted targets; ppl = exp(total NLL / total predicted tokens)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import eval_tokens
+from ..errors import UsageError
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
+               progress: bool = True) -> dict:
+    """Perplexity of `model` on `dataset` ("wikitext2" test or "c4" validation).
+
+    Returns {"metric": "wikitext2_ppl@2048", "ppl", "nll" (mean NLL in nats per token), "windows",
+    "tokens" (predicted tokens), "seqlen", "dataset", "max_windows"}. Raises UsageError if the text has
+    fewer than seqlen tokens or max_windows < 1."""
+    if max_windows is not None and max_windows < 1:
+        raise UsageError(f"--max_windows must be >= 1, got {max_windows}")
+    ids = eval_tokens(tokenizer, dataset, seqlen)
+    windows = ids.shape[1] // seqlen
+    if windows == 0:
+        raise UsageError(f"{dataset} has {ids.shape[1]} tokens, fewer than seqlen {seqlen}")
+    if max_windows:
+        windows = min(windows, max_windows)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for w in tqdm(range(windows), desc=f"ppl {dataset}", unit="win", disable=not progress, leave=False):
+        x = ids[:, w * seqlen : (w + 1) * seqlen].to(device)
+        logits = model(x, use_cache=False).logits[0, :-1].float()
+        nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        count += seqlen - 1
+    return {"metric": f"{dataset}_ppl@{seqlen}", "ppl": math.exp(nll / count), "nll": nll / count,
+            "windows": windows, "tokens": count, "seqlen": seqlen, "dataset": dataset,
+            "max_windows": max_windows, "total_windows": ids.shape[1] // seqlen}

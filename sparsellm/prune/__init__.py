@@ -1,0 +1,43 @@
+"""Pruners: one module each, one interface.
+
+    new_weight = prune(weight, stats, sparsity, nm, **options)
+
+`weight` is a (C_out, C_in) fp32 tensor (a copy; the caller writes the result back), `stats` the layer's
+calibration statistics (`LayerStats`), `sparsity` a fraction in [0, 1), `nm` an `NM` pattern or None for
+unstructured. Each module's `STATS` says which statistics it needs ("none", "norm" or "hessian").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import magnitude, sparsegpt, wanda
+from .masks import NM, check_sparsity, parse_pattern
+
+PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear's input X (tokens × C_in), accumulated in fp32.
+    `sq_norm[j]` = Σ_t X[t, j]² (C_in,); `hessian` = Σ_t X[t]ᵀ X[t] (C_in, C_in) or None; `ntokens` = t."""
+
+    ntokens: int = 0
+    sq_norm: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, need: str) -> None:
+        """Accumulate a batch of inputs x (..., C_in)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.ntokens += x.shape[0]
+        if need in ("norm", "hessian"):
+            s = (x * x).sum(0)
+            self.sq_norm = s if self.sq_norm is None else self.sq_norm.add_(s)
+        if need == "hessian":
+            h = x.t() @ x
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+
+
+__all__ = ["PRUNERS", "LayerStats", "NM", "parse_pattern", "check_sparsity"]

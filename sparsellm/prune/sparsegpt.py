@@ -1,0 +1,80 @@
+"""SparseGPT: mask selection and optimal weight update with the inverse Hessian of the layer inputs
+(Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+ICML 2023, Algorithm 1; algorithms.md §4).
+
+H = 2/n · Σ x xᵀ (fp32). Columns are processed in blocks of `blocksize`; within a block the mask is
+chosen adaptively (lowest w² / [H⁻¹]_cc², or per N:M group), and each pruned column's error is spread
+over the remaining columns through the upper Cholesky factor of H⁻¹.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .masks import NM
+
+STATS = "hessian"
+log = logging.getLogger("sparsellm")
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp · mean(diag H). If H + λI is not positive
+    definite, λ is multiplied by 10 and tried again (up to `retries` times); then LinAlgError is raised."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp = percdamp * torch.diag(H).mean().clamp_min(1e-8)
+    for _ in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        log.warning("SparseGPT: Cholesky failed with damping %.3g; retrying with 10x more", float(damp))
+        damp = damp * 10
+    raise torch.linalg.LinAlgError("SparseGPT: Hessian is not positive definite even after extra damping")
+
+
+def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
+          blocksize: int = 128, percdamp: float = 0.01, **_) -> torch.Tensor:
+    """Prune weight (C_out, C_in) with SparseGPT and return the updated weight. Unstructured: in each
+    column block, the floor(numel · sparsity) lowest-score entries are pruned. N:M: M−N per group."""
+    W = weight.clone().float()
+    rows, cols = W.shape
+    if sparsity == 0 and nm is None:
+        return W
+    H = stats.hessian.to(W.device).float() * (2.0 / max(stats.ntokens, 1))
+    dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    Hinv = inverse_cholesky(H, percdamp)
+    if nm:  # a column block must hold whole N:M groups
+        blocksize = max(nm.m, blocksize - blocksize % nm.m)
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            k = int(W1.numel() * sparsity)
+            if k:
+                score = (W1 ** 2 / d.reshape(1, -1) ** 2).flatten()
+                mask1.view(-1)[torch.topk(score, k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if nm and i % nm.m == 0:
+                score = W1[:, i : i + nm.m] ** 2 / d[i : i + nm.m].reshape(1, -1) ** 2
+                idx = torch.topk(score, nm.m - nm.n, dim=1, largest=False).indices
+                mask1.scatter_(1, i + idx, True)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W

@@ -1,0 +1,45 @@
+"""Human-readable run reports: a short markdown summary and a per-block table."""
+
+from __future__ import annotations
+
+
+def _fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def summary_table(run: dict) -> str:
+    """Dense-vs-sparse table: one row per evaluated metric, plus sparsity and timing lines."""
+    lines = ["| metric | windows | dense | sparse |", "|---|---|---|---|"]
+    dense, sparse = run.get("eval_dense", {}), run.get("eval", {})
+    for key in dict.fromkeys([*dense, *sparse]):
+        d, s = dense.get(key), sparse.get(key)
+        windows = (s or d)["windows"]
+        lines.append(f"| {key} | {windows} | {_fmt(d and d['ppl'])} | {_fmt(s and s['ppl'])} |")
+    p = run.get("prune")
+    if p:
+        m = p["measured"]
+        lines += [
+            "",
+            f"method **{p['method']}**, {p['sparsity_type']}, target {p['target_sparsity']:.4f}, "
+            f"measured {m['sparsity']:.4f} ({m['zeros']:,} zeros / {m['params']:,} block-linear weights)",
+            f"calibration {p['calibration']['dataset']}: {p['calibration']['nsamples']} × "
+            f"{p['calibration']['seqlen']} tokens, seed {p['calibration']['seed']}; dtype {p['dtype']}",
+            f"pruning {p['prune_seconds']:.1f} s, peak RSS {p['peak_rss_mib']:.0f} MiB, {p['threads']} threads",
+        ]
+    return "\n".join(lines)
+
+
+def block_table(prune_report: dict) -> str:
+    """One row per decoder block: target and measured sparsity, relative reconstruction error, seconds."""
+    lines = ["| block | target | measured | rel. error | seconds |", "|---|---|---|---|---|"]
+    for b in prune_report["blocks"]:
+        lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {b['rel_error']:.3e} "
+                     f"| {b['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown(run: dict) -> str:
+    out = [f"# sparsellm run: {run.get('model', '')}", "", summary_table(run)]
+    if run.get("prune"):
+        out += ["", "## Per block", "", block_table(run["prune"])]
+    return "\n".join(out) + "\n"
