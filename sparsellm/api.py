@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .allocate import ALLOCATORS, check_rates
 from .data import calibration_windows
-from .engine import linear_sparsity, prune_blocks
+from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
 from .models import atomic_dir_write, block_linears, context_length, get_blocks
 from .prune import PRUNERS, check_sparsity, parse_pattern
@@ -38,7 +38,7 @@ class PruneConfig:
     sparsity_type: "unstructured" or "N:M" (keep N of every M weights along the input dimension).
     nsamples × seqlen: calibration windows drawn with `seed` from `calib_dataset` ("c4" or a local file).
     blocksize, percdamp: SparseGPT's column block size and Hessian dampening (fraction of mean diag).
-    batch_size: calibration windows per block forward."""
+    batch_size: calibration windows per block forward (None: about 8192 tokens per forward)."""
 
     prune_method: str = "wanda"
     sparsity_ratio: float | None = 0.5
@@ -50,7 +50,7 @@ class PruneConfig:
     allocation: str = "uniform"
     blocksize: int = 128
     percdamp: float = 0.01
-    batch_size: int = 1
+    batch_size: int | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "PruneConfig":
@@ -71,7 +71,7 @@ class PruneConfig:
         if nm is not None and self.allocation != "uniform":
             raise UsageError("N:M patterns use uniform allocation")
         for name in ("nsamples", "seqlen", "blocksize", "batch_size"):
-            if int(getattr(self, name)) < (2 if name == "seqlen" else 1):
+            if getattr(self, name) is not None and int(getattr(self, name)) < (2 if name == "seqlen" else 1):
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.percdamp < 1e6:
             raise UsageError(f"--percdamp must be > 0, got {self.percdamp}")
@@ -136,7 +136,8 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
         "calibration": {"dataset": config.calib_dataset, "nsamples": int(calib_ids.shape[0]),
                         "seqlen": int(calib_ids.shape[1]), "seed": config.seed,
                         "tokens_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()},
-        "options": {"blocksize": config.blocksize, "percdamp": config.percdamp, "batch_size": config.batch_size},
+        "options": {"blocksize": config.blocksize, "percdamp": config.percdamp,
+                    "batch_size": config.batch_size or auto_batch_size(int(calib_ids.shape[1]))},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "measured": linear_sparsity(model),
         "blocks": blocks,

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
-    p.add_argument("--batch_size", type=int, default=1, help="calibration windows per block forward")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="calibration windows per block forward (default: about 8192 tokens per forward)")
     p.add_argument("--save_model", default=None, help="write the pruned HF model directory here")
     p.add_argument("--save", default=None, help="write report.json and report.md here")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
@@ -193,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsellm: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"sparsellm: error: {e}", file=sys.stderr)
+        print("sparsellm: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sparsellm: interrupted; nothing was saved", file=sys.stderr)

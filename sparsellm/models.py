@@ -134,7 +134,7 @@ def resolve_model(spec: str) -> tuple[str, Path | None]:
         if not (path / "config.json").is_file():
             raise UsageError(f"{spec} is a directory without config.json, not a Hugging Face model directory")
         return "dir", path.resolve()
-    if not _HUB_ID.fullmatch(spec) or spec.startswith((".", "~")):
+    if not _HUB_ID.fullmatch(spec) or spec.startswith((".", "~")) or Path(spec.split("/")[0]).is_dir():
         raise UsageError(
             f"model not found: {spec!r} is not a local path, a .gguf file, a hub id (org/name) "
             f"or a preset ({', '.join(PRESETS)})"
@@ -180,7 +180,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     if kind in ("preset", "gguf"):
         path = _gguf_to_hf_dir(path)
     source = str(path) if path is not None else spec
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load {spec!r} (no such model, or the hub is unreachable): {first}") from None
     if config.model_type not in ARCHITECTURES:
         raise UsageError(
             f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"

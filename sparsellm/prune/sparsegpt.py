@@ -73,7 +73,7 @@ def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
             q = w.masked_fill(mask1[:, i], 0.0)
             Q1[:, i] = q
             err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)  # spread the error over the block's later columns
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny randomly-initialised models of every supported family, a tiny offline tokenizer,
+and small local text corpora. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models are dominated by thread start-up costs on a shared 2-core machine: one thread is ~30x faster.
+torch.set_num_threads(1)
+
+VOCAB = 128
+
+WORDS = (
+    "the a of and to in is was for on that with as by at from his her it an were are which this be "
+    "film series actor role television play theatre city river king war game song album band music "
+    "first second new old year years time people world house church school team season league "
+    "he she they we you one two three four five six seven eight nine ten . , ; : ' \" ( ) - = @"
+).split()
+
+
+def _common(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    base.update(kw)
+    return base
+
+
+def make_config(family: str, **overrides):
+    """A tiny transformers config of `family`. GQA everywhere it exists (4 query heads, 2 KV heads)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    if family == "llama":
+        return LlamaConfig(**_common(tie_word_embeddings=True, **overrides))
+    if family == "llama_untied":
+        return LlamaConfig(**_common(tie_word_embeddings=False, **overrides))
+    if family == "qwen2":
+        return Qwen2Config(**_common(**overrides))
+    if family == "mistral":
+        return MistralConfig(**_common(sliding_window=8, **overrides))
+    if family == "gemma3":
+        kw = dict(num_hidden_layers=3, head_dim=8, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        kw.update(overrides)
+        return Gemma3TextConfig(**_common(**kw))
+    if family == "opt":
+        kw = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, word_embed_proj_dim=32)
+        kw.update(overrides)
+        return OPTConfig(**kw)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma3", "opt"]
+MODEL_TYPES = {"llama": "llama", "llama_untied": "llama", "qwen2": "qwen2", "mistral": "mistral",
+               "gemma3": "gemma3_text", "opt": "opt"}
+
+
+def make_model(family: str, seed: int = 0, attn: str = "eager", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(family, **overrides), attn_implementation=attn)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "<pad>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A word-level tokenizer over ~100 words (ids < 128), eos '</s>' = 1, unknown words -> '<unk>' = 0."""
+    return _build_tokenizer()
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    """`n` pseudo-random sentences made from the tokenizer's words (one token per word)."""
+    import random
+
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w.isalpha()]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 15))) + " ." for _ in range(n)]
+
+
+@pytest.fixture
+def calib_txt(tmp_path):
+    """A local .txt calibration corpus of a few hundred tokens."""
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(sentences(60)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def saved_model_dir(tmp_path, tokenizer):
+    """A tiny llama (+ tokenizer) written with save_pretrained, as `--model` for CLI runs."""
+    d = tmp_path / "model"
+    make_model("llama").save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d

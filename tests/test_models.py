@@ -1,0 +1,98 @@
+"""The architecture table, model resolution and output-directory checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, MODEL_TYPES, make_model
+from sparsellm.errors import UsageError
+from sparsellm.models import (ARCHITECTURES, block_linears, check_output_dir, context_length, get_arch, get_blocks,
+                              resolve_model)
+
+LLAMA_LIKE = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+OPT = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"}
+
+
+def test_get_blocks_and_linears(family):
+    model = make_model(family)
+    assert model.config.model_type == MODEL_TYPES[family]
+    blocks = get_blocks(model)
+    expected = model.model.decoder.layers if family == "opt" else model.model.layers
+    assert blocks is expected
+    assert len(blocks) == model.config.num_hidden_layers
+    for block in blocks:
+        lin = block_linears(model, block)
+        assert set(lin) == (OPT if family == "opt" else LLAMA_LIKE)
+        for name, mod in lin.items():
+            assert mod is block.get_submodule(name) and isinstance(mod, torch.nn.Linear)
+        # every nn.Linear of the block is covered, nothing else
+        all_linears = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert all_linears == set(lin)
+    # GQA shapes survive: k_proj is narrower than q_proj except for OPT
+    q, k = lin["self_attn.q_proj"], lin["self_attn.k_proj"]
+    assert (k.out_features < q.out_features) == (family != "opt")
+
+
+def test_table_covers_exactly_the_families():
+    assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "gemma3_text", "opt"}
+
+
+def test_unsupported_model_type_raises():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128, n_positions=64))
+    with pytest.raises(UsageError, match="gpt2"):
+        get_arch(gpt2)
+    with pytest.raises(UsageError):
+        get_blocks(gpt2)
+
+
+def test_block_without_expected_linear_raises():
+    model = make_model("llama")
+    block = model.model.layers[0]
+    block.mlp.gate_proj = torch.nn.Identity()
+    with pytest.raises(UsageError, match="gate_proj"):
+        block_linears(model, block)
+
+
+def test_context_length():
+    assert context_length(make_model("llama")) == 128
+    assert context_length(make_model("opt", max_position_embeddings=64)) == 64
+
+
+def test_resolve_model(tmp_path, saved_model_dir):
+    assert resolve_model(str(saved_model_dir)) == ("dir", saved_model_dir.resolve())
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == ("hub", None)
+    with pytest.raises(UsageError):
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(UsageError):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(UsageError):
+        resolve_model("no-such-model")
+    with pytest.raises(UsageError):
+        resolve_model(str(tmp_path))  # a directory without config.json
+
+
+def test_check_output_dir(tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    ok = check_output_dir(tmp_path / "new", False, [model_dir])
+    assert ok == (tmp_path / "new").resolve() and not ok.exists()
+    for bad in (model_dir, model_dir / "sub", tmp_path):
+        with pytest.raises(UsageError):
+            check_output_dir(bad, True, [model_dir])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "f").write_text("x")
+    with pytest.raises(UsageError):
+        check_output_dir(busy, False, [model_dir])
+    assert check_output_dir(busy, True, [model_dir]) == busy.resolve()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check_output_dir(empty, False, [None]) == empty.resolve()
+    with pytest.raises(UsageError):
+        check_output_dir(tmp_path / "m" / "config.json", True, [])  # a file
