@@ -120,6 +120,8 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor, method: str, rates: 
         raise ValueError(f"{len(rates)} rates for {len(blocks)} blocks")
     options = options or {}
     batch_size = batch_size or auto_batch_size(input_ids.shape[1])
+    if pruner.STATS == "none":  # magnitude needs no calibration data: no forwards, no reconstruction error
+        return [_prune_without_data(model, i, block, pruner, rates[i], nm, options) for i, block in enumerate(blocks)]
     t0 = time.perf_counter()
     X, kwargs = capture_inputs(model, input_ids)
     Y = torch.empty_like(X)
@@ -171,6 +173,22 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor, method: str, rates: 
         if on_block_end is not None:
             on_block_end(i, X)
     return results
+
+
+def _prune_without_data(model, i, block, pruner, rate, nm, options) -> dict:
+    t0 = time.perf_counter()
+    modules = {}
+    for name, lin in block_linears(model, block).items():
+        W = lin.weight.data
+        if rate > 0 or nm is not None:
+            W.copy_(pruner.prune(W.float(), None, rate, nm, **options).to(W.dtype))
+        modules[name] = {"target": rate if nm is None else nm.sparsity, "measured": float((W == 0).sum()) / W.numel()}
+    zeros = sum(m["measured"] * block.get_submodule(n).weight.numel() for n, m in modules.items())
+    total = sum(block.get_submodule(n).weight.numel() for n in modules)
+    res = {"block": i, "target": rate if nm is None else nm.sparsity, "measured": zeros / total, "rel_error": None,
+           "seconds": time.perf_counter() - t0, "modules": modules}
+    log.info("block %3d  target %.4f  measured %.4f  %.2fs", i, res["target"], res["measured"], res["seconds"])
+    return res
 
 
 def linear_sparsity(model: nn.Module) -> dict:

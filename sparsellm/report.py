@@ -33,7 +33,8 @@ def block_table(prune_report: dict) -> str:
     """One row per decoder block: target and measured sparsity, relative reconstruction error, seconds."""
     lines = ["| block | target | measured | rel. error | seconds |", "|---|---|---|---|---|"]
     for b in prune_report["blocks"]:
-        lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {b['rel_error']:.3e} "
+        err = "—" if b["rel_error"] is None else f"{b['rel_error']:.3e}"
+        lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {err} "
                      f"| {b['seconds']:.2f} |")
     return "\n".join(lines)
 

@@ -56,7 +56,7 @@ def test_sparsity_zero_reproduces_every_block(family, attn):
     ref = _reference_block_outputs(model, ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     L = len(_blocks(model))
-    got, results = _engine_outputs(model, ids, "magnitude", [0.0] * L)
+    got, results = _engine_outputs(model, ids, "wanda", [0.0] * L)
     assert sorted(got) == list(range(L))
     for i in range(L):
         assert got[i].shape == ref[i].shape == (NSAMPLES, SEQLEN, model.config.hidden_size)
@@ -101,7 +101,20 @@ def test_capture_inputs_equals_embedding_output(family):
     assert len(kwargs) == len(_blocks(model))
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_magnitude_runs_without_calibration_forwards(monkeypatch):
+    """Magnitude needs no data: the engine must not run any block, and still prune exactly."""
+    import sparsellm.engine as engine
+
+    model = make_model("llama")
+    monkeypatch.setattr(engine, "capture_inputs", lambda *a, **k: pytest.fail("magnitude ran a forward"))
+    results = prune_blocks(model, torch.randint(0, 128, (NSAMPLES, SEQLEN)), "magnitude", [0.5] * 2, progress=False)
+    assert [r["rel_error"] for r in results] == [None, None]
+    for block in _blocks(model):
+        for lin in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
+            assert int((lin.weight == 0).sum()) == int(lin.weight.numel() * 0.5)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_next_block_inputs_come_from_pruned_model(method):
     """After pruning, block i's reported outputs equal what the *pruned* model computes at block i."""
     model = make_model("qwen2")
@@ -119,7 +132,7 @@ def test_batch_size_does_not_change_results(family):
     ids = torch.randint(0, 128, (4, SEQLEN))
     ref = _reference_block_outputs(model, ids)
     L = len(_blocks(model))
-    got, _ = _engine_outputs(model, ids, "magnitude", [0.0] * L, batch_size=2)
+    got, _ = _engine_outputs(model, ids, "wanda", [0.0] * L, batch_size=2)
     for i in range(L):
         torch.testing.assert_close(got[i], ref[i], atol=1e-5, rtol=1e-5)
 
