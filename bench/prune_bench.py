@@ -46,7 +46,8 @@ def parse_job(job: str) -> tuple[str, list[str], str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--jobs", default="magnitude:0.5,wanda:0.5,sparsegpt:0.5")
+    ap.add_argument("--jobs", default="magnitude:0.5,wanda:0.5,sparsegpt:0.5",
+                    help="comma-separated METHOD:RATIO or METHOD:N:M; empty for none")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -91,7 +92,7 @@ def main() -> None:
     if args.llmc:
         torch.save(calibration_windows(tok, "c4", args.nsamples, args.seqlen, args.seed), calib_pt)
 
-    for job in args.jobs.split(","):
+    for job in filter(None, args.jobs.split(",")):
         method, flags, mask_structure = parse_job(job)
         d = work / f"ours-{job.replace(':', '_')}"
         wall = sh(sparsellm + ["prune", "--model", args.model, "--prune_method", method, *flags,

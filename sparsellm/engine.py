@@ -121,73 +121,76 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor, method: str, rates: 
     options = options or {}
     batch_size = batch_size or auto_batch_size(input_ids.shape[1])
     if pruner.STATS == "none":  # magnitude needs no calibration data: no forwards, no reconstruction error
-        return [_prune_without_data(model, i, block, pruner, rates[i], nm, options) for i, block in enumerate(blocks)]
+        return [_prune_block(model, i, block, pruner, None, rates[i], nm, options, time.perf_counter())
+                for i, block in enumerate(blocks)]
     t0 = time.perf_counter()
     X, kwargs = capture_inputs(model, input_ids)
     Y = torch.empty_like(X)
     log.info("captured block-0 inputs %s in %.1fs", tuple(X.shape), time.perf_counter() - t0)
     results = []
-    bar = tqdm(blocks, desc=f"{method}", unit="block", disable=not progress, leave=False)
-    for i, block in enumerate(bar):
+    for i, block in enumerate(tqdm(blocks, desc=method, unit="block", disable=not progress, leave=False)):
         t0 = time.perf_counter()
-        linears = block_linears(model, block)
-        stats = {name: LayerStats() for name in linears}
-        handles, alias, last = [], {}, {}
-        if pruner.STATS != "none":
-            for name, lin in linears.items():
-                def hook(mod, inp, out, name=name):
-                    x = inp[0]
-                    owner = next((n for n, t in last.items() if t is x and n != name), None)
-                    if owner is not None:  # q/k/v (and gate/up) read the same tensor: gather its statistics once
-                        alias[name] = owner
-                        return
-                    last[name] = x  # only the current micro-batch's inputs are kept alive
-                    stats[name].add(x, pruner.STATS)
-                handles.append(lin.register_forward_hook(hook))
-        try:
-            run_block(block, X, kwargs[i], Y, batch_size)  # dense outputs of this block
-        finally:
-            for h in handles:
-                h.remove()
-            last.clear()
-        for name, owner in alias.items():
-            stats[name] = stats[owner]
-        modules = {}
-        for name, lin in linears.items():
-            W = lin.weight.data
-            if rates[i] > 0 or nm is not None:
-                W.copy_(pruner.prune(W.float(), stats[name], rates[i], nm, **options).to(W.dtype))
-            modules[name] = {"target": rates[i] if nm is None else nm.sparsity,
-                             "measured": float((W == 0).sum()) / W.numel()}
-        num, den = run_block(block, X, kwargs[i], Y, batch_size, compare=True)  # pruned outputs -> Y
+        stats = _gather_stats(block, block_linears(model, block), pruner.STATS,
+                              lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
+        res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
+                           lambda: run_block(block, X, kwargs[i], Y, batch_size, compare=True))  # Y = pruned
         X, Y = Y, X
-        zeros = sum(float((lin.weight == 0).sum()) for lin in linears.values())
-        total = sum(lin.weight.numel() for lin in linears.values())
-        res = {"block": i, "target": rates[i] if nm is None else nm.sparsity, "measured": zeros / total,
-               "rel_error": (num / den) ** 0.5 if den > 0 else 0.0,
-               "seconds": time.perf_counter() - t0, "modules": modules}
         results.append(res)
-        msg = (f"block {i:3d}  target {res['target']:.4f}  measured {res['measured']:.4f}  "
-               f"rel_error {res['rel_error']:.4e}  {res['seconds']:.2f}s")
-        log.info(msg)
         if on_block_end is not None:
             on_block_end(i, X)
     return results
 
 
-def _prune_without_data(model, i, block, pruner, rate, nm, options) -> dict:
-    t0 = time.perf_counter()
+def _gather_stats(block, linears: dict, need: str, forward) -> dict:
+    """Run `forward()` with hooks that accumulate each linear's input statistics (fp32). Linears that read
+    the very same tensor (q/k/v, gate/up) share one LayerStats, gathered once."""
+    stats = {name: LayerStats() for name in linears}
+    alias, last = {}, {}
+
+    def make_hook(name):
+        def hook(mod, inp, out):
+            x = inp[0]
+            owner = next((n for n, t in last.items() if t is x and n != name), None)
+            if owner is not None:
+                alias[name] = owner
+                return
+            last[name] = x  # only the current micro-batch's inputs are kept alive
+            stats[name].add(x, need)
+        return hook
+
+    handles = [lin.register_forward_hook(make_hook(name)) for name, lin in linears.items()]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+        last.clear()
+    for name, owner in alias.items():
+        stats[name] = stats[owner]
+    return stats
+
+
+def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=None) -> dict:
+    """Prune every linear of block i at `rate` (or `nm`), then `replay()` the block if given, which returns
+    (Σ‖ref − new‖², Σ‖ref‖²) for the relative reconstruction error. Returns the block's report entry."""
+    linears = block_linears(model, block)
+    target = rate if nm is None else nm.sparsity
     modules = {}
-    for name, lin in block_linears(model, block).items():
+    for name, lin in linears.items():
         W = lin.weight.data
         if rate > 0 or nm is not None:
-            W.copy_(pruner.prune(W.float(), None, rate, nm, **options).to(W.dtype))
-        modules[name] = {"target": rate if nm is None else nm.sparsity, "measured": float((W == 0).sum()) / W.numel()}
-    zeros = sum(m["measured"] * block.get_submodule(n).weight.numel() for n, m in modules.items())
-    total = sum(block.get_submodule(n).weight.numel() for n in modules)
-    res = {"block": i, "target": rate if nm is None else nm.sparsity, "measured": zeros / total, "rel_error": None,
+            W.copy_(pruner.prune(W.float(), stats and stats[name], rate, nm, **options).to(W.dtype))
+        modules[name] = {"target": target, "measured": float((W == 0).sum()) / W.numel()}
+    err = None
+    if replay is not None:
+        num, den = replay()
+        err = (num / den) ** 0.5 if den > 0 else 0.0
+    zeros = sum(m["measured"] * linears[n].weight.numel() for n, m in modules.items())
+    total = sum(lin.weight.numel() for lin in linears.values())
+    res = {"block": i, "target": target, "measured": zeros / total, "rel_error": err,
            "seconds": time.perf_counter() - t0, "modules": modules}
-    log.info("block %3d  target %.4f  measured %.4f  %.2fs", i, res["target"], res["measured"], res["seconds"])
+    log.info("block %3d  target %.4f  measured %.4f  rel_error %s  %.2fs", i, target, res["measured"],
+             "-" if err is None else f"{err:.4e}", res["seconds"])
     return res
 
 
