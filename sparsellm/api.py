@@ -24,7 +24,7 @@ from .allocate import ALLOCATORS, check_rates
 from .data import calibration_windows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
-from .models import atomic_dir_write, block_linears, context_length, get_blocks
+from .models import _umask, atomic_dir_write, block_linears, check_output_dir, context_length, get_blocks
 from .prune import PRUNERS, check_sparsity, parse_pattern
 
 log = logging.getLogger("sparsellm")
@@ -175,33 +175,43 @@ def _blocks_prefix(model) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to `path` through a temporary file in the same directory and a rename."""
+    """Write JSON to `path` atomically (see write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to `path` through a temporary file in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_pruned(model, tokenizer, out_dir, report: dict, run_report: dict | None = None, markdown: str = "") -> None:
+def save_pruned(model, tokenizer, out_dir, report: dict, run_report: dict | None = None, markdown: str = "",
+                overwrite: bool = False) -> Path:
     """Write an HF directory (safetensors, exact zeros, tokenizer) plus `sparsity_config.json` (from the
     prune `report`), `report.json` (`run_report`, default `report`) and `report.md` atomically: a
-    temporary directory renamed into place at the end, so a failure never leaves a partial model."""
+    temporary directory renamed into place at the end, so a failure never leaves a partial model.
+    Raises UsageError if `out_dir` overlaps the model's own directory, or is non-empty and not `overwrite`."""
+    source = Path(str(getattr(model, "name_or_path", "") or ""))
+    out = check_output_dir(out_dir, overwrite, [source if str(source) and source.exists() else None])
 
     def write(tmp: Path):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "sparsity_config.json", sparsity_sidecar(model, report))
         write_json_atomic(tmp / "report.json", run_report or report)
-        (tmp / "report.md").write_text(markdown)
+        write_text_atomic(tmp / "report.md", markdown)
 
-    atomic_dir_write(Path(out_dir), write)
+    atomic_dir_write(out, write)
+    return out
 
 
 def config_dict(config: PruneConfig) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ DEMO = ["--model", "smollm2-135m", "--prune_method", "wanda", "--sparsity_ratio"
 
 def _add_model_args(p):
     p.add_argument("--model", default="smollm2-135m",
-                   help="HF hub id, local HF directory, .gguf file or preset (default: smollm2-135m)")
+                   help="HF hub id, local HF directory, .gguf file or preset")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the model for calibration forwards, pruning and evaluation "
                         "(statistics are always accumulated in float32)")
@@ -28,30 +29,41 @@ def _add_model_args(p):
 
 def _add_eval_args(p, default_eval):
     p.add_argument("--eval", default=default_eval,
-                   help="comma-separated perplexity datasets: wikitext2, c4, or none (default: %(default)s)")
+                   help="comma-separated perplexity datasets: wikitext2, c4, or none")
     p.add_argument("--eval_seqlen", type=int, default=None,
                    help="window length for perplexity (default: the calibration --seqlen, capped at context)")
     p.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsellm", description="Post-training sparsification of LLMs.")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-block lines")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with the same one-line error format as every other bad input."""
 
-    p = sub.add_parser("prune", help="prune a model (no arguments: a few-minute demo on the default model)")
+    def error(self, message):
+        print(f"sparsellm: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsellm", description="Post-training sparsification of LLMs.")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or per-block lines (put it before the subcommand)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model (no arguments: a few-minute demo on the default model)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="magnitude: |W| per matrix; wanda: |W|·‖X‖ per output row; sparsegpt: OBS weight update")
     p.add_argument("--sparsity_ratio", type=float, default=None,
-                   help="target fraction of zeros in [0, 1) (default 0.5; implied by an N:M --sparsity_type)")
+                   help="target fraction of zeros in [0, 1); 0.5 when left out; implied by an N:M --sparsity_type")
     p.add_argument("--sparsity_type", default="unstructured",
                    help="unstructured, or N:M = keep N of every M input weights (2:4, 4:8, ...)")
     p.add_argument("--prunen", type=int, default=None, help="alias: N of an N:M pattern (with --prunem)")
     p.add_argument("--prunem", type=int, default=None, help="alias: M of an N:M pattern (with --prunen)")
-    p.add_argument("--allocation", default="uniform", help="layer-wise sparsity allocation (default: uniform)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform"], help="layer-wise sparsity allocation")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
-                   help="tokens per calibration window (default 2048; capped at the model's context)")
+                   help="tokens per calibration window (capped at the model's context)")
     p.add_argument("--calib_dataset", default="c4",
                    help="c4 (bundled) or a local .txt / .jsonl / .json.gz file with a 'text' field")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
@@ -60,19 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None,
                    help="calibration windows per block forward (default: about 8192 tokens per forward)")
     p.add_argument("--save_model", default=None, help="write the pruned HF model directory here")
-    p.add_argument("--save", default=None, help="write report.json and report.md here")
+    p.add_argument("--save", default=None, help="directory to write report.json and report.md into")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
     p.add_argument("--eval_dense", action="store_true", help="also evaluate the dense model first")
     _add_eval_args(p, "wikitext2")
 
     e = sub.add_parser("eval", help="evaluate a model")
-    esub = e.add_subparsers(dest="eval_command", required=True)
-    ep = esub.add_parser("ppl", help="perplexity by the papers' protocol")
+    esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    ep = esub.add_parser("ppl", help="perplexity by the papers' protocol",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(ep)
     ep.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4")
-    ep.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    ep.add_argument("--seqlen", type=int, default=2048, help="window length")
     ep.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
-    ep.add_argument("--save", default=None, help="write report.json here")
+    ep.add_argument("--save", default=None, help="directory to write report.json into")
     return parser
 
 
@@ -130,15 +143,18 @@ def cmd_prune(args) -> int:
 
         load_documents(args.calib_dataset)  # fail early on a missing or unusable file
     kind, src = resolve_model(args.model)
+    inputs = [src, Path(args.calib_dataset) if args.calib_dataset != "c4" else None]
     out = None
-    if args.save_model:
-        from .models import cache_dir
-
-        out = check_output_dir(args.save_model, args.overwrite, [src, cache_dir() if kind in ("preset", "gguf") else None])
+    if args.save_model is not None:
+        out = check_output_dir(args.save_model, args.overwrite, inputs)
+    if args.save is not None:
+        check_output_dir(args.save, True, inputs + [out])  # only report.json / report.md are (re)written there
 
     model, tok, model_dir = load_model(args.model, _dtype(args.dtype))
-    if out is not None and model_dir is not None:
-        check_output_dir(out, args.overwrite, [model_dir])
+    if model_dir is not None:
+        for path in (args.save_model, args.save):
+            if path is not None:
+                check_output_dir(path, path == args.save or args.overwrite, [model_dir])
     seqlen = api.validate_for_model(model, config)
     from .data import calibration_windows
 
@@ -154,30 +170,34 @@ def cmd_prune(args) -> int:
     run["peak_rss_mib"] = api.peak_rss_mib()
     md = markdown(run)
     if out is not None:
-        api.save_pruned(model, tok, out, run["prune"], run, md)
+        api.save_pruned(model, tok, out, run["prune"], run, md, overwrite=args.overwrite)
         log.info("saved pruned model to %s", out)
-    if args.save:
+    if args.save is not None:
         api.write_json_atomic(Path(args.save) / "report.json", run)
-        (Path(args.save) / "report.md").write_text(md)
+        api.write_text_atomic(Path(args.save) / "report.md", md)
     print(summary_table(run))
     return 0
 
 
 def cmd_eval_ppl(args) -> int:
     from . import api
-    from .models import context_length, load_model
+    from .models import check_output_dir, context_length, load_model, resolve_model
 
-    names = _datasets(args.dataset) or ["wikitext2"]
+    names = _datasets(args.dataset)
+    if not names:
+        raise UsageError("--dataset none leaves nothing to evaluate; choose wikitext2 and/or c4")
     if args.max_windows is not None and args.max_windows < 1:
         raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
     if args.seqlen < 2:
         raise UsageError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if args.save is not None:
+        check_output_dir(args.save, True, [resolve_model(args.model)[1]])
     model, tok, _ = load_model(args.model, _dtype(args.dtype))
     seqlen = min(args.seqlen, context_length(model))
     run = {"command": "eval ppl", "model": args.model, "eval": _evaluate(model, tok, names, seqlen, args.max_windows,
                                                                           not args.quiet)}
     run["versions"] = api.versions()
-    if args.save:
+    if args.save is not None:
         api.write_json_atomic(Path(args.save) / "report.json", run)
     from .report import summary_table
 
@@ -185,18 +205,32 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv in (["prune"], ["--quiet", "prune"]):
         print("sparsellm: no arguments given, running the demo: sparsellm prune " + " ".join(DEMO), file=sys.stderr)
         argv = argv + DEMO
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or an argparse error already printed as one line
+        return int(e.code or 0)
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "accelerate", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
+    import huggingface_hub.utils.logging as hub_logging
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # after import: both libraries reset their loggers when imported
+    hub_logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    if args.quiet:
         hf_logging.disable_progress_bar()
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -211,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print("sparsellm: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("sparsellm: interrupted; nothing was saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("sparsellm: interrupted (an output directory is either complete or absent)", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@ decoder blocks live and which linear sublayers each block has. Adding a family i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +164,7 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, target)
@@ -170,29 +174,45 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     return target
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, source_dir) for `--model`: a preset name, a `.gguf` file, a local HF
-    directory or a hub id. `source_dir` is the local directory the weights came from (None for a hub id
-    not yet cached). Raises UsageError for a missing path, unknown preset or unsupported architecture."""
+    directory or a hub id. `source_dir` is the local directory the weights came from (None for a hub id).
+    Raises UsageError for a missing path, an unknown preset, an unsupported architecture, or files that
+    cannot be read as a model and tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kind, path = resolve_model(spec)
     if kind in ("preset", "gguf"):
-        path = _gguf_to_hf_dir(path)
+        try:
+            path = _gguf_to_hf_dir(path)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UsageError(f"could not read {path} as a GGUF model: {_one_line(e)}") from None
     source = str(path) if path is not None else spec
     try:
         config = AutoConfig.from_pretrained(source)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"could not load {spec!r} (no such model, or the hub is unreachable): {first}") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"could not load the config of {spec!r} (no such model, an unknown model type, "
+                         f"or the hub is unreachable): {_one_line(e)}") from None
     if config.model_type not in ARCHITECTURES:
         raise UsageError(
             f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # corrupt weights, missing tokenizer files, ...: one line, not a traceback
+        raise UsageError(f"could not load {spec!r}: {_one_line(e)}") from None
     model.eval()
-    tok = AutoTokenizer.from_pretrained(source)
-    get_blocks(model)  # validates the table entry against the loaded modules
+    if not len(get_blocks(model)):
+        raise UsageError(f"{spec!r} has no decoder blocks to prune")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise UsageError(f"tokenizer of {spec!r} has {len(tok)} tokens but the model embeds only {rows}")
     return model, tok, path
 
 
@@ -200,31 +220,64 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
 
 
 def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path | None]) -> Path:
-    """Validate an output directory before any work: it must not be (inside) an input model directory,
-    must not contain one, and must be empty unless `overwrite`. Raises UsageError."""
+    """Validate an output directory before any work. It must not be an input, lie inside an input
+    directory, or contain an input (an --overwrite would delete it); it must be empty unless `overwrite`;
+    its nearest existing ancestor must be a writable directory. Raises UsageError."""
+    if not str(out).strip():
+        raise UsageError("output directory is an empty string")
     out = Path(out).expanduser().resolve()
     for inp in inputs:
         if inp is None:
             continue
-        inp = Path(inp).resolve()
-        inp_dir = inp if inp.is_dir() else inp.parent
-        if out == inp_dir or inp_dir in out.parents or out in inp_dir.parents:
-            raise UsageError(f"refusing to write to {out}: it overlaps the input model at {inp_dir}")
+        inp = Path(inp).expanduser().resolve()
+        inside_input = inp.is_dir() and inp in out.parents
+        if out == inp or out in inp.parents or inside_input:
+            raise UsageError(f"refusing to write to {out}: it overlaps the input {inp}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+    anc = out
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK):
+        raise UsageError(f"cannot create {out}: {anc} is not a writable directory")
     return out
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM while a directory swap completes, so it is all or nothing."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_dir_write(out: Path, write_fn) -> None:
-    """Call `write_fn(tmp_dir)` on a fresh temporary directory next to `out`, then move it into place.
-    On any failure the temporary directory is removed and `out` is left as it was."""
+    """Call `write_fn(tmp_dir)` on a fresh temporary directory next to `out`, then swap it into place
+    (signals held during the swap). On any failure or interrupt before the swap, the temporary directory
+    is removed and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved model should read like save_pretrained's
         write_fn(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with _signals_deferred():
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -232,6 +285,3 @@ def atomic_dir_write(out: Path, write_fn) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

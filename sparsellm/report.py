@@ -8,24 +8,29 @@ def _fmt(x, spec=".3f"):
 
 
 def summary_table(run: dict) -> str:
-    """Dense-vs-sparse table: one row per evaluated metric, plus sparsity and timing lines."""
-    lines = ["| metric | windows | dense | sparse |", "|---|---|---|---|"]
+    """Dense-vs-sparse table (one row per evaluated metric) plus sparsity and timing lines; for a plain
+    evaluation, one ppl column."""
     dense, sparse = run.get("eval_dense", {}), run.get("eval", {})
+    if "prune" not in run:
+        lines = ["| metric | windows | tokens | ppl |", "|---|---|---|---|"]
+        lines += [f"| {k} | {r['windows']} | {r['tokens']} | {r['ppl']:.3f} |" for k, r in sparse.items()]
+        return "\n".join(lines)
+    lines = ["| metric | windows | dense | sparse |", "|---|---|---|---|"]
     for key in dict.fromkeys([*dense, *sparse]):
         d, s = dense.get(key), sparse.get(key)
         windows = (s or d)["windows"]
         lines.append(f"| {key} | {windows} | {_fmt(d and d['ppl'])} | {_fmt(s and s['ppl'])} |")
-    p = run.get("prune")
-    if p:
-        m = p["measured"]
-        lines += [
-            "",
-            f"method **{p['method']}**, {p['sparsity_type']}, target {p['target_sparsity']:.4f}, "
-            f"measured {m['sparsity']:.4f} ({m['zeros']:,} zeros / {m['params']:,} block-linear weights)",
-            f"calibration {p['calibration']['dataset']}: {p['calibration']['nsamples']} × "
-            f"{p['calibration']['seqlen']} tokens, seed {p['calibration']['seed']}; dtype {p['dtype']}",
-            f"pruning {p['prune_seconds']:.1f} s, peak RSS {p['peak_rss_mib']:.0f} MiB, {p['threads']} threads",
-        ]
+    p = run["prune"]
+    m, c = p["measured"], p["calibration"]
+    calib = (f"calibration {c['dataset']}: {c['nsamples']} × {c['seqlen']} tokens, seed {c['seed']}"
+             if c.get("used", True) else "no calibration data (magnitude)")
+    lines += [
+        "",
+        f"method **{p['method']}**, {p['sparsity_type']}, target {p['target_sparsity']:.4f}, "
+        f"measured {m['sparsity']:.4f} ({m['zeros']:,} zeros / {m['params']:,} block-linear weights)",
+        f"{calib}; dtype {p['dtype']}",
+        f"pruning {p['prune_seconds']:.1f} s, peak RSS {p['peak_rss_mib']:.0f} MiB, {p['threads']} threads",
+    ]
     return "\n".join(lines)
 
 

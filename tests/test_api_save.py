@@ -13,6 +13,7 @@ import torch
 import sparsellm
 from conftest import FAMILIES, make_model
 from sparsellm.api import PruneConfig, prune, save_pruned
+from sparsellm.models import _umask
 from sparsellm.errors import UsageError
 
 LINEAR_NAMES = {
@@ -188,10 +189,38 @@ def test_save_over_existing_dir_replaces_it(tokenizer, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    save_pruned(model, tokenizer, out, report)
+    with pytest.raises(UsageError, match="not empty"):
+        save_pruned(model, tokenizer, out, report)
+    assert (out / "stale.txt").read_text() == "old"
+    save_pruned(model, tokenizer, out, report, overwrite=True)
     names = {p.name for p in out.iterdir()}
     assert "stale.txt" not in names and "model.safetensors" in names
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_save_refuses_the_models_own_directory(tokenizer, tmp_path):
+    model = make_model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    report = prune(model, tokenizer, _cfg("magnitude"), calib_ids=_calib(), progress=False)
+    for target in (src, src / "sub", tmp_path):
+        with pytest.raises(UsageError, match="overlaps"):
+            save_pruned(model, tokenizer, target, report, overwrite=True)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_saved_files_are_world_readable(tokenizer, tmp_path):
+    model = make_model("llama")
+    report = prune(model, tokenizer, _cfg("magnitude"), calib_ids=_calib(), progress=False)
+    out = save_pruned(model, tokenizer, tmp_path / "out", report)
+    assert out.stat().st_mode & 0o055 == 0o055 & ~_umask()
+    for name in ("sparsity_config.json", "report.json", "report.md"):
+        assert (out / name).stat().st_mode & 0o044 == 0o044 & ~_umask()
 
 
 # ------------------------------------------------------------------ atomicity
@@ -239,7 +268,7 @@ def test_failed_save_leaves_nothing(what, existing, tokenizer, tmp_path, monkeyp
         monkeypatch.setattr(sparsellm.api, "sparsity_sidecar", lambda *a, **k: (_ for _ in ()).throw(Boom("x")))
 
     with pytest.raises(Boom):
-        save_pruned(model, tok, out, report)
+        save_pruned(model, tok, out, report, overwrite=existing)
     assert _snapshot(tmp_path) == before
     if not existing:
         assert not out.exists()

@@ -236,3 +236,81 @@ def test_prunen_prunem_alias(capsys, cli_env):
                                  "--prunem", "4", "--save_model", str(out)])
     assert code == 0, err
     assert json.loads((out / "sparsity_config.json").read_text())["sparsity_structure"] == "1:4"
+
+
+# ------------------------------------------------------------------ found by adversarial testing
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"no gzip here", b"\x1f\x8b\x08\x00truncated"])
+def test_unreadable_calibration_file(capsys, cli_env, content):
+    bad = cli_env["root"] / "calib.jsonl.gz"
+    bad.write_bytes(content)
+    err = _bad(capsys, {**cli_env, "calib": str(bad)}, [])
+    assert "calib.jsonl.gz" in err
+
+
+def test_binary_jsonl_calibration_file(capsys, cli_env):
+    bad = cli_env["root"] / "calib.jsonl"
+    bad.write_bytes(bytes(range(256)) * 4)
+    _bad(capsys, {**cli_env, "calib": str(bad)}, [])
+
+
+@pytest.mark.parametrize("where", ["model", "inside"])
+def test_reports_dir_may_not_overlap_the_input(capsys, cli_env, where):
+    target = cli_env["model"] if where == "model" else str(cli_env["root"] / "model" / "reports")
+    if where == "inside":
+        target = cli_env["model"] + "/reports"
+    _bad(capsys, cli_env, ["--save", target], save_model=False)
+
+
+def test_output_dir_over_the_calibration_file(capsys, cli_env):
+    """--overwrite must never delete an input, the calibration file included."""
+    calib_dir = cli_env["root"] / "data"
+    calib_dir.mkdir()
+    (calib_dir / "c.txt").write_text(open(cli_env["calib"]).read())
+    env = {**cli_env, "calib": str(calib_dir / "c.txt"), "out": str(calib_dir)}
+    _bad(capsys, env, ["--overwrite"])
+
+
+def test_output_dir_under_a_file(capsys, cli_env):
+    f = cli_env["root"] / "afile"
+    f.write_text("x")
+    _bad(capsys, {**cli_env, "out": str(f / "sub")}, [])
+
+
+def test_empty_output_path(capsys, cli_env):
+    _bad(capsys, {**cli_env, "out": ""}, [])
+
+
+def test_argparse_errors_are_one_line(capsys, cli_env):
+    code, out, err = _run(capsys, ["prune", "--sparsity_ratio", "abc"])
+    _assert_one_line_error(code, err, allow_progress_bars=False)
+
+
+def test_eval_with_no_dataset_is_an_error(capsys, cli_env):
+    code, out, err = _run(capsys, ["--quiet", "eval", "ppl", "--model", cli_env["model"], "--dataset", "none"])
+    _assert_one_line_error(code, err)
+
+
+def test_model_with_unknown_model_type(capsys, cli_env):
+    d = cli_env["root"] / "weird"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "foobar"}))
+    _bad(capsys, cli_env, [], model=str(d))
+
+
+def test_model_with_corrupt_weights(capsys, cli_env):
+    import shutil
+
+    d = cli_env["root"] / "corrupt"
+    shutil.copytree(cli_env["model"], d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    _bad(capsys, cli_env, [], model=str(d))
+
+
+def test_junk_gguf(capsys, cli_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSELLM_CACHE", str(tmp_path / "cache"))
+    g = cli_env["root"] / "junk.gguf"
+    g.write_bytes(b"not a gguf file at all")
+    _bad(capsys, cli_env, [], model=str(g))

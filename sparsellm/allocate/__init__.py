@@ -16,6 +16,8 @@ def check_rates(rates: list[float], num_blocks: int, target: float, tol: float =
     """Validate a rate vector: `num_blocks` entries, each in [0, 1), mean within `tol` of `target`.
     Raises UsageError."""
     rates = [float(r) for r in rates]
+    if num_blocks < 1:
+        raise UsageError("the model has no decoder blocks")
     if len(rates) != num_blocks:
         raise UsageError(f"allocation has {len(rates)} rates for {num_blocks} decoder blocks")
     bad = [r for r in rates if not 0.0 <= r < 1.0]

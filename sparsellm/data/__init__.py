@@ -28,16 +28,19 @@ def _bundled(name: str) -> Path:
 def _read_jsonl(path: Path) -> list[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
     docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
-                docs.append(row["text"])
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+                    docs.append(row["text"])
+    except (UnicodeDecodeError, EOFError, OSError) as e:  # binary, truncated or not-gzip files
+        raise UsageError(f"{path}: cannot be read as UTF-8 JSON lines ({type(e).__name__}: {e})") from None
     if not docs:
         raise UsageError(f"{path}: no rows with a non-empty 'text' field")
     return docs

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from ..errors import UsageError
 from .masks import NM
 
 STATS = "hessian"
@@ -21,7 +22,7 @@ log = logging.getLogger("sparsellm")
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp · mean(diag H). If H + λI is not positive
-    definite, λ is multiplied by 10 and tried again (up to `retries` times); then LinAlgError is raised."""
+    definite, λ is multiplied by 10 and tried again (up to `retries` times); then UsageError is raised."""
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp = percdamp * torch.diag(H).mean().clamp_min(1e-8)
     for _ in range(retries + 1):
@@ -32,7 +33,8 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torc
                 return U
         log.warning("SparseGPT: Cholesky failed with damping %.3g; retrying with 10x more", float(damp))
         damp = damp * 10
-    raise torch.linalg.LinAlgError("SparseGPT: Hessian is not positive definite even after extra damping")
+    raise UsageError(f"SparseGPT: the Hessian is not positive definite even with {retries} tenfold increases of "
+                     f"the damping (percdamp {percdamp}); use a larger --percdamp or more calibration data")
 
 
 def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
