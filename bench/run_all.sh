@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every benchmark quoted in BENCHMARKS.md, one after another (never in parallel: timings need a quiet machine).
+# Needs `make venv` and `make bench-env` (llmcompressor in its own venv) first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+# 1. side by side with llmcompressor, small CPU setting (64 C4 windows of 512 tokens), ppl on 16 windows
+$PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 64 --seqlen 512 \
+    --eval_windows 16 --dense --llmc --out bench/results/vs_llmcompressor_64x512.json
+# 2. dense perplexity on every WikiText-2 window at 2048
+$PY bench/prune_bench.py --jobs "" --eval_windows 0 --dense --out bench/results/dense_full.json
+# 3. the rest of the grid, same small setting (results are written after every job)
+$PY bench/prune_bench.py --jobs wanda:0.7,sparsegpt:0.7,wanda:2:4,sparsegpt:2:4,magnitude:0.5,magnitude:0.7,magnitude:2:4,wanda:0.6,sparsegpt:0.6,magnitude:0.6 \
+    --nsamples 64 --seqlen 512 --eval_windows 16 --out bench/results/grid_64x512.json
+# 4. the papers' calibration setting (128 C4 windows of 2048 tokens)
+$PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 128 --seqlen 2048 \
+    --eval_windows 16 --out bench/results/paper_128x2048.json
