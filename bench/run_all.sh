@@ -10,7 +10,7 @@ $PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 64 --seqlen 5
 # 2. dense perplexity on every WikiText-2 window at 2048
 $PY bench/prune_bench.py --jobs "" --eval_windows 0 --dense --out bench/results/dense_full.json
 # 3. the rest of the grid, same small setting (results are written after every job)
-$PY bench/prune_bench.py --jobs wanda:0.7,sparsegpt:0.7,wanda:2:4,sparsegpt:2:4,magnitude:0.5,magnitude:0.7,magnitude:2:4,wanda:0.6,sparsegpt:0.6,magnitude:0.6 \
+$PY bench/prune_bench.py --jobs magnitude:0.5,wanda:0.7,sparsegpt:0.7,magnitude:0.7,wanda:2:4,sparsegpt:2:4,magnitude:2:4,wanda:0.6,sparsegpt:0.6,magnitude:0.6 \
     --nsamples 64 --seqlen 512 --eval_windows 16 --out bench/results/grid_64x512.json
 # 4. the papers' calibration setting (128 C4 windows of 2048 tokens)
 $PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 128 --seqlen 2048 \

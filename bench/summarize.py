@@ -1,6 +1,7 @@
 """Render bench/results/*.json as the markdown tables quoted in BENCHMARKS.md.
 
     python bench/summarize.py bench/results/vs_llmcompressor_64x512.json bench/results/grid_64x512.json
+    python bench/summarize.py --llmc-row wanda:0.5 ONESHOT.json EVAL_DIR/report.json
 """
 
 from __future__ import annotations
@@ -31,5 +32,18 @@ def table(path: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def llmc_row(job: str, oneshot_json: str, eval_report_json: str) -> str:
+    """A table row for an llmcompressor run whose pruning result and evaluation were written separately
+    (bench/llmc_prune.py's --result_json and `sparsellm eval ppl --save`)."""
+    o = json.loads(open(oneshot_json).read())
+    e = json.loads(open(eval_report_json).read())["eval"]["wikitext2_ppl@2048"]
+    return (f"| {job} | llmcompressor | {o['oneshot_seconds']:.1f} | {o['peak_rss_mib']:.0f} | "
+            f"{o['measured_sparsity']:.4f} | {e['ppl']:.3f} | | |")
+
+
 if __name__ == "__main__":
-    print("\n".join(table(p) for p in sys.argv[1:]))
+    args = sys.argv[1:]
+    if args and args[0] == "--llmc-row":
+        print(llmc_row(*args[1:4]))
+    else:
+        print("\n".join(table(p) for p in args))
