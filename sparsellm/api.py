@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .allocate import ALLOCATORS, check_rates
+from .allocate import ALLOCATORS, allocate
 from .data import calibration_windows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
@@ -38,6 +38,7 @@ class PruneConfig:
     sparsity_type: "unstructured" or "N:M" (keep N of every M weights along the input dimension).
     nsamples × seqlen: calibration windows drawn with `seed` from `calib_dataset` ("c4" or a local file).
     blocksize, percdamp: SparseGPT's column block size and Hessian dampening (fraction of mean diag).
+    allocation: "uniform", "atp" (with `atp_beta`, ATP's common difference) or "file:PATH" (JSON rates).
     batch_size: calibration windows per block forward (None: about 8192 tokens per forward)."""
 
     prune_method: str = "wanda"
@@ -48,6 +49,7 @@ class PruneConfig:
     calib_dataset: str = "c4"
     seed: int = 0
     allocation: str = "uniform"
+    atp_beta: float = 0.0
     blocksize: int = 128
     percdamp: float = 0.01
     batch_size: int | None = None
@@ -66,8 +68,14 @@ class PruneConfig:
         if self.sparsity_ratio is None:
             raise UsageError("--sparsity_ratio is required for unstructured sparsity")
         check_sparsity(self.sparsity_ratio)
-        if self.allocation not in ALLOCATORS:
-            raise UsageError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATORS)}")
+        if self.allocation.startswith("file:"):
+            if not Path(self.allocation[len("file:"):]).expanduser().is_file():
+                raise UsageError(f"allocation file not found: {self.allocation[len('file:'):]}")
+        elif self.allocation not in ALLOCATORS:
+            raise UsageError(f"unknown allocation {self.allocation!r}; choose from "
+                             f"{', '.join(ALLOCATORS)} or file:PATH")
+        if self.atp_beta and self.allocation != "atp":
+            raise UsageError("--atp_beta applies only to --allocation atp")
         if nm is not None and self.allocation != "uniform":
             raise UsageError("N:M patterns use uniform allocation")
         for name in ("nsamples", "seqlen", "blocksize", "batch_size"):
@@ -121,8 +129,7 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
     if calib_ids is None:
         calib_ids = calibration_windows(tokenizer, config.calib_dataset, config.nsamples, seqlen, config.seed)
     num_blocks = len(get_blocks(model))
-    rates = check_rates(ALLOCATORS[config.allocation](num_blocks, config.sparsity_ratio), num_blocks,
-                        config.sparsity_ratio)
+    rates = allocate(config.allocation, num_blocks, config.sparsity_ratio, atp_beta=config.atp_beta)
     t0 = time.perf_counter()
     blocks = prune_blocks(model, calib_ids, config.prune_method, rates, config.nm,
                           options={"blocksize": config.blocksize, "percdamp": config.percdamp},
@@ -132,7 +139,8 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
         "method": config.prune_method,
         "sparsity_type": config.sparsity_type,
         "target_sparsity": config.sparsity_ratio,
-        "allocation": {"name": config.allocation, "rates": rates},
+        "allocation": {"name": config.allocation, "rates": rates,
+                       **({"atp_beta": config.atp_beta} if config.allocation == "atp" else {})},
         "calibration": {"dataset": config.calib_dataset, "nsamples": int(calib_ids.shape[0]),
                         "seqlen": int(calib_ids.shape[1]), "seed": config.seed,
                         "tokens_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest(),

@@ -60,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unstructured, or N:M = keep N of every M input weights (2:4, 4:8, ...)")
     p.add_argument("--prunen", type=int, default=None, help="alias: N of an N:M pattern (with --prunem)")
     p.add_argument("--prunem", type=int, default=None, help="alias: M of an N:M pattern (with --prunen)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform"], help="layer-wise sparsity allocation")
+    p.add_argument("--allocation", default="uniform",
+                   help="layer-wise sparsity: uniform, atp (with --atp_beta), or file:rates.json "
+                        "(a list, or a dict by block index, whose mean is the target)")
+    p.add_argument("--atp_beta", type=float, default=0.0,
+                   help="ATP's common difference β: block i gets S − β(L−1)/2 + β·i")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
                    help="tokens per calibration window (capped at the model's context)")
@@ -131,7 +135,7 @@ def cmd_prune(args) -> int:
     config = api.PruneConfig(
         prune_method=args.prune_method, sparsity_ratio=ratio, sparsity_type=args.sparsity_type,
         nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset, seed=args.seed,
-        allocation=args.allocation, blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
+        allocation=args.allocation, atp_beta=args.atp_beta, blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
     ).validate()
     names = _datasets(args.eval)
     if args.max_windows is not None and args.max_windows < 1:
@@ -143,7 +147,8 @@ def cmd_prune(args) -> int:
 
         load_documents(args.calib_dataset)  # fail early on a missing or unusable file
     kind, src = resolve_model(args.model)
-    inputs = [src, Path(args.calib_dataset) if args.calib_dataset != "c4" else None]
+    inputs = [src, Path(args.calib_dataset) if args.calib_dataset != "c4" else None,
+              Path(args.allocation[5:]) if args.allocation.startswith("file:") else None]
     out = None
     if args.save_model is not None:
         out = check_output_dir(args.save_model, args.overwrite, inputs)

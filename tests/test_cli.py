@@ -328,3 +328,13 @@ def test_reports_dir_may_contain_the_model(capsys, tmp_path, saved_model_dir):
     assert code == 0, err
     assert (parent / "report.json").is_file()
     assert _tree(parent / "model") == before
+
+
+@pytest.mark.parametrize("extra", [
+    ["--allocation", "atp", "--atp_beta", "5"],
+    ["--allocation", "uniform", "--atp_beta", "0.01"],
+    ["--allocation", "file:/no/such/rates.json"],
+    ["--allocation", "nonsense"],
+])
+def test_bad_allocation(capsys, cli_env, extra):
+    _bad(capsys, cli_env, extra)

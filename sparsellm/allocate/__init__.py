@@ -1,15 +1,28 @@
 """Layer-wise sparsity allocation: one rate per decoder block whose mean is the target.
 
 Every allocator has the shape `rates = allocate(num_blocks, target, **what_it_needs) -> list[float]`.
-Uniform is here; OWL, ATP and RMI plug into the same table.
+Uniform, ATP (fixed β) and user files are here; OWL and RMI plug into the same table.
 """
 
 from __future__ import annotations
 
 from ..errors import UsageError
-from . import uniform
+from . import atp, uniform
+from .from_file import read_rates
 
-ALLOCATORS = {"uniform": uniform.allocate}
+ALLOCATORS = {"uniform": uniform.allocate, "atp": atp.allocate}
+
+
+def allocate(name: str, num_blocks: int, target: float, **options) -> list[float]:
+    """Rates for `num_blocks` blocks from allocator `name` ("uniform", "atp" or "file:PATH"), validated by
+    `check_rates` (a user file whose mean misses the target is accepted only with mean_tolerance=None)."""
+    if name.startswith("file:"):
+        rates = read_rates(name[len("file:"):], num_blocks)
+        tol = options.get("mean_tolerance", 1e-6)
+        return check_rates(rates, num_blocks, target, tol=float("inf") if tol is None else tol)
+    if name not in ALLOCATORS:
+        raise UsageError(f"unknown allocation {name!r}; choose from {', '.join(ALLOCATORS)} or file:PATH")
+    return check_rates(ALLOCATORS[name](num_blocks, target, **options), num_blocks, target)
 
 
 def check_rates(rates: list[float], num_blocks: int, target: float, tol: float = 1e-6) -> list[float]:
