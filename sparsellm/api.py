@@ -91,7 +91,8 @@ class PruneConfig:
 
 
 def validate_for_model(model, config: PruneConfig) -> int:
-    """Checks that need the model: architecture, N:M divisibility of every in_features. Returns the
+    """Checks that need the model: architecture, N:M divisibility of every in_features, the allocation
+    (β range, rates file length and mean). Returns the
     calibration seqlen, capped at the model's context length. Raises UsageError."""
     blocks = get_blocks(model)
     nm = config.nm
@@ -99,6 +100,7 @@ def validate_for_model(model, config: PruneConfig) -> int:
         for name, lin in block_linears(model, block).items():
             if nm is not None and lin.in_features % nm.m:
                 raise UsageError(f"{name}: in_features {lin.in_features} is not divisible by M = {nm.m} ({nm})")
+    allocate(config.allocation, len(blocks), config.sparsity_ratio, atp_beta=config.atp_beta)  # fail before any work
     ctx = context_length(model)
     if config.seqlen > ctx:
         log.warning("seqlen %d exceeds the model's context %d; using %d", config.seqlen, ctx, ctx)
