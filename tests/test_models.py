@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, MODEL_TYPES, make_model
+from conftest import MODEL_TYPES, make_model
 from sparsellm.errors import UsageError
 from sparsellm.models import (ARCHITECTURES, block_linears, check_output_dir, context_length, get_arch, get_blocks,
                               resolve_model)
