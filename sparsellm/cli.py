@@ -35,6 +35,50 @@ def _add_eval_args(p, default_eval):
     p.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
 
 
+def _add_prune_args(p):
+    _add_model_args(p)
+    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="magnitude: |W| per matrix; wanda: |W|·‖X‖ per output row; sparsegpt: OBS weight update")
+    p.add_argument("--sparsity_ratio", type=float, default=None,
+                   help="target fraction of zeros in [0, 1); 0.5 when left out; implied by an N:M --sparsity_type")
+    p.add_argument("--sparsity_type", default="unstructured",
+                   help="unstructured, or N:M = keep N of every M input weights (2:4, 4:8, ...)")
+    p.add_argument("--prunen", type=int, default=None, help="alias: N of an N:M pattern (with --prunem)")
+    p.add_argument("--prunem", type=int, default=None, help="alias: M of an N:M pattern (with --prunen)")
+    p.add_argument("--allocation", default="uniform",
+                   help="layer-wise sparsity: uniform, atp (with --atp_beta), owl, rmi, or file:rates.json "
+                        "(a list, or a dict by block index, whose mean is the target)")
+    p.add_argument("--atp_beta", type=float, default=0.0,
+                   help="ATP's common difference β: block i gets S − β(L−1)/2 + β·i")
+    p.add_argument("--owl_m", type=float, default=5.0, help="OWL's M: outliers are scores > M × the mean")
+    p.add_argument("--owl_lambda", type=float, default=0.08, help="OWL's λ: rates stay within S ± λ")
+    p.add_argument("--owl_granularity", default="block", choices=["block", "layer"],
+                   help="OWL: one rate per decoder block, or one per linear layer")
+    p.add_argument("--rmi_nsamples", type=int, default=64, help="RMI: calibration windows for the block CKA")
+    p.add_argument("--rmi_beta", type=float, default=None,
+                   help="RMI importance exp(−β·redundancy) (default: 1 for wanda, 100 for sparsegpt)")
+    p.add_argument("--rmi_delta", type=float, default=None,
+                   help="RMI: rates stay within S ± δ (default: 0.01/0.02/0.03 for S <= 0.5/0.6/larger)")
+    p.add_argument("--diag_nsamples", type=int, default=None,
+                   help="windows also run through the dense blocks for the cumulative reconstruction "
+                        "error per block (default 8; 0 for magnitude; 0 turns it off)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
+                   help="tokens per calibration window (capped at the model's context)")
+    p.add_argument("--calib_dataset", default="c4",
+                   help="c4 (bundled) or a local .txt / .jsonl / .json.gz file with a 'text' field")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="calibration windows per block forward (default: about 8192 tokens per forward)")
+    p.add_argument("--save_model", default=None, help="write the pruned HF model directory here")
+    p.add_argument("--save", default=None, help="directory to write report.json and report.md into")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
+    p.add_argument("--eval_dense", action="store_true", help="also evaluate the dense model first")
+    _add_eval_args(p, "wikitext2")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the same one-line error format as every other bad input."""
 
@@ -51,35 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model (no arguments: a few-minute demo on the default model)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(p)
-    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
-                   help="magnitude: |W| per matrix; wanda: |W|·‖X‖ per output row; sparsegpt: OBS weight update")
-    p.add_argument("--sparsity_ratio", type=float, default=None,
-                   help="target fraction of zeros in [0, 1); 0.5 when left out; implied by an N:M --sparsity_type")
-    p.add_argument("--sparsity_type", default="unstructured",
-                   help="unstructured, or N:M = keep N of every M input weights (2:4, 4:8, ...)")
-    p.add_argument("--prunen", type=int, default=None, help="alias: N of an N:M pattern (with --prunem)")
-    p.add_argument("--prunem", type=int, default=None, help="alias: M of an N:M pattern (with --prunen)")
-    p.add_argument("--allocation", default="uniform",
-                   help="layer-wise sparsity: uniform, atp (with --atp_beta), or file:rates.json "
-                        "(a list, or a dict by block index, whose mean is the target)")
-    p.add_argument("--atp_beta", type=float, default=0.0,
-                   help="ATP's common difference β: block i gets S − β(L−1)/2 + β·i")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
-                   help="tokens per calibration window (capped at the model's context)")
-    p.add_argument("--calib_dataset", default="c4",
-                   help="c4 (bundled) or a local .txt / .jsonl / .json.gz file with a 'text' field")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
-    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
-    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="calibration windows per block forward (default: about 8192 tokens per forward)")
-    p.add_argument("--save_model", default=None, help="write the pruned HF model directory here")
-    p.add_argument("--save", default=None, help="directory to write report.json and report.md into")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
-    p.add_argument("--eval_dense", action="store_true", help="also evaluate the dense model first")
-    _add_eval_args(p, "wikitext2")
+    _add_prune_args(p)
+    a = sub.add_parser("allocate", help="layer-wise sparsity rates (ATP with --search, OWL, RMI, ...), "
+                       "written as rates.json; then prune and evaluate with them",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_prune_args(a)
+    a.add_argument("--search", action="store_true",
+                   help="ATP: try β = 0, --atp_step, ... < β_max and keep the β with the lowest objective")
+    a.add_argument("--atp_step", type=float, default=0.002, help="ATP search grid step (paper: 0.002)")
+    a.add_argument("--objective", default="c4", choices=["c4", "wikitext2"],
+                   help="search objective: c4 validation windows (held out), or wikitext2 test windows "
+                        "(what ATP's released code does; flagged as test-set selection in the report)")
+    a.add_argument("--objective_windows", type=int, default=8, help="windows scored per β")
+    a.add_argument("--objective_seqlen", type=int, default=None,
+                   help="window length of the objective (default: --eval_seqlen)")
+
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
@@ -135,8 +165,24 @@ def cmd_prune(args) -> int:
     config = api.PruneConfig(
         prune_method=args.prune_method, sparsity_ratio=ratio, sparsity_type=args.sparsity_type,
         nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset, seed=args.seed,
-        allocation=args.allocation, atp_beta=args.atp_beta, blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size,
+        allocation=args.allocation, atp_beta=args.atp_beta, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+        owl_granularity=args.owl_granularity, rmi_nsamples=args.rmi_nsamples, rmi_beta=args.rmi_beta,
+        rmi_delta=args.rmi_delta, diag_nsamples=args.diag_nsamples, blocksize=args.blocksize,
+        percdamp=args.percdamp, batch_size=args.batch_size,
     ).validate()
+    search = args.command == "allocate" and args.search
+    if search:
+        if config.allocation != "atp":
+            raise UsageError("--search is ATP's β search: use it with --allocation atp")
+        if config.atp_beta:
+            raise UsageError("--search chooses β itself: leave out --atp_beta")
+        if args.objective_windows < 1:
+            raise UsageError(f"--objective_windows must be >= 1, got {args.objective_windows}")
+        if args.objective_seqlen is not None and args.objective_seqlen < 2:
+            raise UsageError(f"--objective_seqlen must be >= 2, got {args.objective_seqlen}")
+        from .atp_search import beta_grid
+
+        beta_grid(2, config.sparsity_ratio, args.atp_step)  # a bad step fails before loading
     names = _datasets(args.eval)
     if args.max_windows is not None and args.max_windows < 1:
         raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
@@ -170,19 +216,53 @@ def cmd_prune(args) -> int:
     run = {"command": "prune", "model": args.model, "config": api.config_dict(config), "eval_seqlen": eval_seqlen}
     if args.eval_dense and names:
         run["eval_dense"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress)
-    run["prune"] = api.prune(model, tok, config, calib_ids=calib, progress=progress)
-    if names:
-        run["eval"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress)
+    if search:
+        from .atp_search import search as atp_search
+
+        run["search"] = atp_search(model, tok, calib, config.prune_method, config.sparsity_ratio, args.atp_step,
+                                   args.objective, args.objective_windows,
+                                   min(args.objective_seqlen or eval_seqlen, context_length(model)),
+                                   options={"blocksize": config.blocksize, "percdamp": config.percdamp},
+                                   batch_size=config.batch_size, progress=progress)
+        config.atp_beta = run["search"]["best_beta"]
+        run["config"]["atp_beta"] = config.atp_beta
+    rates = api.resolve_allocation(model, config, calib, progress)
+    run["allocation"] = rates[1]
+    if args.command == "prune" or names or out is not None:
+        run["prune"] = api.prune(model, tok, config, calib_ids=calib, progress=progress, rates=rates)
+        if names:
+            run["eval"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress)
     run["peak_rss_mib"] = api.peak_rss_mib()
     md = markdown(run)
+    figures = _figures(run)
     if out is not None:
-        api.save_pruned(model, tok, out, run["prune"], run, md, overwrite=args.overwrite)
+        api.save_pruned(model, tok, out, run["prune"], run, md, overwrite=args.overwrite, figures=figures)
         log.info("saved pruned model to %s", out)
     if args.save is not None:
-        api.write_json_atomic(Path(args.save) / "report.json", run)
-        api.write_text_atomic(Path(args.save) / "report.md", md)
+        save = Path(args.save)
+        api.write_json_atomic(save / "report.json", run)
+        api.write_text_atomic(save / "report.md", md)
+        if args.command == "allocate":
+            api.write_json_atomic(save / "rates.json", run["allocation"]["rates"])
+        for name, draw in figures.items():
+            draw(save / name)
+    if args.command == "allocate":
+        print("rates: " + " ".join(f"{r:.4f}" for r in run["allocation"]["rates"]))
     print(summary_table(run))
     return 0
+
+
+def _figures(run) -> dict:
+    """PNG files to write next to a report: {file name: function(path)}."""
+    from . import plots
+
+    figs = {}
+    if run.get("prune") and any(b.get("rel_error") is not None for b in run["prune"]["blocks"]):
+        label = f"{run['prune']['method']} {run['allocation']['name']}"
+        figs["errors.png"] = lambda path: plots.error_curves({label: run["prune"]["blocks"]}, path)
+    if run.get("search"):
+        figs["atp_search.png"] = lambda path: plots.beta_search(run["search"], path)
+    return figs
 
 
 def cmd_eval_ppl(args) -> int:
@@ -242,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm():
-            if args.command == "prune":
+            if args.command in ("prune", "allocate"):
                 return cmd_prune(args)
             return cmd_eval_ppl(args)
     except UsageError as e:

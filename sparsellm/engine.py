@@ -105,40 +105,95 @@ def run_block(block: nn.Module, X: torch.Tensor, kwargs: dict, out: torch.Tensor
 
 
 @torch.no_grad()
-def prune_blocks(model: nn.Module, input_ids: torch.Tensor, method: str, rates: list[float], nm=None,
+def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, rates: list, nm=None,
                  options: dict | None = None, batch_size: int | None = None, progress: bool = True,
-                 on_block_end=None) -> list[dict]:
+                 on_block_end=None, diag_nsamples: int = 0, captured=None) -> list[dict]:
     """Prune every decoder block of `model` in place, block by block, with `method` at `rates[i]`.
 
-    input_ids: (nsamples, seqlen) calibration windows. nm: an N:M pattern or None. options: extra keyword
-    arguments for the pruner (blocksize, percdamp). batch_size: windows per block forward (None: auto). on_block_end(i, X_next) is called after each block
-    with its pruned outputs (nsamples, seqlen, hidden). Returns one dict per block: target, measured
-    sparsity, per-module sparsity, local relative reconstruction error and seconds."""
+    input_ids: (nsamples, seqlen) calibration windows, or None with `captured` = (X, kwargs) from
+    `capture_inputs` (X is not modified, so one capture serves many runs, as in ATP's β search).
+    rates[i]: block i's sparsity, or a dict {linear name: sparsity} (OWL's layer granularity).
+    nm: an N:M pattern or None. options: extra keyword arguments for the pruner (blocksize, percdamp).
+    batch_size: windows per block forward (None: auto). on_block_end(i, X_next) is called after each
+    block with its pruned outputs (nsamples, seqlen, hidden).
+
+    diag_nsamples > 0 turns on the reconstruction-error-explosion diagnostic (ATP, §3.2): the first
+    diag_nsamples windows also run through the dense blocks, and each block reports `cum_error`
+    = ‖Y_dense − Y_pruned‖_F / ‖Y_dense‖_F of its outputs, with dense inputs for Y_dense and the pruned
+    model's inputs for Y_pruned, next to `rel_error` (local: the same, pruned-path inputs for both).
+    For magnitude, which needs no calibration data, the forwards then run on those windows only.
+
+    Returns one dict per block: target, measured sparsity, per-module sparsity, rel_error, cum_error
+    and seconds."""
     pruner = PRUNERS[method]
     blocks = get_blocks(model)
     if len(rates) != len(blocks):
         raise ValueError(f"{len(rates)} rates for {len(blocks)} blocks")
     options = options or {}
-    batch_size = batch_size or auto_batch_size(input_ids.shape[1])
-    if pruner.STATS == "none":  # magnitude needs no calibration data: no forwards, no reconstruction error
-        return [_prune_block(model, i, block, pruner, None, rates[i], nm, options, time.perf_counter())
+    if pruner.STATS == "none" and not diag_nsamples:  # magnitude: no forwards, no reconstruction error
+        return [_log_block(_prune_block(model, i, block, pruner, None, rates[i], nm, options, time.perf_counter()))
                 for i, block in enumerate(blocks)]
     t0 = time.perf_counter()
-    X, kwargs = capture_inputs(model, input_ids)
+    if captured is None:
+        if pruner.STATS == "none":
+            input_ids = input_ids[:diag_nsamples]
+        X, kwargs = capture_inputs(model, input_ids)
+        log.info("captured block-0 inputs %s in %.1fs", tuple(X.shape), time.perf_counter() - t0)
+    else:
+        X, kwargs = captured
+        X = X[:diag_nsamples] if pruner.STATS == "none" else X
+        X = X.clone()
+    batch_size = batch_size or auto_batch_size(X.shape[1])
     Y = torch.empty_like(X)
-    log.info("captured block-0 inputs %s in %.1fs", tuple(X.shape), time.perf_counter() - t0)
+    k = min(diag_nsamples, X.shape[0])
+    D = X[:k].clone() if k else None  # dense-model stream for the cumulative error
+    Dn = torch.empty_like(D) if k else None
     results = []
     for i, block in enumerate(tqdm(blocks, desc=method, unit="block", disable=not progress, leave=False)):
         t0 = time.perf_counter()
+        if k:
+            run_block(block, D, kwargs[i], Dn, batch_size)  # dense block on dense inputs
         stats = _gather_stats(block, block_linears(model, block), pruner.STATS,
                               lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
         res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
                            lambda: run_block(block, X, kwargs[i], Y, batch_size, compare=True))  # Y = pruned
         X, Y = Y, X
-        results.append(res)
+        if k:
+            num = float(((Dn.float() - X[:k].float()) ** 2).sum())
+            den = float((Dn.float() ** 2).sum())
+            res["cum_error"] = (num / den) ** 0.5 if den > 0 else 0.0
+            D, Dn = Dn, D
+        res["seconds"] = time.perf_counter() - t0
+        results.append(_log_block(res))
         if on_block_end is not None:
             on_block_end(i, X)
     return results
+
+
+@torch.no_grad()
+def dense_walk(model: nn.Module, input_ids: torch.Tensor | None = None, need: str | None = None,
+               batch_size: int | None = None, captured=None, progress: bool = True):
+    """Run the dense model block by block on calibration windows, without pruning, and yield
+    (i, block, X_i, stats) for every block: X_i (nsamples, seqlen, hidden) are block i's inputs and
+    `stats` its linears' LayerStats ("norm" or "hessian"), or None when `need` is None. The pre-pass of
+    the data-driven allocators (OWL's outlier ratios, RMI's Gram matrices). X_i is reused afterwards:
+    consume it before asking for the next block."""
+    if captured is None:
+        X, kwargs = capture_inputs(model, input_ids)
+    else:
+        X, kwargs = captured[0].clone(), captured[1]
+    batch_size = batch_size or auto_batch_size(X.shape[1])
+    Y = torch.empty_like(X)
+    blocks = get_blocks(model)
+    for i, block in enumerate(tqdm(blocks, desc="dense pass", unit="block", disable=not progress, leave=False)):
+        forward = lambda: run_block(block, X, kwargs[i], Y, batch_size)  # noqa: E731
+        stats = None
+        if need is not None:
+            stats = _gather_stats(block, block_linears(model, block), need, forward)
+        yield i, block, X, stats
+        if need is None:
+            forward()
+        X, Y = Y, X
 
 
 def _gather_stats(block, linears: dict, need: str, forward) -> dict:
@@ -174,23 +229,31 @@ def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=N
     """Prune every linear of block i at `rate` (or `nm`), then `replay()` the block if given, which returns
     (Σ‖ref − new‖², Σ‖ref‖²) for the relative reconstruction error. Returns the block's report entry."""
     linears = block_linears(model, block)
-    target = rate if nm is None else nm.sparsity
     modules = {}
     for name, lin in linears.items():
         W = lin.weight.data
-        if rate > 0 or nm is not None:
-            W.copy_(pruner.prune(W.float(), stats and stats[name], rate, nm, **options).to(W.dtype))
-        modules[name] = {"target": target, "measured": float((W == 0).sum()) / W.numel()}
+        r = (rate[name] if isinstance(rate, dict) else rate) if nm is None else nm.sparsity
+        if r > 0 or nm is not None:
+            W.copy_(pruner.prune(W.float(), stats and stats[name], r, nm, **options).to(W.dtype))
+        modules[name] = {"target": r, "measured": float((W == 0).sum()) / W.numel()}
+    total = sum(lin.weight.numel() for lin in linears.values())
+    target = sum(modules[n]["target"] * lin.weight.numel() for n, lin in linears.items()) / total
     err = None
     if replay is not None:
         num, den = replay()
         err = (num / den) ** 0.5 if den > 0 else 0.0
     zeros = sum(m["measured"] * linears[n].weight.numel() for n, m in modules.items())
-    total = sum(lin.weight.numel() for lin in linears.values())
-    res = {"block": i, "target": target, "measured": zeros / total, "rel_error": err,
+    res = {"block": i, "target": target, "measured": zeros / total, "rel_error": err, "cum_error": None,
            "seconds": time.perf_counter() - t0, "modules": modules}
-    log.info("block %3d  target %.4f  measured %.4f  rel_error %s  %.2fs", i, target, res["measured"],
-             "-" if err is None else f"{err:.4e}", res["seconds"])
+    return res
+
+
+def _log_block(res: dict) -> dict:
+    def fmt(e):
+        return "-" if e is None else f"{e:.4e}"
+
+    log.info("block %3d  target %.4f  measured %.4f  rel_error %s  cum_error %s  %.2fs", res["block"],
+             res["target"], res["measured"], fmt(res["rel_error"]), fmt(res["cum_error"]), res["seconds"])
     return res
 
 

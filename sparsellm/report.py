@@ -36,16 +36,45 @@ def summary_table(run: dict) -> str:
 
 def block_table(prune_report: dict) -> str:
     """One row per decoder block: target and measured sparsity, relative reconstruction error, seconds."""
-    lines = ["| block | target | measured | rel. error | seconds |", "|---|---|---|---|---|"]
+    lines = ["| block | target | measured | local rel. error | cumulative rel. error | seconds |",
+             "|---|---|---|---|---|---|"]
     for b in prune_report["blocks"]:
-        err = "—" if b["rel_error"] is None else f"{b['rel_error']:.3e}"
-        lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {err} "
-                     f"| {b['seconds']:.2f} |")
+        lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {_fmt(b['rel_error'], '.3e')} "
+                     f"| {_fmt(b.get('cum_error'), '.3e')} | {b['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def allocation_lines(alloc: dict) -> list[str]:
+    """The allocation in words: its name, settings, time and the per-block rates."""
+    keys = [k for k in ("atp_beta", "owl_m", "owl_lambda", "owl_granularity", "rmi_nsamples", "rmi_beta",
+                        "rmi_delta") if k in alloc]
+    settings = ", ".join(f"{k} {alloc[k]}" for k in keys)
+    return [f"allocation **{alloc['name']}**{' (' + settings + ')' if settings else ''}, "
+            f"{alloc.get('seconds', 0.0):.1f} s", "",
+            "rates: " + " ".join(f"{r:.4f}" for r in alloc["rates"])]
+
+
+def search_table(search: dict) -> str:
+    """One row per ATP trial: β, the objective, seconds; the chosen β is marked."""
+    o = search["objective"]
+    flag = " **(test-set selection: scored on the WikiText-2 test itself)**" if o["test_set_selection"] else ""
+    lines = [f"ATP β search: objective {o['metric']} on {o['windows']} windows{flag}; "
+             f"{len(search['trials'])} trials in {search['search_seconds']:.1f} s "
+             f"(one prune: {search['one_prune_seconds']:.1f} s)", "",
+             "| β | objective | prune s | trial s |", "|---|---|---|---|"]
+    for t in search["trials"]:
+        mark = " ←" if t["beta"] == search["best_beta"] else ""
+        lines.append(f"| {t['beta']:.4f}{mark} | {t['objective']:.3f} | {t['prune_seconds']:.1f} | {t['seconds']:.1f} |")
     return "\n".join(lines)
 
 
 def markdown(run: dict) -> str:
     out = [f"# sparsellm run: {run.get('model', '')}", "", summary_table(run)]
+    alloc = run.get("allocation") or (run.get("prune") or {}).get("allocation")
+    if alloc:
+        out += ["", *allocation_lines(alloc)]
+    if run.get("search"):
+        out += ["", search_table(run["search"])]
     if run.get("prune"):
         out += ["", "## Per block", "", block_table(run["prune"])]
     return "\n".join(out) + "\n"

@@ -72,7 +72,8 @@ def test_prune_changes_only_block_linears(family, method, tokenizer):
     assert report["measured"]["params"] == total
     assert report["measured"]["sparsity"] == pytest.approx(zeros / total)
     assert report["method"] == method and report["target_sparsity"] == 0.5
-    assert report["allocation"] == {"name": "uniform", "rates": [0.5] * model.config.num_hidden_layers}
+    assert {k: v for k, v in report["allocation"].items() if k != "seconds"} == {
+        "name": "uniform", "rates": [0.5] * model.config.num_hidden_layers}
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -169,7 +170,7 @@ def test_sparsity_config_sidecar(tokenizer, tmp_path):
     zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in expected_modules)
     total = sum(model.get_submodule(n).weight.numel() for n in expected_modules)
     assert sc["global_sparsity"] == pytest.approx(zeros / total)
-    assert sc["allocation"] == {"name": "uniform", "rates": [0.5, 0.5]}
+    assert {k: v for k, v in sc["allocation"].items() if k != "seconds"} == {"name": "uniform", "rates": [0.5, 0.5]}
     assert sc["calibration"]["nsamples"] == 2 and sc["calibration"]["seqlen"] == 32
     assert sc["calibration"]["seed"] == 7
     import hashlib

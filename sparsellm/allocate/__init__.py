@@ -1,16 +1,18 @@
 """Layer-wise sparsity allocation: one rate per decoder block whose mean is the target.
 
 Every allocator has the shape `rates = allocate(num_blocks, target, **what_it_needs) -> list[float]`.
-Uniform, ATP (fixed β) and user files are here; OWL and RMI plug into the same table.
+Uniform, ATP (fixed β) and user files need nothing else. OWL and RMI need statistics of the dense model
+(outlier ratios `owl_lod`, a block CKA matrix `rmi_cka`), which `sparsellm.api.resolve_allocation`
+gathers in a dense pre-pass and hands to the same function.
 """
 
 from __future__ import annotations
 
 from ..errors import UsageError
-from . import atp, uniform
+from . import atp, owl, rmi, uniform
 from .from_file import read_rates
 
-ALLOCATORS = {"uniform": uniform.allocate, "atp": atp.allocate}
+ALLOCATORS = {"uniform": uniform.allocate, "atp": atp.allocate, "owl": owl.allocate, "rmi": rmi.allocate}
 
 
 def allocate(name: str, num_blocks: int, target: float, **options) -> list[float]:

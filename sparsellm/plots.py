@@ -1,0 +1,77 @@
+"""PNG figures with matplotlib (Agg backend, no display): the per-block reconstruction error curves of
+one or more runs on one figure (ATP's "reconstruction error explosion", §3.2, Fig. 1), and the objective
+of an ATP β search."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    """Save atomically: a temporary file in the same directory, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        _pyplot().close(fig)
+    return path
+
+
+def error_curves(runs: dict[str, list[dict]], path, title: str = "") -> Path:
+    """Plot `rel_error` (local, dashed) and `cum_error` (cumulative, solid) against block index for each
+    run. runs: {label: the `blocks` list of a prune report}. Log-scale y. Returns the path written."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (label, blocks) in enumerate(runs.items()):
+        color = f"C{k}"
+        x = [b["block"] for b in blocks]
+        cum = [b.get("cum_error") for b in blocks]
+        loc = [b.get("rel_error") for b in blocks]
+        if any(v is not None for v in cum):
+            ax.plot(x, [float("nan") if v is None else v for v in cum], "-o", ms=3, color=color,
+                    label=f"{label}: cumulative")
+        if any(v is not None for v in loc):
+            ax.plot(x, [float("nan") if v is None else v for v in loc], "--", color=color, alpha=0.7,
+                    label=f"{label}: local")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("relative output error ‖Y − Ŷ‖ / ‖Y‖")
+    ax.set_title(title or "reconstruction error per block")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def beta_search(search: dict, path) -> Path:
+    """Plot the ATP objective against β, marking the best β. search: the report of atp_search.search."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    betas = [t["beta"] for t in search["trials"]]
+    objs = [t["objective"] for t in search["trials"]]
+    ax.plot(betas, objs, "-o", ms=4)
+    ax.axvline(search["best_beta"], color="C3", ls=":", label=f"best β = {search['best_beta']:.4f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("ATP common difference β")
+    o = search["objective"]
+    flag = " (TEST-SET SELECTION)" if o["test_set_selection"] else ""
+    ax.set_ylabel(f"{o['metric']} on {o['windows']} windows{flag}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
