@@ -1,0 +1,107 @@
+"""Layer-wise sparsity benchmark (issue 3): uniform, OWL, ATP (best β from its search) and RMI under the
+same pruner, sparsity and calibration, on SmolLM2-135M. One `sparsellm allocate` process per run; the
+results (rates, β chosen, allocation and search time, prune time, ppl, per-block local and cumulative
+errors) go to one JSON file per setting, plus one figure of the cumulative error curves.
+
+    python bench/layerwise_bench.py --method wanda --sparsity 0.7 --out bench/results/layerwise_wanda70.json
+    python bench/layerwise_bench.py --table bench/results/layerwise_*.json     # markdown for BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ALLOCATIONS = ["uniform", "owl", "atp", "rmi"]
+
+
+def run(args, allocation: str, work: Path) -> dict:
+    save = work / allocation
+    cmd = [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "allocate", "--model", args.model,
+           "--prune_method", args.method, "--sparsity_ratio", str(args.sparsity), "--allocation", allocation,
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "wikitext2",
+           "--eval_seqlen", "2048", "--save", str(save)]
+    if args.eval_windows:
+        cmd += ["--max_windows", str(args.eval_windows)]
+    if allocation == "atp":
+        cmd += ["--search", "--atp_step", str(args.atp_step), "--objective", "c4",
+                "--objective_windows", str(args.objective_windows)]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    rep = json.loads((save / "report.json").read_text())
+    ev = next(iter(rep["eval"].values()))
+    out = {"allocation": allocation, "command": " ".join(cmd[1:]).replace(str(save), "DIR"), "wall_seconds": wall,
+           "ppl": ev["ppl"], "metric": ev["metric"], "windows": ev["windows"],
+           "rates": rep["allocation"]["rates"], "allocation_seconds": rep["allocation"]["seconds"],
+           "prune_seconds": rep["prune"]["prune_seconds"], "peak_rss_mib": rep["peak_rss_mib"],
+           "measured_sparsity": rep["prune"]["measured"]["sparsity"],
+           "blocks": [{k: b[k] for k in ("block", "target", "measured", "rel_error", "cum_error")}
+                      for b in rep["prune"]["blocks"]]}
+    if "search" in rep:
+        s = rep["search"]
+        out.update(best_beta=s["best_beta"], beta_max=s["beta_max"], search_seconds=s["search_seconds"],
+                   one_prune_seconds=s["one_prune_seconds"], objective=s["objective"],
+                   trials=[{k: t[k] for k in ("beta", "objective", "seconds")} for t in s["trials"]])
+    if "outlier_ratio" in rep["allocation"]:
+        out["outlier_ratio"] = rep["allocation"]["outlier_ratio"]
+    return out
+
+
+def table(files: list[str]) -> str:
+    lines = ["| pruner | sparsity | allocation | WikiText-2 ppl | windows | β chosen | allocation s | prune s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        for r in res["runs"]:
+            alloc_s = r.get("search_seconds", r["allocation_seconds"])
+            beta = f"{r['best_beta']:.3f} (of ≤ {r['beta_max']:.4f})" if "best_beta" in r else ""
+            lines.append(f"| {res['method']} | {res['sparsity']:.0%} | {r['allocation']} | {r['ppl']:.2f} | "
+                         f"{r['windows']} | {beta} | {alloc_s:.1f} | {r['prune_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--method", default="wanda")
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval_windows", type=int, default=16, help="WikiText-2 windows of 2048 (0 = all 148)")
+    ap.add_argument("--atp_step", type=float, default=0.004)
+    ap.add_argument("--objective_windows", type=int, default=4)
+    ap.add_argument("--out")
+    ap.add_argument("--table", nargs="*", help="print the markdown table of these result files and exit")
+    args = ap.parse_args()
+    if args.table is not None:
+        print(table(args.table))
+        return
+    from sparsellm import plots
+    from sparsellm.api import versions
+
+    out = Path(args.out)
+    res = {"method": args.method, "sparsity": args.sparsity, "model": args.model, "nsamples": args.nsamples,
+           "seqlen": args.seqlen, "versions": versions(), "runs": []}
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
+        for allocation in args.allocations.split(","):
+            res["runs"].append(run(args, allocation, Path(work)))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
+    plots.error_curves({r["allocation"]: [{**b, "rel_error": None} for b in r["blocks"]] for r in res["runs"]},
+                       out.with_suffix(".png"),
+                       title=f"{args.method} {args.sparsity:.0%}: cumulative relative error per block")
+    print(table([str(out)]))
+
+
+if __name__ == "__main__":
+    main()
