@@ -41,7 +41,8 @@ class PruneConfig:
     allocation: "uniform", "atp" (with `atp_beta`, ATP's common difference), "owl" (outlier ratio
         threshold `owl_m` = M, spread `owl_lambda` = λ, `owl_granularity` "block" or "layer"), "rmi"
         (LoSA's representation mutual information from `rmi_nsamples` windows, `rmi_beta`, bound
-        `rmi_delta`; None: the reference values) or "file:PATH" (JSON rates).
+        `rmi_delta`; None: the reference values) or "file:PATH" (JSON rates, whose mean must be the
+        target within 1e-6 unless `allow_mean_mismatch`).
     batch_size: calibration windows per block forward (None: about 8192 tokens per forward).
     diag_nsamples: windows also run through the dense blocks for the cumulative reconstruction error
         (None: 8 for Wanda/SparseGPT, 0 for magnitude; 0 turns it off)."""
@@ -62,6 +63,7 @@ class PruneConfig:
     rmi_beta: float | None = None
     rmi_delta: float | None = None
     diag_nsamples: int | None = None
+    allow_mean_mismatch: bool = False
     blocksize: int = 128
     percdamp: float = 0.01
     batch_size: int | None = None
@@ -86,6 +88,8 @@ class PruneConfig:
         elif self.allocation not in ALLOCATORS:
             raise UsageError(f"unknown allocation {self.allocation!r}; choose from "
                              f"{', '.join(ALLOCATORS)} or file:PATH")
+        if self.allow_mean_mismatch and not self.allocation.startswith("file:"):
+            raise UsageError("--allow_mean_mismatch applies only to --allocation file:PATH")
         if self.atp_beta and self.allocation != "atp":
             raise UsageError("--atp_beta applies only to --allocation atp")
         if self.owl_granularity not in ("block", "layer"):
@@ -129,7 +133,8 @@ def validate_for_model(model, config: PruneConfig) -> int:
             if nm is not None and lin.in_features % nm.m:
                 raise UsageError(f"{name}: in_features {lin.in_features} is not divisible by M = {nm.m} ({nm})")
     if config.allocation not in DATA_ALLOCATORS:
-        allocate(config.allocation, len(blocks), config.sparsity_ratio, atp_beta=config.atp_beta)  # fail early
+        allocate(config.allocation, len(blocks), config.sparsity_ratio, atp_beta=config.atp_beta,
+                 mean_tolerance=None if config.allow_mean_mismatch else 1e-6)  # fail early
     ctx = context_length(model)
     if config.seqlen > ctx:
         log.warning("seqlen %d exceeds the model's context %d; using %d", config.seqlen, ctx, ctx)
@@ -189,6 +194,10 @@ def resolve_allocation(model, config: PruneConfig, calib_ids: torch.Tensor, prog
                     outlier_ratio=units)
     elif config.allocation == "rmi":
         n = min(config.rmi_nsamples, calib_ids.shape[0])
+        if n < 3:  # two centred Gram matrices of two samples are always proportional: every CKA would be 1
+            raise UsageError(f"RMI needs at least 3 calibration windows for its CKA, got {n}")
+        if n < 16:
+            log.warning("RMI's CKA from only %d windows is noisy (the reference uses 64)", n)
         grams = rmi.GramStream()
         for _, _, X, _ in dense_walk(model, calib_ids[:n], batch_size=config.batch_size, progress=progress):
             grams.add(X)
@@ -198,7 +207,8 @@ def resolve_allocation(model, config: PruneConfig, calib_ids: torch.Tensor, prog
         info.update(rmi_nsamples=n, rmi_beta=beta, rmi_delta=config.rmi_delta if config.rmi_delta is not None
                     else rmi.delta_for(S), cka=[[round(float(v), 6) for v in row] for row in cka])
     else:
-        rates = allocate(config.allocation, L, S, atp_beta=config.atp_beta)
+        rates = allocate(config.allocation, L, S, atp_beta=config.atp_beta,
+                         mean_tolerance=None if config.allow_mean_mismatch else 1e-6)
         if config.allocation == "atp":
             info["atp_beta"] = config.atp_beta
     block_rates = [_block_rate(model, b, r) for b, r in zip(blocks, rates)]

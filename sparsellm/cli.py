@@ -50,6 +50,8 @@ def _add_prune_args(p):
                         "(a list, or a dict by block index, whose mean is the target)")
     p.add_argument("--atp_beta", type=float, default=0.0,
                    help="ATP's common difference β: block i gets S − β(L−1)/2 + β·i")
+    p.add_argument("--allow_mean_mismatch", action="store_true",
+                   help="accept a rates file whose mean is not --sparsity_ratio (the measured sparsity will differ)")
     p.add_argument("--owl_m", type=float, default=5.0, help="OWL's M: outliers are scores > M × the mean")
     p.add_argument("--owl_lambda", type=float, default=0.08, help="OWL's λ: rates stay within S ± λ")
     p.add_argument("--owl_granularity", default="block", choices=["block", "layer"],
@@ -111,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window length of the objective (default: --eval_seqlen)")
 
 
+    pe = sub.add_parser("plot-errors", help="draw the per-block reconstruction errors of one or more runs "
+                        "on one figure (PNG)")
+    pe.add_argument("reports", nargs="+", help="report.json files written by prune/allocate (--save or --save_model)")
+    pe.add_argument("--out", required=True, help="PNG file to write")
+    pe.add_argument("--labels", default=None, help="comma-separated legend labels, one per report")
+    pe.add_argument("--title", default="", help="figure title")
+
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
     ep = esub.add_parser("ppl", help="perplexity by the papers' protocol",
@@ -167,7 +176,8 @@ def cmd_prune(args) -> int:
         nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset, seed=args.seed,
         allocation=args.allocation, atp_beta=args.atp_beta, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
         owl_granularity=args.owl_granularity, rmi_nsamples=args.rmi_nsamples, rmi_beta=args.rmi_beta,
-        rmi_delta=args.rmi_delta, diag_nsamples=args.diag_nsamples, blocksize=args.blocksize,
+        rmi_delta=args.rmi_delta, diag_nsamples=args.diag_nsamples, allow_mean_mismatch=args.allow_mean_mismatch,
+        blocksize=args.blocksize,
         percdamp=args.percdamp, batch_size=args.batch_size,
     ).validate()
     search = args.command == "allocate" and args.search
@@ -291,6 +301,46 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_plot_errors(args) -> int:
+    import json
+
+    from . import plots
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must be a .png file, got {args.out}")
+    if out.is_dir():
+        raise UsageError(f"--out is a directory: {args.out}")
+    labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(args.reports):
+        raise UsageError(f"{len(labels)} labels for {len(args.reports)} reports")
+    runs = {}
+    for k, path in enumerate(args.reports):
+        p = Path(path)
+        if p.is_dir():
+            p = p / "report.json"
+        if p.resolve() == out.resolve():
+            raise UsageError(f"--out would overwrite an input: {path}")
+        try:
+            run = json.loads(p.read_text())
+            rep = run["prune"]
+            blocks = rep["blocks"]
+        except FileNotFoundError:
+            raise UsageError(f"report not found: {path}") from None
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{path} is not a sparsellm prune report (no prune.blocks)") from None
+        if not any(b.get("rel_error") is not None or b.get("cum_error") is not None for b in blocks):
+            raise UsageError(f"{path} has no reconstruction errors (magnitude without --diag_nsamples?)")
+        alloc = rep.get("allocation", {}).get("name", "")
+        label = labels[k] if labels else f"{rep['method']} {alloc} {rep['target_sparsity']:.2f}"
+        if label in runs:
+            label = f"{label} ({p.parent.name})"
+        runs[label] = blocks
+    plots.error_curves(runs, out, args.title)
+    print(out)
+    return 0
+
+
 class _Terminated(KeyboardInterrupt):
     pass
 
@@ -324,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():
             if args.command in ("prune", "allocate"):
                 return cmd_prune(args)
+            if args.command == "plot-errors":
+                return cmd_plot_errors(args)
             return cmd_eval_ppl(args)
     except UsageError as e:
         print(f"sparsellm: error: {e}", file=sys.stderr)

@@ -280,3 +280,44 @@ def test_cli_allocate_bad_input(capsys, tmp_path, saved_model_dir, calib_txt, ex
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("sparsellm: error:") and match in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "rep").exists()
+
+
+def test_cli_plot_errors(capsys, tmp_path, saved_model_dir, calib_txt):
+    from sparsellm.cli import main
+
+    for alloc in ("uniform", "atp"):
+        extra = ["--atp_beta", "0.2"] if alloc == "atp" else []
+        assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
+                     "--nsamples", "2", "--seqlen", "16", "--eval", "none", "--allocation", alloc, *extra,
+                     "--save", str(tmp_path / alloc)]) == 0
+    out = tmp_path / "fig" / "errors.png"
+    assert main(["plot-errors", str(tmp_path / "uniform" / "report.json"), str(tmp_path / "atp"),
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    for argv, match in [([str(tmp_path / "nope.json")], "not found"),
+                        ([str(calib_txt)], "not a sparsellm prune report"),
+                        ([str(tmp_path / "atp"), "--labels", "a,b"], "2 labels for 1"),
+                        ([str(tmp_path / "atp"), "--out", str(tmp_path / "x.txt")], ".png")]:
+        if "--out" not in argv:
+            argv = argv + ["--out", str(tmp_path / "e.png")]
+        assert main(["plot-errors", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sparsellm: error:") and match in err, err
+    assert not (tmp_path / "e.png").exists()
+
+
+def test_rates_file_mean_mismatch_only_when_asked(capsys, tmp_path, saved_model_dir, calib_txt):
+    from sparsellm.cli import main
+
+    f = tmp_path / "rates.json"
+    f.write_text("[0.3, 0.5]")
+    base = ["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
+            "--nsamples", "2", "--seqlen", "16", "--eval", "none", "--sparsity_ratio", "0.5",
+            "--allocation", f"file:{f}", "--save", str(tmp_path / "rep")]
+    assert main(base) == 2
+    assert "mean" in capsys.readouterr().err and not (tmp_path / "rep").exists()
+    assert main(base + ["--allow_mean_mismatch"]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [b["target"] for b in rep["prune"]["blocks"]] == pytest.approx([0.3, 0.5])
+    assert main(base[:-4] + ["--allow_mean_mismatch"]) == 2  # only for a rates file
