@@ -29,10 +29,22 @@ def _add_model_args(p):
 
 def _add_eval_args(p, default_eval):
     p.add_argument("--eval", default=default_eval,
-                   help="comma-separated perplexity datasets: wikitext2, c4, or none")
+                   help="comma-separated: wikitext2, c4 (perplexity), zeroshot (lm-eval, see --tasks), or none")
     p.add_argument("--eval_seqlen", type=int, default=None,
                    help="window length for perplexity (default: the calibration --seqlen, capped at context)")
     p.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
+    _add_zeroshot_args(p, "--zeroshot_batch_size")
+
+
+def _add_zeroshot_args(p, batch_flag):
+    from .evaluate.zeroshot import PAPER_TASKS, TASKS
+
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS),
+                   help=f"zero-shot tasks, comma-separated, from: {', '.join(TASKS)}")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents of each task")
+    p.add_argument(batch_flag, dest="zeroshot_batch_size", type=int, default=8, help="zero-shot batch size")
+    p.add_argument("--hellaswag_file", default=None,
+                   help="local hellaswag_val.jsonl (HellaSwag is not bundled: its data could not be obtained)")
 
 
 def _add_prune_args(p):
@@ -129,24 +141,50 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--seqlen", type=int, default=2048, help="window length")
     ep.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
     ep.add_argument("--save", default=None, help="directory to write report.json into")
+    ez = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(ez)
+    _add_zeroshot_args(ez, "--batch_size")
+    ez.add_argument("--save", default=None, help="directory to write report.json into")
     return parser
 
 
-def _datasets(spec: str) -> list[str]:
+def _datasets(spec: str, zeroshot_ok: bool = True) -> list[str]:
     from .data import EVAL_SOURCES
 
+    allowed = EVAL_SOURCES + (("zeroshot",) if zeroshot_ok else ())
     names = [] if spec.strip().lower() == "none" else [s.strip() for s in spec.split(",") if s.strip()]
     for n in names:
-        if n not in EVAL_SOURCES:
-            raise UsageError(f"unknown evaluation dataset {n!r}; choose from {', '.join(EVAL_SOURCES)} or none")
+        if n not in allowed:
+            raise UsageError(f"unknown evaluation {n!r}; choose from {', '.join(allowed)} or none")
     return names
 
 
-def _evaluate(model, tok, names, seqlen, max_windows, progress) -> dict:
+def _zeroshot_tasks(args, names) -> list[str]:
+    """Validate --tasks / --limit / --hellaswag_file up front when zero-shot evaluation is asked for."""
+    if "zeroshot" not in names:
+        return []
+    from .evaluate.zeroshot import _lm_eval, check_tasks
+
+    if args.zeroshot_batch_size < 1:
+        raise UsageError(f"zero-shot batch size must be >= 1, got {args.zeroshot_batch_size}")
+    tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.hellaswag_file, args.limit)
+    _lm_eval()  # installed?
+    return tasks
+
+
+def _evaluate(model, tok, names, seqlen, max_windows, progress, args=None, tasks=()) -> dict:
     from .evaluate import perplexity
 
     out = {}
     for name in names:
+        if name == "zeroshot":
+            from .evaluate.zeroshot import zeroshot
+
+            r = zeroshot(model, tok, list(tasks), args.limit, args.zeroshot_batch_size, args.hellaswag_file)
+            log.info("zero-shot mean acc = %.4f over %s", r["mean_acc"], ", ".join(r["tasks"]))
+            out["zeroshot"] = r
+            continue
         r = perplexity(model, tok, name, seqlen, max_windows, progress=progress)
         log.info("%s = %.3f (%d windows, %d tokens)", r["metric"], r["ppl"], r["windows"], r["tokens"])
         out[r["metric"]] = r
@@ -194,6 +232,7 @@ def cmd_prune(args) -> int:
 
         beta_grid(2, config.sparsity_ratio, args.atp_step)  # a bad step fails before loading
     names = _datasets(args.eval)
+    tasks = _zeroshot_tasks(args, names)
     if args.max_windows is not None and args.max_windows < 1:
         raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
     if args.eval_seqlen is not None and args.eval_seqlen < 2:
@@ -225,7 +264,7 @@ def cmd_prune(args) -> int:
     progress = not args.quiet
     run = {"command": "prune", "model": args.model, "config": api.config_dict(config), "eval_seqlen": eval_seqlen}
     if args.eval_dense and names:
-        run["eval_dense"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress)
+        run["eval_dense"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress, args, tasks)
     if search:
         from .atp_search import search as atp_search
 
@@ -241,7 +280,7 @@ def cmd_prune(args) -> int:
     if args.command == "prune" or names or out is not None:
         run["prune"] = api.prune(model, tok, config, calib_ids=calib, progress=progress, rates=rates)
         if names:
-            run["eval"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress)
+            run["eval"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress, args, tasks)
     run["peak_rss_mib"] = api.peak_rss_mib()
     md = markdown(run)
     figures = _figures(run)
@@ -279,19 +318,20 @@ def cmd_eval_ppl(args) -> int:
     from . import api
     from .models import check_output_dir, context_length, load_model, resolve_model
 
-    names = _datasets(args.dataset)
+    names = ["zeroshot"] if args.eval_command == "zeroshot" else _datasets(args.dataset, zeroshot_ok=False)
+    tasks = _zeroshot_tasks(args, names)
     if not names:
         raise UsageError("--dataset none leaves nothing to evaluate; choose wikitext2 and/or c4")
-    if args.max_windows is not None and args.max_windows < 1:
+    if not tasks and args.max_windows is not None and args.max_windows < 1:
         raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
-    if args.seqlen < 2:
+    if not tasks and args.seqlen < 2:
         raise UsageError(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.save is not None:
         check_output_dir(args.save, True, [resolve_model(args.model)[1]], replaces=False)
     model, tok, _ = load_model(args.model, _dtype(args.dtype))
-    seqlen = min(args.seqlen, context_length(model))
-    run = {"command": "eval ppl", "model": args.model, "eval": _evaluate(model, tok, names, seqlen, args.max_windows,
-                                                                          not args.quiet)}
+    seqlen = None if tasks else min(args.seqlen, context_length(model))
+    run = {"command": f"eval {args.eval_command}", "model": args.model,
+           "eval": _evaluate(model, tok, names, seqlen, getattr(args, "max_windows", None), not args.quiet, args, tasks)}
     run["versions"] = api.versions()
     if args.save is not None:
         api.write_json_atomic(Path(args.save) / "report.json", run)

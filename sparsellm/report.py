@@ -10,16 +10,25 @@ def _fmt(x, spec=".3f"):
 def summary_table(run: dict) -> str:
     """Dense-vs-sparse table (one row per evaluated metric) plus sparsity and timing lines; for a plain
     evaluation, one ppl column."""
-    dense, sparse = run.get("eval_dense", {}), run.get("eval", {})
+    dense, sparse = dict(run.get("eval_dense", {})), dict(run.get("eval", {}))
+    zs_dense, zs = dense.pop("zeroshot", None), sparse.pop("zeroshot", None)
     if "prune" not in run:
-        lines = ["| metric | windows | tokens | ppl |", "|---|---|---|---|"]
-        lines += [f"| {k} | {r['windows']} | {r['tokens']} | {r['ppl']:.3f} |" for k, r in sparse.items()]
+        lines = []
+        if sparse:
+            lines = ["| metric | windows | tokens | ppl |", "|---|---|---|---|"]
+            lines += [f"| {k} | {r['windows']} | {r['tokens']} | {r['ppl']:.3f} |" for k, r in sparse.items()]
+        if zs:
+            lines += ([""] if lines else []) + zeroshot_table(None, zs)
         return "\n".join(lines)
-    lines = ["| metric | windows | dense | sparse |", "|---|---|---|---|"]
+    lines = []
+    if dense or sparse:
+        lines = ["| metric | windows | dense | sparse |", "|---|---|---|---|"]
     for key in dict.fromkeys([*dense, *sparse]):
         d, s = dense.get(key), sparse.get(key)
         windows = (s or d)["windows"]
         lines.append(f"| {key} | {windows} | {_fmt(d and d['ppl'])} | {_fmt(s and s['ppl'])} |")
+    if zs or zs_dense:
+        lines += ([""] if lines else []) + zeroshot_table(zs_dense, zs)
     p = run["prune"]
     m, c = p["measured"], p["calibration"]
     calib = (f"calibration {c['dataset']}: {c['nsamples']} × {c['seqlen']} tokens, seed {c['seed']}"
@@ -32,6 +41,24 @@ def summary_table(run: dict) -> str:
         f"pruning {p['prune_seconds']:.1f} s, peak RSS {p['peak_rss_mib']:.0f} MiB, {p['threads']} threads",
     ]
     return "\n".join(lines)
+
+
+def zeroshot_table(dense: dict | None, sparse: dict | None) -> list[str]:
+    """Zero-shot acc (acc_norm) per task and the mean acc, dense and/or sparse columns."""
+    cols = [(n, r) for n, r in (("dense", dense), ("sparse", sparse)) if r]
+    lines = ["| task | n | " + " | ".join(f"{n} acc (acc_norm)" for n, _ in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    first = cols[0][1]
+    for task in first["tasks"]:
+        cells = []
+        for _, r in cols:
+            t = r["tasks"].get(task, {})
+            cells.append(f"{_fmt(t.get('acc'), '.4f')} ({_fmt(t.get('acc_norm'), '.4f')})")
+        lines.append(f"| {task} | {first['tasks'][task]['n']} | " + " | ".join(cells) + " |")
+    lines.append("| **mean acc** | | " + " | ".join(f"**{r['mean_acc']:.4f}**" for _, r in cols) + " |")
+    lines.append(f"\nzero-shot: lm-eval {first['settings']['lm_eval']}, limit {first['settings']['limit']}, "
+                 f"{first['settings']['num_fewshot']}-shot")
+    return lines
 
 
 def block_table(prune_report: dict) -> str:

@@ -1,0 +1,171 @@
+"""Zero-shot accuracy with lm-evaluation-harness (0.4.x), offline, on the in-memory model (algorithms.md §10.2).
+
+Each task is lm-eval's own definition, read from the installed harness's YAML (prompt, choices, target,
+metrics, verbatim), with only the data source replaced: the bundled files in `sparsellm/data/zeroshot/`
+(SOURCES.md there), converted by `process_docs` below to the schema of the HF dataset the built-in task
+reads. Nothing touches the network. HellaSwag is not bundled (it could not be obtained); pass a local
+`hellaswag_val.jsonl` (the original release's format, which is the HF one) as `hellaswag_file`.
+
+    results = zeroshot(model, tokenizer, ["boolq", "rte"], limit=100, batch_size=8)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ..errors import UsageError
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "zeroshot"
+FILES = {
+    "boolq": ("super_glue/boolq/default.yaml", "boolq/val.jsonl.gz"),
+    "rte": ("glue/rte/default.yaml", "rte/val.jsonl.gz"),
+    "winogrande": ("winogrande/default.yaml", "winogrande/dev.jsonl.gz"),
+    "arc_easy": ("arc/arc_easy.yaml", "arc_easy/ARC-Easy-Test.jsonl.gz"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "arc_challenge/ARC-Challenge-Test.jsonl.gz"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "openbookqa/test.jsonl.gz"),
+    "piqa": ("piqa/piqa.yaml", "piqa/valid.jsonl.gz"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", None),
+}
+TASKS = list(FILES)
+PAPER_TASKS = ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
+
+
+# ------------------------------------------------------------------ local files -> the HF datasets' schema
+
+
+def _arc(ds, stem_key="question"):
+    def f(doc):
+        q = doc["question"]
+        return {stem_key: q["stem"], "choices": {"text": [c["text"] for c in q["choices"]],
+                                                 "label": [c["label"] for c in q["choices"]]}}
+
+    return ds.map(f, remove_columns=["question"])
+
+
+def _boolq(ds):
+    def label(doc):
+        v = doc["label"]
+        if isinstance(v, str):
+            v = {"true": True, "false": False}[v.strip().lower()]
+        return {"label": int(bool(v))}  # super_glue/boolq: 0 = False ("no"), 1 = True ("yes")
+
+    return ds.map(label)
+
+
+def _rte(ds):  # SuperGLUE RTE -> GLUE RTE: 0 = entailment ("True"), 1 = not_entailment ("False")
+    return ds.map(lambda d: {"sentence1": d["premise"], "sentence2": d["hypothesis"],
+                             "label": {"entailment": 0, "not_entailment": 1}[d["label"]]},
+                  remove_columns=["premise", "hypothesis"])
+
+
+def _piqa(ds):  # labels live in a separate file, one per line, in the same order
+    labels = [int(x) for x in (DATA / "piqa" / "valid-labels.lst").read_text().split()]
+    if len(labels) != len(ds):
+        raise UsageError(f"PIQA: {len(labels)} labels for {len(ds)} questions")
+    return ds.add_column("label", labels)
+
+
+PROCESS = {"boolq": _boolq, "rte": _rte, "arc_easy": _arc, "arc_challenge": _arc, "piqa": _piqa,
+           "openbookqa": lambda ds: _arc(ds, "question_stem"), "winogrande": None, "hellaswag": None}
+
+
+# ------------------------------------------------------------------ task configs
+
+
+def _offline_env() -> None:
+    """Must run before `datasets` is imported: without it, every load_dataset("json") makes a HEAD request."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_CACHE", str(Path(os.environ.get(
+        "SPARSELLM_CACHE", Path.home() / ".cache" / "sparsellm")) / "datasets"))
+
+
+def _lm_eval():
+    _offline_env()
+    try:
+        import lm_eval
+    except ImportError:
+        raise UsageError("zero-shot evaluation needs lm-evaluation-harness: pip install 'sparsellm[zeroshot]' "
+                         "(or make venv)") from None
+    return lm_eval
+
+
+def check_tasks(tasks: list[str], hellaswag_file: str | None = None, limit: int | None = None) -> list[str]:
+    """Validate task names, the HellaSwag file and `limit` before any work. Raises UsageError."""
+    if not tasks:
+        raise UsageError("no zero-shot tasks given")
+    for t in tasks:
+        if t not in FILES:
+            raise UsageError(f"unknown zero-shot task {t!r}; choose from {', '.join(TASKS)}")
+    if "hellaswag" in tasks:
+        if not hellaswag_file:
+            raise UsageError("HellaSwag is not bundled (its data could not be obtained); pass a local copy of "
+                             "hellaswag_val.jsonl with --hellaswag_file")
+        if not Path(hellaswag_file).expanduser().is_file():
+            raise UsageError(f"HellaSwag file not found: {hellaswag_file}")
+    for t in tasks:
+        if FILES[t][1] and not (DATA / FILES[t][1]).is_file():
+            raise UsageError(f"bundled data file missing for {t}: {DATA / FILES[t][1]}")
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--limit must be > 0, got {limit}")
+    return list(dict.fromkeys(tasks))
+
+
+def task_config(task: str, hellaswag_file: str | None = None) -> dict:
+    """lm-eval's built-in config of `task` (installed YAML, includes and !function resolved), reading the
+    bundled local file instead of the hub."""
+    lm_eval = _lm_eval()
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    yaml_rel, data_rel = FILES[task]
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / yaml_rel)
+    path = str(Path(hellaswag_file).expanduser().resolve()) if task == "hellaswag" else str(DATA / data_rel)
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": path}},
+               training_split=None, validation_split=None, test_split="test", fewshot_split=None)
+    cfg.pop("tag", None)
+    if PROCESS[task] is not None:
+        cfg["process_docs"] = PROCESS[task]
+    return cfg
+
+
+def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+             hellaswag_file: str | None = None, lm=None) -> dict:
+    """Zero-shot accuracy of the in-memory `model` on `tasks` through lm-eval's HFLM.
+
+    limit: first N documents of each task (None: all). lm: an lm-eval LM to use instead of HFLM(model)
+    (tests use an oracle). Returns {"tasks": {task: {"acc", "acc_norm" (None where the task has none),
+    "n"}}, "mean_acc", "mean_acc_norm" (over the tasks that have it), "settings": {...}}.
+    Raises UsageError for an unknown task, a missing file, or limit <= 0."""
+    tasks = check_tasks(tasks, hellaswag_file, limit)
+    lm_eval = _lm_eval()
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if lm is None:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=[task_config(t, hellaswag_file) for t in tasks],
+                          task_manager=TaskManager(include_defaults=False), limit=limit, num_fewshot=0,
+                          bootstrap_iters=0, log_samples=False)
+    res = {}
+    for t in tasks:
+        r = out["results"][t]
+        res[t] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "n": out["n-samples"][t]["effective"]}
+    accs = [r["acc"] for r in res.values()]
+    norms = [r["acc_norm"] for r in res.values() if r["acc_norm"] is not None]
+    return {"tasks": res, "mean_acc": sum(accs) / len(accs),
+            "mean_acc_norm": sum(norms) / len(norms) if norms else None,
+            "settings": {"limit": limit, "batch_size": batch_size, "num_fewshot": 0,
+                         "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version()}}
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def finite(results: dict) -> bool:
+    return all(math.isfinite(r["acc"]) for r in results["tasks"].values())
