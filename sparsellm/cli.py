@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--labels", default=None, help="comma-separated legend labels, one per report")
     pe.add_argument("--title", default="", help="figure title")
 
+    b = sub.add_parser("bench", help="measured inference speed of a model against its dense baseline, "
+                       "in one process", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--model", required=True, help="the (pruned) model: directory, hub id, .gguf or preset")
+    b.add_argument("--baseline", default=None,
+                   help="the dense model (default: the 'model' recorded in the pruned model's report.json)")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    b.add_argument("--prefill", default="128,512,2048", help="prefill lengths in tokens")
+    b.add_argument("--decode_batches", default="1,8", help="batch sizes of the KV-cache decode loop")
+    b.add_argument("--decode_prompt", type=int, default=128, help="prompt tokens before the timed decode steps")
+    b.add_argument("--new_tokens", type=int, default=32, help="decode steps timed per run")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    b.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 runs")
+    b.add_argument("--save", default=None, help="directory to write speed.json into (e.g. the run directory)")
+
+    rp = sub.add_parser("report", help="put several runs side by side: one markdown table and PNG plots")
+    rp.add_argument("runs", nargs="+", help="run directories (--save or --save_model) or their report.json")
+    rp.add_argument("--out", default=None, help="directory for report.md, ppl_vs_sparsity.png and rates.png")
+
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
     ep = esub.add_parser("ppl", help="perplexity by the papers' protocol",
@@ -341,6 +360,90 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def _ints(spec: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated integers, got {spec!r}") from None
+    if not vals or min(vals) < 1:
+        raise UsageError(f"{flag} must be positive integers, got {spec!r}")
+    return vals
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from . import api
+    from .evaluate.speed import compare
+    from .models import load_model, resolve_model
+
+    prefill = _ints(args.prefill, "--prefill")
+    batches = _ints(args.decode_batches, "--decode_batches")
+    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.decode_prompt < 1:
+        raise UsageError("--repeats, --new_tokens and --decode_prompt must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    baseline = args.baseline
+    kind, src = resolve_model(args.model)
+    if baseline is None:
+        rep = Path(src) / "report.json" if src is not None and Path(src).is_dir() else None
+        if rep is None or not rep.is_file():
+            raise UsageError("give the dense model with --baseline (no report.json next to --model names it)")
+        baseline = json.loads(rep.read_text()).get("model")
+        if not baseline:
+            raise UsageError("give the dense model with --baseline")
+    resolve_model(baseline)
+    if args.save is not None:
+        from .models import check_output_dir
+
+        check_output_dir(args.save, True, [], replaces=False)  # only speed.json is added, e.g. to the run dir
+    dense, _, _ = load_model(baseline, torch.float32)
+    sparse, _, _ = load_model(args.model, torch.float32)
+    models = {"dense fp32": dense, "model fp32": sparse}
+    if not args.no_bf16:
+        models["dense bf16"] = load_model(baseline, torch.bfloat16)[0]
+        models["model bf16"] = load_model(args.model, torch.bfloat16)[0]
+    res = compare(models, prefill, batches, decode_prompt=args.decode_prompt, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                  threads=args.threads, progress=not args.quiet)
+    res.update(model=args.model, baseline=baseline, versions=api.versions())
+    print(res["cuda_2_4"], file=sys.stderr)
+    if args.save is not None:
+        api.write_json_atomic(Path(args.save) / "speed.json", res)
+    keys = list(res["results"]["dense fp32"])
+    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for n, r in res["results"].items():
+        ratio = res["ratios"].get(n, {})
+        lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f" ({ratio[k]:.2f}×)" if ratio else "")
+                                              for k in keys) + " |")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import api, plots
+    from .report import load_run, run_row, runs_table
+
+    rows = [run_row(*load_run(path)) for path in args.runs]
+    table = runs_table(rows)
+    if args.out is not None:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out is a file: {args.out}")
+        for path in args.runs:
+            if Path(path).resolve() == out.resolve():
+                raise UsageError(f"--out would write into a run directory given as input: {path}")
+        api.write_text_atomic(out / "report.md", "# sparsellm runs\n\n" + table + "\n")
+        metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
+        if metrics:
+            plots.ppl_vs_sparsity(rows, metrics[0], out / "ppl_vs_sparsity.png")
+        if any(r["rates"] for r in rows):
+            plots.block_rates(rows, out / "rates.png")
+    print(table)
+    return 0
+
+
 def cmd_plot_errors(args) -> int:
     import json
 
@@ -416,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_prune(args)
             if args.command == "plot-errors":
                 return cmd_plot_errors(args)
+            if args.command == "report":
+                return cmd_report(args)
+            if args.command == "bench":
+                return cmd_bench(args)
             return cmd_eval_ppl(args)
     except UsageError as e:
         print(f"sparsellm: error: {e}", file=sys.stderr)

@@ -75,3 +75,39 @@ def beta_search(search: dict, path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def ppl_vs_sparsity(rows: list[dict], metric: str, path) -> Path:
+    """One line per (method, allocation): `metric` perplexity against measured sparsity (log y).
+    rows: from report.run_row."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[str, list] = {}
+    for r in rows:
+        if metric in r["ppl"]:
+            x = r["measured"] if r["measured"] is not None else (r["target"] or 0.0)
+            groups.setdefault(f"{r['method']} {r['allocation']}".strip(), []).append((x, r["ppl"][metric]))
+    for label, pts in groups.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("measured sparsity of the block linears")
+    ax.set_ylabel(metric)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def block_rates(rows: list[dict], path) -> Path:
+    """Per-block sparsity of every run that has an allocation."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r.get("rates"):
+            ax.plot(range(len(r["rates"])), r["rates"], "-", marker=".", label=f"{r['method']} {r['allocation']} "
+                    f"({Path(r['dir']).name})")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("sparsity")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

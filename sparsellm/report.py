@@ -105,3 +105,73 @@ def markdown(run: dict) -> str:
     if run.get("prune"):
         out += ["", "## Per block", "", block_table(run["prune"])]
     return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ `sparsellm report`: several runs side by side
+
+
+def load_run(path) -> tuple[dict, "Path"]:
+    """A run's report.json (given the file or its directory) and the directory. Raises UsageError."""
+    import json
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    p = Path(path)
+    f = p / "report.json" if p.is_dir() else p
+    try:
+        run = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no report.json at {path}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{f} is not valid JSON") from None
+    if not isinstance(run, dict) or "command" not in run:
+        raise UsageError(f"{f} is not a sparsellm run report")
+    return run, f.parent
+
+
+def run_row(run: dict, directory) -> dict:
+    """One row of the cross-run table: model, method, allocation, target and measured sparsity, ppl per
+    metric, zero-shot mean acc, speed ratios (fp32 model / fp32 dense baseline, from speed.json next to the
+    report, if any), size on disk of
+    the weights in the directory, non-zero block-linear weights."""
+    import json
+
+    p = run.get("prune") or {}
+    ev = run.get("eval", {})
+    zs = ev.get("zeroshot")
+    speed = {}
+    if (directory / "speed.json").is_file():
+        speed = json.loads((directory / "speed.json").read_text()).get("ratios", {}).get("model fp32", {})
+    weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
+    m = p.get("measured")
+    return {
+        "dir": str(directory), "model": run.get("model", ""),
+        "method": p.get("method", "dense" if run.get("command", "").startswith("eval") else ""),
+        "allocation": (p.get("allocation") or {}).get("name", ""),
+        "sparsity_type": p.get("sparsity_type", ""),
+        "target": p.get("target_sparsity", 0.0 if run.get("command", "").startswith("eval") else None),
+        "measured": m["sparsity"] if m else None,
+        "nonzeros": (m["params"] - m["zeros"]) if m else None,
+        "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
+        "zeroshot_mean_acc": zs["mean_acc"] if zs else None,
+        "speed": speed,
+        "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
+        "rates": (p.get("allocation") or {}).get("rates"),
+    }
+
+
+def runs_table(rows: list[dict]) -> str:
+    """Markdown table with one row per run; one column per perplexity metric and per speed ratio seen."""
+    metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
+    speeds = list(dict.fromkeys(k for r in rows for k in r["speed"]))
+    head = (["run", "method", "allocation", "type", "target", "measured", *metrics, "zero-shot mean acc",
+             *[f"speed {s}" for s in speeds], "weights MiB", "non-zeros"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["dir"], r["method"], r["allocation"], r["sparsity_type"], _fmt(r["target"], ".2f"),
+                 _fmt(r["measured"], ".4f"), *[_fmt(r["ppl"].get(k), ".3f") for k in metrics],
+                 _fmt(r["zeroshot_mean_acc"], ".4f"), *[_fmt(r["speed"].get(s), ".2f") + "×" for s in speeds],
+                 _fmt(r["size_mib"], ".1f"), "—" if r["nonzeros"] is None else f"{r['nonzeros']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Measured inference speed in PyTorch (algorithms.md §10.3): prefill and KV-cache decode throughput of a
+model against a dense baseline, in one process, with the same prompts, pinned threads, warm-up, and the
+median of repeated runs taken in alternation (baseline, model, baseline, model, ...), so that a noisy,
+shared machine affects both alike.
+
+Unstructured and N:M zeros give no speed in dense PyTorch kernels (the saved weights are dense tensors
+with exact zeros); the ratio is reported as measured, ~1.0 or below. Structurally pruned models are smaller
+and faster everywhere. 2:4 kernels (`torch.sparse.to_sparse_semi_structured`) exist only on CUDA.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..errors import UsageError
+
+
+def _prompt(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, max(11, vocab - 1), (batch, length), generator=g)
+
+
+@torch.no_grad()
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    """Wall time of one forward over `ids` (batch, length), computing the logits of the last position only."""
+    t0 = time.perf_counter()
+    try:
+        model(ids, use_cache=False, logits_to_keep=1)
+    except TypeError:  # a model without logits_to_keep
+        model(ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Wall time of `new_tokens` greedy decode steps with a KV cache, after a prefill of `ids` (not timed)."""
+    out = model(ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t0
+
+
+def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8), decode_prompt: int = 128,
+            new_tokens: int = 32, repeats: int = 5, warmup: int = 1, threads: int | None = None,
+            progress: bool = True) -> dict:
+    """Throughput of every model in `models` ({name: model}; the first is the baseline) on identical
+    prompts. Returns {"threads", "settings", "results": {name: {"prefill@L": tokens/s, "decode_b{B}": tokens/s}},
+    "ratios": {name: {...}: throughput / baseline's}}. Medians of `repeats` runs after `warmup`.
+    Raises UsageError for non-positive settings."""
+    if repeats < 1 or warmup < 0 or new_tokens < 1 or decode_prompt < 1:
+        raise UsageError("repeats, new_tokens and the decode prompt must be >= 1, warmup >= 0")
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    names = list(models)
+    first = models[names[0]]
+    vocab = first.config.vocab_size
+    ctx = getattr(first.config, "max_position_embeddings", 2048) or 2048
+    jobs = [(f"prefill@{L}", _prompt(vocab, 1, L), None) for L in prefill_lengths if L <= ctx]
+    jobs += [(f"decode_b{B}", _prompt(vocab, B, decode_prompt), new_tokens) for B in decode_batches
+             if decode_prompt + new_tokens <= ctx]
+    results = {n: {} for n in names}
+    for key, ids, steps in jobs:
+        times = {n: [] for n in names}
+        for r in range(warmup + repeats):
+            for n in names:  # alternate, so drifts in machine load hit every model alike
+                m = models[n]
+                t = prefill_seconds(m, ids) if steps is None else decode_seconds(m, ids, steps)
+                if r >= warmup:
+                    times[n].append(t)
+        tokens = ids.numel() if steps is None else ids.shape[0] * steps
+        for n in names:
+            results[n][key] = tokens / statistics.median(times[n])
+        if progress:
+            print(f"{key}: " + "  ".join(f"{n} {results[n][key]:.1f} tok/s" for n in names), flush=True)
+    base = results[names[0]]
+    ratios = {n: {k: v / base[k] for k, v in results[n].items()} for n in names[1:]}
+    return {"threads": torch.get_num_threads(), "results": results, "ratios": ratios,
+            "settings": {"prefill_lengths": [j[0] for j in jobs if j[2] is None], "decode_prompt": decode_prompt,
+                         "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "baseline": names[0]},
+            "cuda_2_4": "skipped: 2:4 semi-structured kernels (torch.sparse.to_sparse_semi_structured) need CUDA"
+            if not torch.cuda.is_available() else "not run"}
