@@ -1,0 +1,126 @@
+"""Masked LoRA: a low-rank update restricted to the sparse weight's support, so that merging it keeps every
+zero (LoSA, Huang et al., ICLR 2025, §3.2; algorithms.md §8.1).
+
+    ΔW = (B[:, :r_l] @ A[:r_l, :]) ⊙ M          M = (W_s ≠ 0), the mask of the sparse base weight
+    y  = W_s x + (α / r) · ΔW · dropout(x)
+    merge:   W_s ← W_s + (α/r)·ΔW               exactly as sparse as M (the product is masked, not the factors)
+    unmerge: W_s ← W_s − (α/r)·ΔW               with the same mask, which is kept from before the merge
+
+A (r_max × C_in) and B (C_out × r_max) are created at `r_max` and the active rank r_l is a slice, so a rank
+above the default 8 is real (the reference code silently truncates it). The scaling uses the configured
+r, not r_l (as the reference). B starts at zero, so a fresh adapter changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UsageError
+from ..models import block_linears, get_blocks
+
+
+class MaskedLoraLinear(nn.Module):
+    """Wraps a (sparse) nn.Linear `base` (C_out × C_in). r: the configured rank (scaling α/r), r_max: the
+    size of the factors (>= r), rank: the active rank r_l in [1, r_max]. Raises UsageError for bad ranks."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.1,
+                 r_max: int | None = None, rank: int | None = None):
+        super().__init__()
+        r_max = r if r_max is None else r_max
+        if r < 1 or r_max < r:
+            raise UsageError(f"LoRA rank r must be >= 1 and <= r_max, got r={r}, r_max={r_max}")
+        self.base, self.r, self.r_max, self.scaling = base, r, r_max, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r_max, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r_max, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft's LoRA
+        self.register_buffer("mask", base.weight.detach() != 0, persistent=False)
+        self.rank = r if rank is None else rank
+        self.set_rank(self.rank)
+        self.merged = False
+        base.weight.requires_grad_(False)
+
+    def set_rank(self, rank: int) -> None:
+        if not 1 <= rank <= self.r_max:
+            raise UsageError(f"LoRA rank {rank} is outside [1, r_max = {self.r_max}]")
+        self.rank = int(rank)
+
+    def refresh_mask(self) -> None:
+        """Take the mask from the base weight again (after re-pruning the merged weight)."""
+        if self.merged:
+            raise RuntimeError("refresh the mask of an unmerged layer")
+        self.mask = self.base.weight.detach() != 0
+
+    def delta(self) -> torch.Tensor:
+        """(α/r) · (B[:, :r_l] @ A[:r_l]) ⊙ M, shape (C_out, C_in)."""
+        r = self.rank
+        return (self.lora_B[:, :r] @ self.lora_A[:r]) * self.mask * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + F.linear(self.dropout(x), self.delta())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight.add_(self.delta().to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.sub_(self.delta().to(self.base.weight.dtype))
+            self.base.weight.mul_(self.mask)  # positions outside the mask are exactly zero again
+            self.merged = False
+
+
+def add_masked_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.1,
+                    r_max: int | None = None, targets: tuple[str, ...] | None = None) -> list[MaskedLoraLinear]:
+    """Replace the block linears (all of them, or those whose name is in `targets`, e.g. "self_attn.q_proj")
+    of every decoder block by MaskedLoraLinear, in place; freeze everything else. Returns the new layers."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = []
+    for block in get_blocks(model):
+        for name, lin in block_linears(model, block).items():
+            if targets is not None and name not in targets:
+                continue
+            layer = MaskedLoraLinear(lin, r, alpha, dropout, r_max)
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, attr, layer)
+            layers.append(layer)
+    if not layers:
+        raise UsageError(f"no block linear matches the LoRA targets {targets}")
+    return layers
+
+
+def lora_layers(model: nn.Module) -> list[MaskedLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, MaskedLoraLinear)]
+
+
+def merge(model: nn.Module) -> None:
+    for m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def set_ranks(model: nn.Module, ranks: list[int]) -> None:
+    """Active rank per decoder block (all adapted linears of block i get ranks[i]). Raises UsageError."""
+    blocks = get_blocks(model)
+    if len(ranks) != len(blocks):
+        raise UsageError(f"{len(ranks)} ranks for {len(blocks)} blocks")
+    for block, r in zip(blocks, ranks):
+        for m in block.modules():
+            if isinstance(m, MaskedLoraLinear):
+                m.set_rank(r)
