@@ -92,6 +92,10 @@ class PruneConfig:
             raise UsageError("--allow_mean_mismatch applies only to --allocation file:PATH")
         if self.atp_beta and self.allocation != "atp":
             raise UsageError("--atp_beta applies only to --allocation atp")
+        if self.allocation != "owl" and (self.owl_m, self.owl_lambda, self.owl_granularity) != (5.0, 0.08, "block"):
+            raise UsageError("--owl_m, --owl_lambda and --owl_granularity apply only to --allocation owl")
+        if self.allocation != "rmi" and (self.rmi_nsamples, self.rmi_beta, self.rmi_delta) != (64, None, None):
+            raise UsageError("--rmi_nsamples, --rmi_beta and --rmi_delta apply only to --allocation rmi")
         if self.owl_granularity not in ("block", "layer"):
             raise UsageError(f"--owl_granularity must be block or layer, got {self.owl_granularity!r}")
         if not self.owl_m > 0:

@@ -24,19 +24,24 @@ from tqdm.auto import tqdm
 
 from .allocate import atp
 from .engine import capture_inputs, prune_blocks
+from .data import eval_tokens
 from .errors import UsageError
 from .evaluate import perplexity
 from .models import block_linears, get_blocks
 
 log = logging.getLogger("sparsellm")
+MAX_TRIALS = 200
 
 
 def beta_grid(num_blocks: int, target: float, step: float = 0.002) -> list[float]:
     """0, step, 2·step, ... up to β_max, leaving out a β_max that would make the last block fully sparse.
     Raises UsageError for step <= 0."""
-    if not step > 0:
-        raise UsageError(f"--atp_step must be > 0, got {step}")
+    if not (step > 0 and math.isfinite(step)):
+        raise UsageError(f"--atp_step must be a finite number > 0, got {step}")
     bmax = atp.beta_max(num_blocks, target)
+    if bmax / step > MAX_TRIALS:
+        raise UsageError(f"--atp_step {step} gives {int(bmax / step) + 1} trials (β_max = {bmax:.6f}); "
+                         f"use a step of at least {bmax / MAX_TRIALS:.2e}")
     grid = []
     k = 0
     while k * step <= bmax + 1e-12:
@@ -69,6 +74,7 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
     t_start = time.perf_counter()
     dense = [{n: lin.weight.detach().clone() for n, lin in block_linears(model, b).items()} for b in blocks]
     captured = capture_inputs(model, calib_ids)
+    objective_ids = eval_tokens(tokenizer, objective, objective_seqlen)  # tokenized once for all trials
     trials = []
     try:
         for beta in tqdm(betas, desc="ATP β search", unit="trial", disable=not progress, leave=False):
@@ -77,7 +83,8 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
             prune_blocks(model, None, method, rates, options=options, batch_size=batch_size, progress=False,
                          captured=captured)
             t_prune = time.perf_counter() - t0
-            r = perplexity(model, tokenizer, objective, objective_seqlen, objective_windows, progress=False)
+            r = perplexity(model, tokenizer, objective, objective_seqlen, objective_windows, progress=False,
+                           ids=objective_ids)
             obj = r["ppl"] if math.isfinite(r["ppl"]) else float("inf")
             trials.append({"beta": beta, "rates": rates, "objective": obj, "prune_seconds": t_prune,
                            "seconds": time.perf_counter() - t0})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -268,6 +269,11 @@ def cmd_prune(args) -> int:
         out = check_output_dir(args.save_model, args.overwrite, inputs)
     if args.save is not None:
         check_output_dir(args.save, True, inputs + [out], replaces=False)  # only report.json / .md written there
+        written = [Path(args.save) / n for n in ("report.json", "report.md", "rates.json", "errors.png",
+                                                  "atp_search.png")]
+        for p in inputs[1:]:
+            if p is not None and any(w.resolve() == Path(p).expanduser().resolve() for w in written):
+                raise UsageError(f"--save {args.save} would overwrite the input file {p}")
 
     model, tok, model_dir = load_model(args.model, _dtype(args.dtype))
     if model_dir is not None:
@@ -281,7 +287,9 @@ def cmd_prune(args) -> int:
     calib = calibration_windows(tok, config.calib_dataset, config.nsamples, seqlen, config.seed)
     eval_seqlen = min(args.eval_seqlen or seqlen, context_length(model))
     progress = not args.quiet
-    run = {"command": "prune", "model": args.model, "config": api.config_dict(config), "eval_seqlen": eval_seqlen}
+    local = model_dir or src
+    run = {"command": args.command, "model": args.model, "model_path": str(local) if local else None,
+           "config": api.config_dict(config), "eval_seqlen": eval_seqlen}
     if args.eval_dense and names:
         run["eval_dense"] = _evaluate(model, tok, names, eval_seqlen, args.max_windows, progress, args, tasks)
     if search:
@@ -292,6 +300,7 @@ def cmd_prune(args) -> int:
                                    min(args.objective_seqlen or eval_seqlen, context_length(model)),
                                    options={"blocksize": config.blocksize, "percdamp": config.percdamp},
                                    batch_size=config.batch_size, progress=progress)
+        run["search"]["objective"]["also_evaluated"] = args.objective in names  # then not held out from it
         config.atp_beta = run["search"]["best_beta"]
         run["config"]["atp_beta"] = config.atp_beta
     rates = api.resolve_allocation(model, config, calib, progress)
@@ -377,21 +386,25 @@ def cmd_bench(args) -> int:
 
     from . import api
     from .evaluate.speed import compare
-    from .models import load_model, resolve_model
+    from .models import PRESETS, load_model, resolve_model
 
     prefill = _ints(args.prefill, "--prefill")
     batches = _ints(args.decode_batches, "--decode_batches")
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1 or args.decode_prompt < 1:
         raise UsageError("--repeats, --new_tokens and --decode_prompt must be >= 1 and --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
+        raise UsageError(f"--threads must be between 1 and this machine's {os.cpu_count()} CPUs, got {args.threads}")
     baseline = args.baseline
     kind, src = resolve_model(args.model)
     if baseline is None:
         rep = Path(src) / "report.json" if src is not None and Path(src).is_dir() else None
         if rep is None or not rep.is_file():
             raise UsageError("give the dense model with --baseline (no report.json next to --model names it)")
-        baseline = json.loads(rep.read_text()).get("model")
+        recorded = json.loads(rep.read_text())
+        baseline = recorded.get("model")
+        path = recorded.get("model_path")
+        if baseline not in PRESETS and path and Path(path).exists():
+            baseline = path  # the dense model as resolved when the run was made, not relative to today's cwd
         if not baseline:
             raise UsageError("give the dense model with --baseline")
     resolve_model(baseline)
@@ -432,7 +445,8 @@ def cmd_report(args) -> int:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out is a file: {args.out}")
         for path in args.runs:
-            if Path(path).resolve() == out.resolve():
+            run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+            if run_dir.resolve() == out.resolve():
                 raise UsageError(f"--out would write into a run directory given as input: {path}")
         api.write_text_atomic(out / "report.md", "# sparsellm runs\n\n" + table + "\n")
         metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
@@ -457,6 +471,8 @@ def cmd_plot_errors(args) -> int:
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.reports):
         raise UsageError(f"{len(labels)} labels for {len(args.reports)} reports")
+    if labels is not None and len(set(labels)) != len(labels):
+        raise UsageError("--labels must be distinct")
     runs = {}
     for k, path in enumerate(args.reports):
         p = Path(path)
@@ -468,14 +484,19 @@ def cmd_plot_errors(args) -> int:
             run = json.loads(p.read_text())
             rep = run["prune"]
             blocks = rep["blocks"]
+            if not isinstance(blocks, list) or not all(isinstance(b, dict) and isinstance(b.get("block"), int)
+                                                       for b in blocks):
+                raise TypeError
         except FileNotFoundError:
             raise UsageError(f"report not found: {path}") from None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise UsageError(f"{path} is not a sparsellm prune report (no prune.blocks)") from None
         if not any(b.get("rel_error") is not None or b.get("cum_error") is not None for b in blocks):
             raise UsageError(f"{path} has no reconstruction errors (magnitude without --diag_nsamples?)")
-        alloc = rep.get("allocation", {}).get("name", "")
-        label = labels[k] if labels else f"{rep['method']} {alloc} {rep['target_sparsity']:.2f}"
+        alloc = (rep.get("allocation") or {}).get("name", "")
+        target = rep.get("target_sparsity")
+        label = labels[k] if labels else " ".join(
+            str(x) for x in (rep.get("method", ""), alloc, "" if target is None else f"{target:.2f}") if x != "")
         if label in runs:
             label = f"{label} ({p.parent.name})"
         runs[label] = blocks

@@ -50,7 +50,8 @@ def error_curves(runs: dict[str, list[dict]], path, title: str = "") -> Path:
         if any(v is not None for v in loc):
             ax.plot(x, [float("nan") if v is None else v for v in loc], "--", color=color, alpha=0.7,
                     label=f"{label}: local")
-    ax.set_yscale("log")
+    if any(v and v > 0 for blocks in runs.values() for b in blocks for v in (b.get("cum_error"), b.get("rel_error"))):
+        ax.set_yscale("log")  # (all-zero errors, e.g. at sparsity 0, stay on a linear axis)
     ax.set_xlabel("decoder block")
     ax.set_ylabel("relative output error ‖Y − Ŷ‖ / ‖Y‖")
     ax.set_title(title or "reconstruction error per block")

@@ -18,7 +18,7 @@ def summary_table(run: dict) -> str:
             lines = ["| metric | windows | tokens | ppl |", "|---|---|---|---|"]
             lines += [f"| {k} | {r['windows']} | {r['tokens']} | {r['ppl']:.3f} |" for k, r in sparse.items()]
         if zs:
-            lines += ([""] if lines else []) + zeroshot_table(None, zs)
+            lines += ([""] if lines else []) + zeroshot_table(None, zs, label="model")
         return "\n".join(lines)
     lines = []
     if dense or sparse:
@@ -43,9 +43,9 @@ def summary_table(run: dict) -> str:
     return "\n".join(lines)
 
 
-def zeroshot_table(dense: dict | None, sparse: dict | None) -> list[str]:
-    """Zero-shot acc (acc_norm) per task and the mean acc, dense and/or sparse columns."""
-    cols = [(n, r) for n, r in (("dense", dense), ("sparse", sparse)) if r]
+def zeroshot_table(dense: dict | None, sparse: dict | None, label: str = "sparse") -> list[str]:
+    """Zero-shot acc (acc_norm) per task and the mean acc, dense and/or `label` columns."""
+    cols = [(n, r) for n, r in (("dense", dense), (label, sparse)) if r]
     lines = ["| task | n | " + " | ".join(f"{n} acc (acc_norm)" for n, _ in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     first = cols[0][1]
@@ -85,6 +85,8 @@ def search_table(search: dict) -> str:
     """One row per ATP trial: β, the objective, seconds; the chosen β is marked."""
     o = search["objective"]
     flag = " **(test-set selection: scored on the WikiText-2 test itself)**" if o["test_set_selection"] else ""
+    if o.get("also_evaluated") and not o["test_set_selection"]:
+        flag += f" **(the {o['dataset']} evaluation below includes these windows: not held out from it)**"
     lines = [f"ATP β search: objective {o['metric']} on {o['windows']} windows{flag}; "
              f"{len(search['trials'])} trials in {search['search_seconds']:.1f} s "
              f"(one prune: {search['one_prune_seconds']:.1f} s)", "",
@@ -138,6 +140,7 @@ def run_row(run: dict, directory) -> dict:
     import json
 
     p = run.get("prune") or {}
+    cfg = run.get("config") or {}
     ev = run.get("eval", {})
     zs = ev.get("zeroshot")
     speed = {}
@@ -147,17 +150,18 @@ def run_row(run: dict, directory) -> dict:
     m = p.get("measured")
     return {
         "dir": str(directory), "model": run.get("model", ""),
-        "method": p.get("method", "dense" if run.get("command", "").startswith("eval") else ""),
-        "allocation": (p.get("allocation") or {}).get("name", ""),
-        "sparsity_type": p.get("sparsity_type", ""),
-        "target": p.get("target_sparsity", 0.0 if run.get("command", "").startswith("eval") else None),
+        "method": p.get("method", cfg.get("prune_method", "dense" if run.get("command", "").startswith("eval") else "")),
+        "allocation": (p.get("allocation") or run.get("allocation") or {}).get("name", ""),
+        "sparsity_type": p.get("sparsity_type", cfg.get("sparsity_type", "")),
+        "target": p.get("target_sparsity", cfg.get("sparsity_ratio", 0.0 if run.get("command", "").startswith("eval")
+                                                   else None)),
         "measured": m["sparsity"] if m else None,
         "nonzeros": (m["params"] - m["zeros"]) if m else None,
         "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
         "zeroshot_mean_acc": zs["mean_acc"] if zs else None,
         "speed": speed,
         "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
-        "rates": (p.get("allocation") or {}).get("rates"),
+        "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
     }
 
 

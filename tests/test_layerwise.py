@@ -177,7 +177,8 @@ def test_rmi_cka_from_the_dense_model(tokenizer):
 def test_every_allocator_with_every_pruner(method, allocation, tokenizer):
     model = make_model("qwen2", num_hidden_layers=3)
     cfg = PruneConfig(prune_method=method, sparsity_ratio=0.6, nsamples=NS, seqlen=SL, allocation=allocation,
-                      atp_beta=0.05 if allocation == "atp" else 0.0, owl_m=2.0, blocksize=16, diag_nsamples=2)
+                      atp_beta=0.05 if allocation == "atp" else 0.0, owl_m=2.0 if allocation == "owl" else 5.0,
+                      blocksize=16, diag_nsamples=2)
     report = prune(model, tokenizer, cfg, calib_ids=_ids(), progress=False)
     rates = report["allocation"]["rates"]
     assert sum(rates) / 3 == pytest.approx(0.6, abs=1e-9)
@@ -321,3 +322,41 @@ def test_rates_file_mean_mismatch_only_when_asked(capsys, tmp_path, saved_model_
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [b["target"] for b in rep["prune"]["blocks"]] == pytest.approx([0.3, 0.5])
     assert main(base[:-4] + ["--allow_mean_mismatch"]) == 2  # only for a rates file
+
+
+@pytest.mark.parametrize("step,match", [(float("inf"), "finite"), (float("nan"), "finite"), (1e-300, "trials")])
+def test_atp_step_degenerate(step, match):
+    with pytest.raises(UsageError, match=match):
+        beta_grid(30, 0.7, step)
+
+
+@pytest.mark.parametrize("kwargs", [dict(owl_lambda=0.05), dict(owl_granularity="layer"), dict(rmi_delta=0.01),
+                                    dict(rmi_nsamples=8)])
+def test_allocator_flags_need_their_allocator(kwargs):
+    with pytest.raises(UsageError, match="apply only"):
+        PruneConfig(prune_method="wanda", sparsity_ratio=0.5, allocation="atp", **kwargs).validate()
+
+
+def test_save_may_not_overwrite_the_rates_file(capsys, tmp_path, saved_model_dir, calib_txt):
+    from sparsellm.cli import main
+
+    d = tmp_path / "rr"
+    d.mkdir()
+    (d / "rates.json").write_text('{"0": 0.4, "1": 0.6}')
+    code = main(["--quiet", "allocate", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
+                 "--nsamples", "2", "--seqlen", "16", "--eval", "none", "--allocation", f"file:{d / 'rates.json'}",
+                 "--save", str(d)])
+    assert code == 2 and "overwrite the input" in capsys.readouterr().err
+    assert (d / "rates.json").read_text() == '{"0": 0.4, "1": 0.6}' and len(list(d.iterdir())) == 1
+
+
+def test_objective_also_evaluated_is_flagged(capsys, tmp_path, saved_model_dir, calib_txt):
+    from sparsellm.cli import main
+
+    assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
+                 "--nsamples", "2", "--seqlen", "16", "--allocation", "atp", "--search", "--atp_step", "0.4",
+                 "--objective", "c4", "--objective_windows", "1", "--objective_seqlen", "32", "--eval", "c4",
+                 "--eval_seqlen", "32", "--max_windows", "1", "--save", str(tmp_path / "s")]) == 0
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["search"]["objective"]["also_evaluated"] is True
+    assert "not held out" in (tmp_path / "s" / "report.md").read_text()

@@ -103,3 +103,32 @@ def test_bad_input(capsys, tmp_path, saved_model_dir, argv, match):
     assert main(["--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparsellm: error:") and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_and_plot_errors_guards(capsys, tmp_path, saved_model_dir, calib_txt):
+    run = tmp_path / "run"
+    assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
+                 "--nsamples", "2", "--seqlen", "16", "--eval", "none", "--allocation", "atp", "--atp_beta", "0.2",
+                 "--sparsity_ratio", "0.4", "--save", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["report", str(run / "report.json"), "--out", str(run)]) == 2  # the run's own directory
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert "run directory" in capsys.readouterr().err
+    assert main(["report", str(run)]) == 0  # an allocate-only run: method, allocation and target from its config
+    row = [ln for ln in capsys.readouterr().out.splitlines() if str(run) in ln][0]
+    assert "| wanda | atp |" in row and "| 0.40 |" in row
+    bad = tmp_path / "bad.json"
+    for content in ('{"command": "prune", "prune": {"blocks": [1, 2]}}', '{"prune": {"blocks": "x"}}'):
+        bad.write_text(content)
+        assert main(["plot-errors", str(bad), "--out", str(tmp_path / "e.png")]) == 2
+        assert "not a sparsellm prune report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,match", [(["--threads", "100000"], "--threads"),
+                                         (["--prefill", "100000", "--decode_prompt", "100000"], "context")])
+def test_bench_bad_settings(capsys, saved_model_dir, extra, match):
+    assert main(["--quiet", "bench", "--model", str(saved_model_dir), "--baseline", str(saved_model_dir),
+                 "--no_bf16", "--repeats", "1", "--warmup", "0", *extra]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.startswith("sparsellm: error:"), err

@@ -159,3 +159,14 @@ def test_cli_prune_with_zeroshot_eval(capsys, tmp_path, saved_model_dir, calib_t
     assert rep["eval"]["zeroshot"]["tasks"]["boolq"]["n"] == 2
     assert rep["eval_dense"]["zeroshot"]["tasks"]["boolq"]["n"] == 2
     assert "dense acc" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("content,match", [("not json\n", "not JSON lines"), ('{"a": 1}\n', "missing"),
+                                           ("", "no HellaSwag rows"), ('[1, 2]\n', "missing")])
+def test_bad_hellaswag_file(tmp_path, content, match):
+    f = tmp_path / "h.jsonl"
+    f.write_text(content)
+    with pytest.raises(UsageError, match=match):
+        check_tasks(["hellaswag"], hellaswag_file=str(f))
+    with pytest.raises(UsageError, match="not found"):
+        check_tasks(["hellaswag"], hellaswag_file=str(tmp_path))

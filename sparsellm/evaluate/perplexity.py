@@ -16,15 +16,16 @@ from ..errors import UsageError
 
 @torch.no_grad()
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, ids: torch.Tensor | None = None) -> dict:
     """Perplexity of `model` on `dataset` ("wikitext2" test or "c4" validation).
 
     Returns {"metric": "wikitext2_ppl@2048", "ppl", "nll" (mean NLL in nats per token), "windows",
     "tokens" (predicted tokens), "seqlen", "dataset", "max_windows"}. Raises UsageError if the text has
-    fewer than seqlen tokens or max_windows < 1."""
+    fewer than seqlen tokens or max_windows < 1. ids: the dataset's token stream (1, T) if already
+    tokenized (`eval_tokens`), to skip tokenizing again."""
     if max_windows is not None and max_windows < 1:
         raise UsageError(f"--max_windows must be >= 1, got {max_windows}")
-    ids = eval_tokens(tokenizer, dataset, seqlen)
+    ids = eval_tokens(tokenizer, dataset, seqlen) if ids is None else ids
     windows = ids.shape[1] // seqlen
     if windows == 0:
         raise UsageError(f"{dataset} has {ids.shape[1]} tokens, fewer than seqlen {seqlen}")

@@ -66,6 +66,8 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
     jobs = [(f"prefill@{L}", _prompt(vocab, 1, L), None) for L in prefill_lengths if L <= ctx]
     jobs += [(f"decode_b{B}", _prompt(vocab, B, decode_prompt), new_tokens) for B in decode_batches
              if decode_prompt + new_tokens <= ctx]
+    if not jobs:
+        raise UsageError(f"every prefill length and the decode prompt + new tokens exceed the model's context ({ctx})")
     results = {n: {} for n in names}
     for key, ids, steps in jobs:
         times = {n: [] for n in names}

@@ -102,14 +102,39 @@ def check_tasks(tasks: list[str], hellaswag_file: str | None = None, limit: int 
         if not hellaswag_file:
             raise UsageError("HellaSwag is not bundled (its data could not be obtained); pass a local copy of "
                              "hellaswag_val.jsonl with --hellaswag_file")
-        if not Path(hellaswag_file).expanduser().is_file():
-            raise UsageError(f"HellaSwag file not found: {hellaswag_file}")
+        _check_hellaswag(Path(hellaswag_file).expanduser())
     for t in tasks:
         if FILES[t][1] and not (DATA / FILES[t][1]).is_file():
             raise UsageError(f"bundled data file missing for {t}: {DATA / FILES[t][1]}")
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit must be > 0, got {limit}")
     return list(dict.fromkeys(tasks))
+
+
+def _check_hellaswag(path: Path) -> None:
+    """The user's HellaSwag file: JSON lines with the fields lm-eval's hellaswag task reads."""
+    import json
+
+    if not path.is_file():
+        raise UsageError(f"HellaSwag file not found: {path}")
+    need = {"ctx_a", "ctx_b", "activity_label", "endings", "label"}
+    rows = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                doc = json.loads(line)
+                if not isinstance(doc, dict) or not need <= set(doc):
+                    missing = sorted(need - set(doc)) if isinstance(doc, dict) else sorted(need)
+                    raise UsageError(f"{path}:{n}: not a HellaSwag row (missing {', '.join(missing)})")
+                if not isinstance(doc["endings"], list) or len(doc["endings"]) < 2:
+                    raise UsageError(f"{path}:{n}: 'endings' must be a list of at least 2 strings")
+                rows += 1
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not JSON lines: {e}") from None
+    if rows == 0:
+        raise UsageError(f"{path} has no HellaSwag rows")
 
 
 def task_config(task: str, hellaswag_file: str | None = None) -> dict:
