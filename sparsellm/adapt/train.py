@@ -1,0 +1,138 @@
+"""Fine-tuning data and a plain optimiser loop for the (masked) LoRA adapters (LoSA's fine-tuning stage,
+algorithms.md §8.4): AdamW, linear decay with warm-up, gradient clipping, gradient accumulation, optional
+gradient checkpointing, a progress bar with loss and tokens/s.
+
+Data:
+- plain text (next-token loss on every token): `text_examples(tokenizer, source, n, seqlen, seed)`
+  reuses the calibration windows (C4 or a local file);
+- instruction JSONL (Alpaca-style `instruction` / `input` / `output`; loss on the response only):
+  `instruction_examples(tokenizer, path, max_length)`, with the Alpaca prompt template.
+Each example is (input_ids (T,), labels (T,)) with -100 where no loss is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UsageError
+
+PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
+
+def text_examples(tokenizer, source: str, n: int, seqlen: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` windows of `seqlen` tokens from `source` ("c4" or a local text file), loss on every token."""
+    from ..data import calibration_windows
+
+    ids = calibration_windows(tokenizer, source, n, seqlen, seed)
+    return [(row, row.clone()) for row in ids]
+
+
+def instruction_examples(tokenizer, path, max_length: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Alpaca-style rows from a JSON list or JSON-lines file. The prompt tokens get label -100, the
+    response tokens (plus EOS) are learned; rows are truncated to `max_length`. Raises UsageError for a
+    missing file, bad JSON, or no usable row (an `instruction` and an `output` are required)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"instruction data not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(ln) for ln in text.splitlines()
+                                                                       if ln.strip()]
+    except ValueError as e:
+        raise UsageError(f"{path} is neither a JSON list nor JSON lines: {e}") from None
+    out = []
+    eos = tokenizer.eos_token_id
+    for r in rows:
+        if not isinstance(r, dict) or not str(r.get("instruction", "")).strip() or not str(r.get("output", "")).strip():
+            continue
+        extra = str(r.get("input") or "").strip()
+        prompt = PROMPT.format(ctx=", paired with an input that provides further context" if extra else "",
+                               instruction=r["instruction"], input=f"### Input:\n{extra}\n\n" if extra else "")
+        p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        r_ids = tokenizer(str(r["output"]), add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
+        ids = (p_ids + r_ids)[:max_length]
+        labels = ([-100] * len(p_ids) + r_ids)[:max_length]
+        if all(x == -100 for x in labels):
+            continue  # the prompt alone fills max_length: nothing to learn
+        out.append((torch.tensor(ids), torch.tensor(labels)))
+    if not out:
+        raise UsageError(f"{path} has no usable rows (each needs 'instruction' and 'output')")
+    return out
+
+
+def _batches(examples, batch_size, pad_id):
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        T = max(len(x) for x, _ in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), T), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for k, (x, y) in enumerate(chunk):
+            ids[k, :len(x)], labels[k, :len(y)], mask[k, :len(x)] = x, y, 1
+        yield ids, labels, mask
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` optimiser steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 2, epochs: int = 1,
+          warmup_ratio: float = 0.03, weight_decay: float = 0.001, max_grad_norm: float = 0.3,
+          gradient_checkpointing: bool = False, pad_id: int = 0, progress: bool = True, optimizer=None,
+          state: dict | None = None) -> dict:
+    """Train the parameters of `model` that require grad on `examples` (list of (input_ids, labels)).
+    Returns {"losses": [mean loss per optimiser step], "tokens", "seconds", "steps", "optimizer": state}.
+    `optimizer` (an AdamW state dict) resumes the moments; raises UsageError for bad settings."""
+    if lr <= 0 or batch_size < 1 or grad_accum < 1 or epochs < 1 or not 0 <= warmup_ratio < 1:
+        raise UsageError("lr must be > 0, batch size / gradient accumulation / epochs >= 1, warm-up ratio in [0, 1)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("nothing to train: no parameter requires grad")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is not None:
+        opt.load_state_dict(optimizer)
+    micro = math.ceil(len(examples) / batch_size) * epochs
+    total = max(1, math.ceil(micro / grad_accum))
+    warmup = int(total * warmup_ratio)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    losses, tokens, step, acc_loss, acc_n = [], 0, 0, 0.0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress, leave=False)
+    try:
+        for _ in range(epochs):
+            for k, (ids, labels, mask) in enumerate(_batches(examples, batch_size, pad_id)):
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                (out.loss / grad_accum).backward()
+                acc_loss += float(out.loss)
+                acc_n += 1
+                tokens += int(mask.sum())
+                if acc_n == grad_accum or (k + 1) * batch_size >= len(examples):
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(step, total, lr, warmup)
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(acc_loss / acc_n)
+                    acc_loss, acc_n, step = 0.0, 0, step + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    finally:
+        bar.close()
+        model.eval()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    return {"losses": losses, "tokens": tokens, "seconds": time.perf_counter() - t0, "steps": step,
+            "optimizer": opt.state_dict()}
