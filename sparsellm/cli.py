@@ -71,12 +71,12 @@ def _add_prune_args(p):
                    help="OWL: one rate per decoder block, or one per linear layer")
     p.add_argument("--rmi_nsamples", type=int, default=64, help="RMI: calibration windows for the block CKA")
     p.add_argument("--rmi_beta", type=float, default=None,
-                   help="RMI importance exp(−β·redundancy) (default: 1 for wanda, 100 for sparsegpt)")
+                   help="RMI importance exp(−β·redundancy); None: 1 for wanda, 100 for sparsegpt")
     p.add_argument("--rmi_delta", type=float, default=None,
-                   help="RMI: rates stay within S ± δ (default: 0.01/0.02/0.03 for S <= 0.5/0.6/larger)")
+                   help="RMI: rates stay within S ± δ; None: 0.01/0.02/0.03 for S <= 0.5/0.6/larger")
     p.add_argument("--diag_nsamples", type=int, default=None,
                    help="windows also run through the dense blocks for the cumulative reconstruction "
-                        "error per block (default 8; 0 for magnitude; 0 turns it off)")
+                        "error per block; None: 8 (0 for magnitude); 0 turns it off")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
                    help="tokens per calibration window (capped at the model's context)")
@@ -320,7 +320,7 @@ def cmd_prune(args) -> int:
         api.write_json_atomic(save / "report.json", run)
         api.write_text_atomic(save / "report.md", md)
         if args.command == "allocate":
-            api.write_json_atomic(save / "rates.json", run["allocation"]["rates"])
+            api.write_json_atomic(save / "rates.json", [round(r, 12) for r in run["allocation"]["rates"]])
         for name, draw in figures.items():
             draw(save / name)
     if args.command == "allocate":

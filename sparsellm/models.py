@@ -148,11 +148,17 @@ def resolve_model(spec: str) -> tuple[str, Path | None]:
 def _gguf_to_hf_dir(gguf: Path) -> Path:
     """Convert a `.gguf` file once into a plain HF directory in the cache and return it.
     GGUF tensors are de-quantized to fp32; the quantizer that transformers attaches is removed so
-    `save_pretrained` works. The cache key is the file's name, size and mtime."""
+    `save_pretrained` works. The cache key is the file's content (size plus a hash of its first and last
+    MiB), not its path, so the same file in another clone or venv reuses the conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    size = gguf.stat().st_size
+    h = hashlib.sha256(f"{gguf.name}:{size}:".encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    key = h.hexdigest()[:16]
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target

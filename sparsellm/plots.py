@@ -34,6 +34,12 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def error_curves(runs: dict[str, list[dict]], path, title: str = "") -> Path:
     """Plot `rel_error` (local, dashed) and `cum_error` (cumulative, solid) against block index for each
     run. runs: {label: the `blocks` list of a prune report}. Log-scale y. Returns the path written."""
@@ -52,6 +58,7 @@ def error_curves(runs: dict[str, list[dict]], path, title: str = "") -> Path:
                     label=f"{label}: local")
     if any(v and v > 0 for blocks in runs.values() for b in blocks for v in (b.get("cum_error"), b.get("rel_error"))):
         ax.set_yscale("log")  # (all-zero errors, e.g. at sparsity 0, stay on a linear axis)
+    _integer_x(ax)
     ax.set_xlabel("decoder block")
     ax.set_ylabel("relative output error ‖Y − Ŷ‖ / ‖Y‖")
     ax.set_title(title or "reconstruction error per block")
@@ -107,6 +114,7 @@ def block_rates(rows: list[dict], path) -> Path:
         if r.get("rates"):
             ax.plot(range(len(r["rates"])), r["rates"], "-", marker=".", label=f"{r['method']} {r['allocation']} "
                     f"({Path(r['dir']).name})")
+    _integer_x(ax)
     ax.set_xlabel("decoder block")
     ax.set_ylabel("sparsity")
     ax.grid(True, alpha=0.3)

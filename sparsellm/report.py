@@ -175,7 +175,7 @@ def runs_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["dir"], r["method"], r["allocation"], r["sparsity_type"], _fmt(r["target"], ".2f"),
                  _fmt(r["measured"], ".4f"), *[_fmt(r["ppl"].get(k), ".3f") for k in metrics],
-                 _fmt(r["zeroshot_mean_acc"], ".4f"), *[_fmt(r["speed"].get(s), ".2f") + "×" for s in speeds],
+                 _fmt(r["zeroshot_mean_acc"], ".4f"), *[_fmt(r["speed"].get(s), ".2f") + ("×" if s in r["speed"] else "") for s in speeds],
                  _fmt(r["size_mib"], ".1f"), "—" if r["nonzeros"] is None else f"{r['nonzeros']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

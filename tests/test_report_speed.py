@@ -19,9 +19,9 @@ def test_decode_loop_uses_the_kv_cache_one_token_per_step():
     calls = []
     real = model.forward
 
-    def spy(input_ids=None, **kw):
-        calls.append((tuple(input_ids.shape), kw.get("past_key_values") is not None))
-        return real(input_ids=input_ids, **kw)
+    def spy(input_ids=None, cache=None, **kw):
+        calls.append((tuple(input_ids.shape), cache is not None))
+        return real(input_ids=input_ids, cache=cache, **kw)
 
     model.forward = spy
     ids = torch.randint(3, 100, (2, 10))
@@ -31,7 +31,8 @@ def test_decode_loop_uses_the_kv_cache_one_token_per_step():
     # and the greedy tokens it feeds are those of plain generate()
     model.forward = real
     fed = []
-    model.forward = lambda input_ids=None, **kw: (fed.append(input_ids.clone()), real(input_ids=input_ids, **kw))[1]
+    model.forward = lambda input_ids=None, cache=None, **kw: (fed.append(input_ids.clone()),
+                                                               real(input_ids=input_ids, cache=cache, **kw))[1]
     decode_seconds(model, ids, 4)
     model.forward = real
     ref = model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))

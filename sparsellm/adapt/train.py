@@ -105,7 +105,10 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
     total = max(1, math.ceil(micro / grad_accum))
     warmup = int(total * warmup_ratio)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
     losses, tokens, step, acc_loss, acc_n = [], 0, 0, 0.0, 0
@@ -116,7 +119,7 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
             for k, (ids, labels, mask) in enumerate(_batches(examples, batch_size, pad_id)):
                 out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
                 (out.loss / grad_accum).backward()
-                acc_loss += float(out.loss)
+                acc_loss += float(out.loss.detach())
                 acc_n += 1
                 tokens += int(mask.sum())
                 if acc_n == grad_accum or (k + 1) * batch_size >= len(examples):
@@ -133,6 +136,6 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
         bar.close()
         model.eval()
         if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     return {"losses": losses, "tokens": tokens, "seconds": time.perf_counter() - t0, "steps": step,
             "optimizer": opt.state_dict()}

@@ -10,6 +10,7 @@ and faster everywhere. 2:4 kernels (`torch.sparse.to_sparse_semi_structured`) ex
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 
@@ -34,15 +35,26 @@ def prefill_seconds(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def _cache_kw(model) -> str:
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else out.past_key_values
+
+
 @torch.no_grad()
 def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     """Wall time of `new_tokens` greedy decode steps with a KV cache, after a prefill of `ids` (not timed)."""
+    kw = _cache_kw(model)
     out = model(ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, nxt = _cache(out), out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(nxt, use_cache=True, **{kw: past})
+        past, nxt = _cache(out), out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - t0
 
 
