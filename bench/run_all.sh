@@ -15,3 +15,7 @@ $PY bench/prune_bench.py --jobs magnitude:0.5,wanda:0.7,sparsegpt:0.7,magnitude:
 # 4. the papers' calibration setting (128 C4 windows of 2048 tokens)
 $PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 128 --seqlen 2048 \
     --eval_windows 16 --out bench/results/paper_128x2048.json
+# 5. layer-wise sparsity (issue 3): uniform / OWL / ATP search / RMI, Wanda and SparseGPT at 70/50/60%
+bash bench/run_layerwise.sh
+# 6. zero-shot accuracy (first 100 documents per task) and PyTorch speed of Wanda 50% against dense (issue 5)
+bash bench/zeroshot_bench.sh
