@@ -25,7 +25,7 @@ from .data import calibration_windows
 from .engine import auto_batch_size, dense_walk, linear_sparsity, prune_blocks
 from .errors import UsageError
 from .models import _umask, atomic_dir_write, block_linears, check_output_dir, context_length, get_blocks
-from .prune import PRUNERS, check_sparsity, parse_pattern
+from .prune import PRUNERS, check_sparsity, parse_pattern, wanda
 
 log = logging.getLogger("sparsellm")
 
@@ -179,7 +179,7 @@ def resolve_allocation(model, config: PruneConfig, calib_ids: torch.Tensor, prog
         for i, block, _, stats in dense_walk(model, calib_ids, need="norm", batch_size=config.batch_size,
                                              progress=progress):
             linears = block_linears(model, block)
-            scores = {n: lin.weight.float().abs() * stats[n].sq_norm.sqrt().reshape(1, -1) for n, lin in linears.items()}
+            scores = {n: wanda.scores(lin.weight.float(), stats[n]) for n, lin in linears.items()}
             if config.owl_granularity == "block":
                 units.append(owl.outlier_ratio(list(scores.values()), config.owl_m))
             else:

@@ -159,8 +159,9 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
                            lambda: run_block(block, X, kwargs[i], Y, batch_size, compare=True))  # Y = pruned
         X, Y = Y, X
         if k:
-            num = float(((Dn.float() - X[:k].float()) ** 2).sum())
-            den = float((Dn.float() ** 2).sum())
+            ref = Dn.float()
+            num = float(((ref - X[:k].float()) ** 2).sum())
+            den = float((ref ** 2).sum())
             res["cum_error"] = (num / den) ** 0.5 if den > 0 else 0.0
             D, Dn = Dn, D
         res["seconds"] = time.perf_counter() - t0
@@ -171,17 +172,14 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
 
 
 @torch.no_grad()
-def dense_walk(model: nn.Module, input_ids: torch.Tensor | None = None, need: str | None = None,
-               batch_size: int | None = None, captured=None, progress: bool = True):
+def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = None,
+               batch_size: int | None = None, progress: bool = True):
     """Run the dense model block by block on calibration windows, without pruning, and yield
     (i, block, X_i, stats) for every block: X_i (nsamples, seqlen, hidden) are block i's inputs and
     `stats` its linears' LayerStats ("norm" or "hessian"), or None when `need` is None. The pre-pass of
     the data-driven allocators (OWL's outlier ratios, RMI's Gram matrices). X_i is reused afterwards:
     consume it before asking for the next block."""
-    if captured is None:
-        X, kwargs = capture_inputs(model, input_ids)
-    else:
-        X, kwargs = captured[0].clone(), captured[1]
+    X, kwargs = capture_inputs(model, input_ids)
     batch_size = batch_size or auto_batch_size(X.shape[1])
     Y = torch.empty_like(X)
     blocks = get_blocks(model)

@@ -11,7 +11,6 @@ reads. Nothing touches the network. HellaSwag is not bundled (it could not be ob
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -163,7 +162,7 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
     "n"}}, "mean_acc", "mean_acc_norm" (over the tasks that have it), "settings": {...}}.
     Raises UsageError for an unknown task, a missing file, or limit <= 0."""
     tasks = check_tasks(tasks, hellaswag_file, limit)
-    lm_eval = _lm_eval()
+    _lm_eval()
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -183,7 +182,7 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
     return {"tasks": res, "mean_acc": sum(accs) / len(accs),
             "mean_acc_norm": sum(norms) / len(norms) if norms else None,
             "settings": {"limit": limit, "batch_size": batch_size, "num_fewshot": 0,
-                         "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version()}}
+                         "lm_eval": _version()}}
 
 
 def _version() -> str:
@@ -191,6 +190,3 @@ def _version() -> str:
 
     return version("lm_eval")
 
-
-def finite(results: dict) -> bool:
-    return all(math.isfinite(r["acc"]) for r in results["tasks"].values())
