@@ -6,6 +6,7 @@ Bad input gets one line on stderr and exit status 2; nothing is written.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -94,6 +95,52 @@ def _add_prune_args(p):
     _add_eval_args(p, "wikitext2")
 
 
+def _add_finetune_args(p):
+    _add_model_args(p)
+    p.add_argument("--method", default="losa",
+                   help="losa, masked-lora (static), lora (plain, merged: loses sparsity), none; comma-separated "
+                        "runs each on the same data, into OUT/<method>/, plus OUT/comparison.md")
+    p.add_argument("--sparsity_ratio", type=float, default=None, help="target S in [0, 1); 0.5 when left out")
+    p.add_argument("--sparsity_type", default="unstructured", help="unstructured or N:M (not with losa)")
+    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--steps", type=int, default=5, help="LoSA: T steps, sparsity s_t = S − S(1 − t/T)³")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows for pruning")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--calib_dataset", default="c4", help="c4 (bundled) or a local text file")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration windows (fine-tuning data: seed + 1)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
+    p.add_argument("--batch_size", type=int, default=None, help="calibration windows per block forward")
+    p.add_argument("--rmi_nsamples", type=int, default=64, help="LoSA: windows for RMI's CKA at every step")
+    p.add_argument("--rank_nsamples", type=int, default=8,
+                   help="LoSA: windows whose dense block outputs are kept for the rank allocation")
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank r (scaling α/r)")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA α")
+    p.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the adapter's input")
+    p.add_argument("--r_max", type=int, default=16, help="LoSA: largest per-block rank (size of the factors)")
+    p.add_argument("--rank_start", type=float, default=6.0, help="LoSA: mean rank at the first step")
+    p.add_argument("--rank_end", type=float, default=10.0, help="LoSA: mean rank at the last step")
+    p.add_argument("--data", default="c4",
+                   help="fine-tuning data: c4 (bundled), a text file, or an Alpaca-style instruction .json/.jsonl")
+    p.add_argument("--ft_nsamples", type=int, default=64, help="fine-tuning examples (the token budget)")
+    p.add_argument("--ft_seqlen", type=int, default=512, help="tokens per fine-tuning example (at most)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--ft_batch_size", type=int, default=4, help="examples per micro-batch")
+    p.add_argument("--grad_accum", type=int, default=2, help="micro-batches per optimiser step")
+    p.add_argument("--warmup_ratio", type=float, default=0.3, help="linear warm-up, fraction of optimiser steps")
+    p.add_argument("--weight_decay", type=float, default=0.001)
+    p.add_argument("--max_grad_norm", type=float, default=0.3, help="gradient clipping")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--step_eval_windows", type=int, default=4,
+                   help="WikiText-2 windows scored after every step (0: none)")
+    p.add_argument("--out", required=True, help="output directory (the merged sparse model, adapter/, reports)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted LoSA run from OUT.ckpt")
+    p.add_argument("--keep_checkpoint", action="store_true", help="keep OUT.ckpt after a successful run")
+    p.add_argument("--eval_dense", action="store_true", help="also evaluate the input model first")
+    _add_eval_args(p, "wikitext2")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the same one-line error format as every other bad input."""
 
@@ -125,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--objective_seqlen", type=int, default=None,
                    help="window length of the objective (default: --eval_seqlen)")
 
+
+    f = sub.add_parser("finetune", help="recover a sparse model's quality with sparsity-preserving LoRA: LoSA "
+                       "(dynamic) and its baselines (none, lora, masked-lora) at an equal token budget",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_finetune_args(f)
 
     pe = sub.add_parser("plot-errors", help="draw the per-block reconstruction errors of one or more runs "
                         "on one figure (PNG)")
@@ -326,6 +378,123 @@ def cmd_prune(args) -> int:
     if args.command == "allocate":
         print("rates: " + " ".join(f"{r:.4f}" for r in run["allocation"]["rates"]))
     print(summary_table(run))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+
+    from . import api
+    from .adapt.losa import FinetuneConfig, finetune, prune_like_report
+    from .adapt.train import finetune_examples
+    from .models import check_output_dir, context_length, load_model, resolve_model
+    from .report import finetune_comparison, markdown
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods or len(set(methods)) != len(methods):
+        raise UsageError(f"--method must list distinct methods, got {args.method!r}")
+    ratio = args.sparsity_ratio
+    if ratio is None and args.sparsity_type == "unstructured":
+        ratio = 0.5
+    from .prune import parse_pattern
+
+    nm = parse_pattern(args.sparsity_type)
+    if nm is not None:
+        if ratio is not None and abs(ratio - nm.sparsity) > 1e-9:
+            raise UsageError(f"--sparsity_ratio {ratio} contradicts the {nm} pattern; leave it out for N:M")
+        ratio = nm.sparsity
+    configs = {m: FinetuneConfig(
+        method=m, sparsity_ratio=ratio, sparsity_type=args.sparsity_type, prune_method=args.prune_method,
+        steps=args.steps, nsamples=args.nsamples, seqlen=args.seqlen, calib_dataset=args.calib_dataset, seed=args.seed,
+        blocksize=args.blocksize, percdamp=args.percdamp, batch_size=args.batch_size, rmi_nsamples=args.rmi_nsamples,
+        rank_nsamples=args.rank_nsamples, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        r_max=args.r_max, rank_start=args.rank_start, rank_end=args.rank_end, lr=args.lr,
+        ft_batch_size=args.ft_batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing, step_eval_windows=args.step_eval_windows,
+        eval_seqlen=args.eval_seqlen or 2048).validate() for m in methods}
+    if args.ft_nsamples < 1 or args.ft_seqlen < 2:
+        raise UsageError("--ft_nsamples must be >= 1 and --ft_seqlen >= 2")
+    if "losa" in configs and args.ft_nsamples < args.steps:
+        raise UsageError(f"--ft_nsamples {args.ft_nsamples} cannot give each of the {args.steps} LoSA steps its own slice")
+    if args.resume and "losa" not in configs:
+        raise UsageError("--resume continues an interrupted LoSA run (--method losa)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other")
+    names = _datasets(args.eval)
+    tasks = _zeroshot_tasks(args, names)
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
+    from .data import load_documents
+
+    for src in {args.calib_dataset, args.data} - {"c4"}:
+        if not Path(src).expanduser().is_file():
+            raise UsageError(f"data file not found: {src}")
+    if args.calib_dataset != "c4":
+        load_documents(args.calib_dataset)
+    kind, src = resolve_model(args.model)
+    inputs = [src, *(Path(p) for p in {args.calib_dataset, args.data} - {"c4"})]
+    root = Path(args.out)
+    single = len(methods) == 1
+    outs = {m: root if single else root / m for m in methods}
+    ckpts = {m: Path(f"{outs[m]}.ckpt") for m in methods}
+    done = set()
+    for m in methods:
+        if args.resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
+            done.add(m)  # finished before the interruption
+            continue
+        check_output_dir(outs[m], args.overwrite, inputs)
+        if m == "losa" and ckpts[m].exists() and not (args.resume or args.overwrite):
+            raise UsageError(f"a checkpoint of an interrupted run is at {ckpts[m]}: add --resume to continue it, "
+                             "or --overwrite to start again")
+        if args.resume and m == "losa" and not (ckpts[m] / "state.json").is_file():
+            raise UsageError(f"--resume: no checkpoint at {ckpts[m]}")
+    progress = not args.quiet
+    examples = None
+    results = {}
+    for m in methods:
+        if m in done:
+            results[m] = json.loads((outs[m] / "report.json").read_text())
+            log.info("%s: finished before, skipped (%s)", m, outs[m])
+            continue
+        model, tok, model_dir = load_model(args.model, _dtype(args.dtype))
+        if model_dir is not None:
+            check_output_dir(outs[m], args.overwrite or (args.resume and m == "losa"), [model_dir])
+        cfg = configs[m]
+        cfg.eval_seqlen = min(args.eval_seqlen or min(args.seqlen, 2048), context_length(model))
+        if examples is None:
+            examples = finetune_examples(tok, args.data, args.ft_nsamples, args.ft_seqlen, args.seed + 1)
+        run = {"command": "finetune", "model": args.model, "model_path": str(model_dir or src) if (model_dir or src) else None,
+               "config": asdict(cfg), "data": {"source": args.data, "ft_nsamples": len(examples),
+                                                 "ft_seqlen": args.ft_seqlen, "seed": args.seed + 1}}
+        if args.eval_dense and names:
+            run["eval_dense"] = _evaluate(model, tok, names, cfg.eval_seqlen, args.max_windows, progress, args, tasks)
+        if args.overwrite and ckpts[m].exists():
+            shutil.rmtree(ckpts[m])
+        with tempfile.TemporaryDirectory(prefix="sparsellm-adapter-") as adir:
+            rep = finetune(model, tok, cfg, examples, checkpoint_dir=ckpts[m] if m == "losa" else None,
+                           resume=args.resume and m == "losa", model_id=str(model_dir or src or args.model),
+                           adapter_dir=adir if m != "none" else None, progress=progress)
+            run["finetune"] = rep
+            run["prune"] = prune_like_report(model, cfg, rep, min(args.seqlen, context_length(model)))
+            if names:
+                run["eval"] = _evaluate(model, tok, names, cfg.eval_seqlen, args.max_windows, progress, args, tasks)
+            run["peak_rss_mib"] = api.peak_rss_mib()
+            figures = {} if m == "none" else {"adapter": lambda path, a=adir: shutil.copytree(a, path)}
+            api.save_pruned(model, tok, outs[m], run["prune"], run, markdown(run), overwrite=True, figures=figures)
+        if ckpts[m].exists() and not args.keep_checkpoint:
+            shutil.rmtree(ckpts[m])
+        log.info("%s: saved to %s (measured sparsity %.4f)", m, outs[m], rep["measured"]["sparsity"])
+        results[m] = run
+        del model
+    table = finetune_comparison(results)
+    if not single:
+        api.write_text_atomic(root / "comparison.md", "# sparsellm finetune\n\n" + table + "\n")
+        api.write_json_atomic(root / "comparison.json", {m: {k: r.get(k) for k in ("finetune", "eval", "config")}
+                                                         for m, r in results.items()})
+    print(table)
     return 0
 
 
@@ -538,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():
             if args.command in ("prune", "allocate"):
                 return cmd_prune(args)
+            if args.command == "finetune":
+                return cmd_finetune(args)
             if args.command == "plot-errors":
                 return cmd_plot_errors(args)
             if args.command == "report":

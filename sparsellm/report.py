@@ -104,9 +104,49 @@ def markdown(run: dict) -> str:
         out += ["", *allocation_lines(alloc)]
     if run.get("search"):
         out += ["", search_table(run["search"])]
+    if run.get("finetune"):
+        out += ["", "## Fine-tuning", "", finetune_table(run["finetune"])]
     if run.get("prune"):
         out += ["", "## Per block", "", block_table(run["prune"])]
     return "\n".join(out) + "\n"
+
+
+def finetune_table(ft: dict) -> str:
+    """One row per fine-tuning step (LoSA) or one row (baselines): target and measured sparsity after the
+    merge, mean rank, training loss first → last, tokens, seconds and the per-step perplexity."""
+    lines = [f"method **{ft['method']}**: {ft['examples']} examples, {ft['tokens_budget']:,} loss tokens, "
+             f"{ft['seconds']:.1f} s in all, peak RSS {ft['peak_rss_mib']:.0f} MiB; measured sparsity after the "
+             f"merge {ft['measured']['sparsity']:.4f}", "",
+             "| step | target | measured | mean rank | train loss first → last | tokens | train s | ppl (windows) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for st in ft["steps"]:
+        tr = st.get("train") or ft.get("train")
+        loss = f"{tr['losses'][0]:.4f} → {tr['losses'][-1]:.4f}" if tr and tr["losses"] else "—"
+        ppl = st.get("ppl")
+        ppl = "—" if not ppl else f"{ppl['ppl']:.3f} ({ppl['windows']})"
+        lines.append(f"| {st['step']} | {st['target']:.4f} | {_fmt(st.get('measured'), '.4f')} | "
+                     f"{_fmt(st.get('mean_rank'), '.1f')} | {loss} | {tr['tokens'] if tr else 0:,} | "
+                     f"{_fmt(tr and tr['seconds'], '.1f')} | "
+                     f"{ppl} |")
+    if ft.get("ranks"):
+        lines += ["", "ranks per block: " + " ".join(str(r) for r in ft["ranks"])]
+    return "\n".join(lines)
+
+
+def finetune_comparison(runs: dict) -> str:
+    """Methods side by side: perplexity per metric, measured sparsity of the merged model, fine-tuning
+    tokens, wall time and peak memory."""
+    metrics = list(dict.fromkeys(k for r in runs.values() for k in r.get("eval", {}) if k != "zeroshot"))
+    head = ["method", *metrics, "zero-shot mean acc", "measured sparsity", "FT tokens", "seconds", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, r in runs.items():
+        ft, ev = r["finetune"], r.get("eval", {})
+        tokens = sum((st.get("train") or {}).get("tokens", 0) for st in ft["steps"]) + (ft.get("train") or {}).get("tokens", 0)
+        zs = ev.get("zeroshot")
+        lines.append("| " + " | ".join([m, *[_fmt(ev.get(k, {}).get("ppl")) for k in metrics],
+                                        _fmt(zs and zs["mean_acc"], ".4f"), f"{ft['measured']['sparsity']:.4f}",
+                                        f"{tokens:,}", f"{ft['seconds']:.1f}", f"{ft['peak_rss_mib']:.0f}"]) + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ `sparsellm report`: several runs side by side

@@ -14,6 +14,7 @@ r, not r_l (as the reference). B starts at zero, so a fresh adapter changes noth
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +52,15 @@ class MaskedLoraLinear(nn.Module):
         self.rank = int(rank)
 
     def refresh_mask(self) -> None:
-        """Take the mask from the base weight again (after re-pruning the merged weight)."""
-        if self.merged:
-            raise RuntimeError("refresh the mask of an unmerged layer")
+        """Take the mask from the base weight again. On a merged layer whose merged weight was just
+        re-pruned (LoSA's step), the next `unmerge` then subtracts the update restricted to the new mask,
+        so pruned positions stay exactly zero and a pruner's weight updates (SparseGPT) are kept."""
         self.mask = self.base.weight.detach() != 0
+
+    def check_mask(self) -> None:
+        """Raise RuntimeError if the base weight has a non-zero outside the mask (a merge must never do that)."""
+        if bool((self.base.weight.detach()[~self.mask] != 0).any()):
+            raise RuntimeError("the merged weight has non-zeros outside the sparsity mask")
 
     def delta(self) -> torch.Tensor:
         """(α/r) · (B[:, :r_l] @ A[:r_l]) ⊙ M, shape (C_out, C_in)."""
@@ -72,6 +78,7 @@ class MaskedLoraLinear(nn.Module):
         if not self.merged:
             self.base.weight.add_(self.delta().to(self.base.weight.dtype))
             self.merged = True
+            self.check_mask()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -124,3 +131,41 @@ def set_ranks(model: nn.Module, ranks: list[int]) -> None:
         for m in block.modules():
             if isinstance(m, MaskedLoraLinear):
                 m.set_rank(r)
+
+
+@contextmanager
+def unwrapped(model: nn.Module):
+    """Put every (merged) MaskedLoraLinear's base linear back in its place for the duration, so pruners and
+    the block engine see plain nn.Linear layers (LoSA re-prunes the merged weights); the adapters are
+    restored on exit. Raises RuntimeError if an adapter is not merged."""
+    swaps = []
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, MaskedLoraLinear):
+                if not child.merged:
+                    raise RuntimeError("merge the adapters before re-pruning")
+                swaps.append((parent, attr, child))
+    for parent, attr, child in swaps:
+        setattr(parent, attr, child.base)
+    try:
+        yield
+    finally:
+        for parent, attr, child in swaps:
+            setattr(parent, attr, child)
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Merge every adapter and replace it by its base linear, leaving a plain transformers model."""
+    merge(model)
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, MaskedLoraLinear):
+                setattr(parent, attr, child.base)
+
+
+def adapter_ranks(model: nn.Module) -> list[int]:
+    """Active rank of each decoder block (of its first adapted linear)."""
+    out = []
+    for block in get_blocks(model):
+        out.append(next(m.rank for m in block.modules() if isinstance(m, MaskedLoraLinear)))
+    return out

@@ -139,3 +139,35 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     return {"losses": losses, "tokens": tokens, "seconds": time.perf_counter() - t0, "steps": step,
             "optimizer": opt.state_dict()}
+
+
+def finetune_examples(tokenizer, data: str, n: int, seqlen: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fine-tuning set: `n` examples of at most `seqlen` tokens. `data` is "c4" or a local text file
+    (.txt / .jsonl with `text`: next-token windows drawn with `seed`), or an instruction file (.json / .jsonl
+    whose rows have `instruction` and `output`: the first n usable rows after a `seed` shuffle, loss on
+    the response only). Raises UsageError for a missing file, too little text, or no usable rows."""
+    import random
+
+    if n < 1:
+        raise UsageError(f"--ft_nsamples must be >= 1, got {n}")
+    p = Path(data).expanduser()
+    if data != "c4" and p.suffix in (".json", ".jsonl") and p.is_file() and _is_instruction(p):
+        rows = instruction_examples(tokenizer, p, seqlen)
+        random.Random(seed).shuffle(rows)
+        if len(rows) < n:
+            raise UsageError(f"{data} has {len(rows)} usable instruction rows, fewer than --ft_nsamples {n}")
+        return rows[:n]
+    return text_examples(tokenizer, data, n, seqlen, seed)
+
+
+def _is_instruction(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        head = f.read(65536).lstrip()
+    try:
+        if head.startswith("["):
+            row = json.loads(path.read_text(encoding="utf-8"))[0]
+        else:
+            row = json.loads(head.splitlines()[0])
+    except (ValueError, IndexError):
+        return False
+    return isinstance(row, dict) and "instruction" in row
