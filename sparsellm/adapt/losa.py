@@ -291,7 +291,11 @@ def finetune(model, tokenizer, config: FinetuneConfig, examples: list, checkpoin
     else:
         report["prune"] = _prune_to(model, tokenizer, config, calib, progress)
         if config.method == "lora":
+            import warnings
+
             from peft import LoraConfig, get_peft_model
+
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")  # peft 0.21 on transformers 5
 
             names = {n.rsplit(".", 1)[-1] for n in block_linears(model, get_blocks(model)[0])}
             peft_model = get_peft_model(model, LoraConfig(
