@@ -209,8 +209,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
             f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if path is not None and (Path(path) / "structure.json").is_file():  # per-block widths (structured pruning)
+            from .structured.io import load_structured
+
+            model = load_structured(path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(source)
+    except UsageError:
+        raise
     except Exception as e:  # corrupt weights, missing tokenizer files, ...: one line, not a traceback
         raise UsageError(f"could not load {spec!r}: {_one_line(e)}") from None
     model.eval()

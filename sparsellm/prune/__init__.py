@@ -22,17 +22,23 @@ PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
 @dataclass
 class LayerStats:
     """Calibration statistics of one linear's input X (tokens × C_in), accumulated in fp32.
-    `sq_norm[j]` = Σ_t X[t, j]² (C_in,); `hessian` = Σ_t X[t]ᵀ X[t] (C_in, C_in) or None; `ntokens` = t."""
+    `sq_norm[j]` = Σ_t X[t, j]² (C_in,); `hessian` = Σ_t X[t]ᵀ X[t] (C_in, C_in) or None; `ntokens` = t;
+    with need "moments" (structured pruning), also `total[j]` = Σ_t X[t, j] and `sq_norm` in fp64."""
 
     ntokens: int = 0
     sq_norm: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    total: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, need: str) -> None:
         """Accumulate a batch of inputs x (..., C_in)."""
         x = x.reshape(-1, x.shape[-1]).float()
         self.ntokens += x.shape[0]
-        if need in ("norm", "hessian"):
+        if need == "moments":  # fp64: the variance E[x²] − E[x]² must not cancel away
+            x = x.double()
+            t = x.sum(0)
+            self.total = t if self.total is None else self.total.add_(t)
+        if need in ("norm", "hessian", "moments"):
             s = (x * x).sum(0)
             self.sq_norm = s if self.sq_norm is None else self.sq_norm.add_(s)
         if need == "hessian":
