@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from .errors import UsageError
@@ -141,6 +142,42 @@ def _add_finetune_args(p):
     _add_eval_args(p, "wikitext2")
 
 
+def _add_search_args(p):
+    _add_model_args(p)
+    p.add_argument("--target_rate", type=float, default=0.3, help="mean structured rate over the blocks, in [0, 1)")
+    p.add_argument("--max_rate", type=float, default=0.8, help="largest rate of one block")
+    p.add_argument("--metric", default="wanda-sp", choices=["wanda-sp", "flap", "magnitude-sp"],
+                   help="importance of heads and channels (flap adds its bias compensation)")
+    p.add_argument("--gqa", default="query", choices=["query", "group"],
+                   help="GQA: remove equal numbers of query heads per KV group, or whole KV groups")
+    p.add_argument("--backend", default="ga", choices=["ga", "openai", "local", "uniform"],
+                   help="search operators: ga (classical), openai (any OpenAI-compatible endpoint), local "
+                        "(a chat model in-process), uniform (no search: the target rate everywhere)")
+    p.add_argument("--population", type=int, default=30, help="population size N")
+    p.add_argument("--generations", type=int, default=20, help="generations G")
+    p.add_argument("--crossover", type=int, default=10, help="children from crossover per generation")
+    p.add_argument("--mutation", type=int, default=10, help="children from mutation per generation")
+    p.add_argument("--llm_base_url", default=None, help="openai backend: e.g. http://localhost:8000/v1")
+    p.add_argument("--llm_model", default=None, help="openai backend: the model name the endpoint serves")
+    p.add_argument("--llm_api_key_env", default="OPENAI_API_KEY", help="openai backend: env variable with the key")
+    p.add_argument("--local_model", default="smollm2-135m", help="local backend: the chat model (any --model form)")
+    p.add_argument("--llm_temperature", type=float, default=0.7)
+    p.add_argument("--llm_retries", type=int, default=2, help="retries of a bad reply before the GA fallback")
+    p.add_argument("--fitness_windows", type=int, default=4, help="held-out C4-validation windows per fitness")
+    p.add_argument("--fitness_seqlen", type=int, default=512, help="tokens per fitness window")
+    p.add_argument("--final_k", type=int, default=3, help="best candidates re-scored with --eval at the end")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows for the importance")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--calib_dataset", default="c4", help="c4 (bundled) or a local text file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of the search")
+    p.add_argument("--bench", action="store_true", help="measure prefill / decode speed against dense at the end")
+    p.add_argument("--out", required=True, help="output directory: the pruned model (structure.json), reports, plots")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs and search state")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search from OUT.search/")
+    p.add_argument("--keep_state", action="store_true", help="keep OUT.search/ after a successful run")
+    _add_eval_args(p, "wikitext2")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the same one-line error format as every other bad input."""
 
@@ -177,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(dynamic) and its baselines (none, lora, masked-lora) at an equal token budget",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_finetune_args(f)
+
+    se = sub.add_parser("search", help="Self-Pruner: structured pruning (heads and MLP channels) at layer-wise rates "
+                        "found by an evolutionary search with LLM (openai, local) or GA operators",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_search_args(se)
 
     pe = sub.add_parser("plot-errors", help="draw the per-block reconstruction errors of one or more runs "
                         "on one figure (PNG)")
@@ -498,6 +540,136 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import shutil
+
+    from . import api, plots
+    from .data import calibration_windows
+    from .models import atomic_dir_write, check_output_dir, context_length, load_model, resolve_model
+    from .search import GAOperators, LLMOperators, SearchConfig, local_chat, openai_chat
+    from .search.driver import describe, self_prune
+    from .structured.io import write_structured
+
+    config = SearchConfig(target_rate=args.target_rate, max_rate=args.max_rate, population=args.population,
+                          generations=args.generations, crossover=args.crossover, mutation=args.mutation,
+                          seed=args.seed).validate()
+    for flag in ("fitness_windows", "fitness_seqlen", "final_k", "nsamples", "seqlen"):
+        if getattr(args, flag) < (2 if "seqlen" in flag else 1):
+            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.backend == "openai" and not (args.llm_base_url and args.llm_model):
+        raise UsageError("--backend openai needs --llm_base_url and --llm_model")
+    if args.llm_retries < 0:
+        raise UsageError(f"--llm_retries must be >= 0, got {args.llm_retries}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other")
+    if args.resume and args.backend == "uniform":
+        raise UsageError("--resume continues a search; --backend uniform does not search")
+    names = _datasets(args.eval)
+    tasks = _zeroshot_tasks(args, names)
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UsageError(f"--max_windows must be >= 1, got {args.max_windows}")
+    if args.calib_dataset != "c4":
+        from .data import load_documents
+
+        load_documents(args.calib_dataset)
+    kind, src = resolve_model(args.model)
+    out = check_output_dir(args.out, args.overwrite, [src, Path(args.calib_dataset) if args.calib_dataset != "c4" else None])
+    state_dir = Path(f"{out}.search")
+    if (state_dir / "state.json").is_file() and not (args.resume or args.overwrite):
+        raise UsageError(f"an interrupted search is at {state_dir}: add --resume to continue it, or --overwrite "
+                         "to start again")
+    if args.resume and not (state_dir / "state.json").is_file():
+        raise UsageError(f"--resume: no search state at {state_dir}")
+    model, tok, model_dir = load_model(args.model, _dtype(args.dtype))
+    from .structured import struct_spec
+
+    struct_spec(model)
+    if args.overwrite and state_dir.exists():
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet
+    chat = None
+    if args.backend == "openai":
+        chat = openai_chat(args.llm_base_url, args.llm_model, args.llm_api_key_env, args.llm_temperature)
+    elif args.backend == "local":
+        chat = local_chat(args.local_model, args.llm_temperature)
+    name = args.model if not (model_dir or src) else Path(str(model_dir or src)).name
+    ops = {"ga": GAOperators(), "uniform": None}.get(args.backend) if chat is None else LLMOperators(
+        chat, describe(model, args.model), state_dir / "llm_log.jsonl", args.llm_retries)
+    seqlen = min(args.seqlen, context_length(model))
+    calib = None if args.metric == "magnitude-sp" else calibration_windows(tok, args.calib_dataset, args.nsamples,
+                                                                          seqlen, args.seed)
+    eval_seqlen = min(args.eval_seqlen or 2048, context_length(model))
+    ppl_names = [n for n in names if n != "zeroshot"]
+    final_eval = (lambda m: _evaluate(m, tok, ppl_names, eval_seqlen, args.max_windows, False)) if ppl_names else None
+    settings = {"model": str(model_dir or src or args.model), "backend": args.backend,
+                "calibration": [args.calib_dataset, args.nsamples, seqlen, args.seed],
+                "llm": [args.llm_base_url, args.llm_model, args.local_model, args.llm_temperature, args.llm_retries]}
+    t0 = time.perf_counter()
+    pruned, rep = self_prune(model, tok, config, ops, calib, args.metric, args.gqa, args.fitness_windows,
+                             min(args.fitness_seqlen, context_length(model)), state_dir / "state.json", args.resume,
+                             args.final_k, final_eval, settings, progress)
+    run = {"command": "search", "model": args.model, "model_path": str(model_dir or src) if (model_dir or src) else None,
+           "config": {k: v for k, v in vars(args).items() if k not in ("command",)}, "search": rep}
+    if names:
+        run["eval"] = _evaluate(pruned, tok, names, eval_seqlen, args.max_windows, progress, args, tasks)
+    if args.bench:
+        from .evaluate.speed import compare
+
+        run["speed"] = compare({"dense fp32": model, "model fp32": pruned}, (128, 512), (1,), repeats=3,
+                               progress=progress)
+    run["seconds"] = time.perf_counter() - t0
+    run["peak_rss_mib"] = api.peak_rss_mib()
+    run["versions"] = api.versions()
+    md = _search_markdown(run)
+
+    def write(tmp: Path):
+        write_structured(pruned, tmp, {"rates": rep["best_rates"], "metric": args.metric, "gqa": args.gqa})
+        tok.save_pretrained(tmp)
+        api.write_json_atomic(tmp / "report.json", run)
+        api.write_text_atomic(tmp / "report.md", md)
+        if rep["history"]:
+            plots.search_progress(rep["history"], tmp / "fitness.png", f"{args.backend} search, mean rate {args.target_rate:g}")
+        plots.structured_rates(rep["best_rates"], args.target_rate, tmp / "rates.png")
+        for f in ("state.json", "llm_log.jsonl"):
+            if (state_dir / f).is_file():
+                shutil.copy(state_dir / f, tmp / ("search_state.json" if f == "state.json" else f))
+
+    atomic_dir_write(out, write)
+    if not args.keep_state:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    log.info("saved the pruned model to %s", out)
+    print(md)
+    return 0
+
+
+def _search_markdown(run) -> str:
+    r = run["search"]
+    ops = r.get("operators") or {}
+    lines = [f"# sparsellm search: {run['model']}", "",
+             f"backend **{r['backend']}**, metric {r['metric']}, GQA mode {r['gqa']}, mean rate {r['target_rate']:g} "
+             f"(each block in [0, {r['max_rate']:g}])",
+             f"parameters {r['params_dense']:,} → {r['params_pruned']:,} ({r['params_pruned'] / r['params_dense']:.3f} of dense)",
+             f"{r['evals']} fitness evaluations over {r['generations']} generations in {r['search_seconds']:.1f} s "
+             f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
+             f"{r['fitness']['windows']} windows) {r['best_fitness']:.4f}"]
+    if ops:
+        lines.append(f"LLM calls {ops.get('calls', 0)}, invalid replies {ops.get('invalid_replies', 0)}, "
+                     f"GA fallbacks {ops.get('fallbacks', {})}")
+    lines += ["", "rates: " + " ".join(f"{x:.3f}" for x in r["best_rates"])]
+    for k, f in enumerate(r["final"]):
+        ev = " ".join(f"{m} {v['ppl']:.3f}" for m, v in (f.get("eval") or {}).items())
+        lines.append(f"candidate {k}: fitness {f['fitness']:.4f} {ev}")
+    for m, v in run.get("eval", {}).items():
+        if m != "zeroshot":
+            lines.append(f"{m}: {v['ppl']:.3f} ({v['windows']} windows)")
+        else:
+            lines.append(f"zero-shot mean acc {v['mean_acc']:.4f}")
+    if run.get("speed"):
+        lines.append("speed vs dense (fp32): " + ", ".join(f"{k} {v:.2f}×" for k, v in run["speed"]["ratios"]["model fp32"].items()))
+    return "\n".join(lines) + "\n"
+
+
 def _figures(run) -> dict:
     """PNG files to write next to a report: {file name: function(path)}."""
     from . import plots
@@ -709,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_prune(args)
             if args.command == "finetune":
                 return cmd_finetune(args)
+            if args.command == "search":
+                return cmd_search(args)
             if args.command == "plot-errors":
                 return cmd_plot_errors(args)
             if args.command == "report":

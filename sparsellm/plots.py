@@ -120,3 +120,33 @@ def block_rates(rows: list[dict], path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def search_progress(history: list[dict], path, title: str = "") -> Path:
+    """Best and mean fitness of the population against the generation (Self-Pruner's search)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    g = [h["generation"] for h in history]
+    ax.plot(g, [h["best"] for h in history], marker="o", label="best")
+    ax.plot(g, [h["mean"] for h in history], marker=".", linestyle="--", label="population mean")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (held-out perplexity)")
+    ax.set_title(title or "evolutionary search")
+    _integer_x(ax)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def structured_rates(rates: list[float], target: float, path, title: str = "") -> Path:
+    """The best rate vector per decoder block, with the target mean."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(range(len(rates)), rates, color="tab:blue")
+    ax.axhline(target, color="tab:red", linestyle="--", label=f"mean {target:g}")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("structured pruning rate")
+    ax.set_title(title or "rates per block")
+    _integer_x(ax)
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,254 @@
+"""Self-Pruner's search (issue 6): repair always yields feasible vectors, the loop finds a known optimum,
+resume continues exactly, the LLM operators validate replies and fall back to the GA (counted, logged),
+the openai backend speaks the protocol to a loopback stub and names an unreachable URL, and
+`sparsellm search` runs end to end and rejects bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from sparsellm.cli import main
+from sparsellm.errors import UsageError
+from sparsellm.search import GAOperators, LLMOperators, SearchConfig, feasible, openai_chat, repair, run_search
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_repair_always_feasible(seed):
+    rng = random.Random(seed)
+    L = rng.randint(1, 40)
+    target = rng.choice([0.0, rng.uniform(0, 0.9)])
+    max_rate = rng.uniform(target, 0.99)
+    v = [rng.choice([rng.uniform(-2, 2), float("nan"), float("inf"), -float("inf"), rng.uniform(0, 1)]) for _ in range(L)]
+    x = repair(v, target, max_rate)
+    assert len(x) == L and feasible(x, target, max_rate, tol=1e-9)
+    assert repair([max_rate] * L, max_rate, max_rate) == pytest.approx([max_rate] * L)
+
+
+def test_repair_keeps_a_feasible_vector_and_shifts_others():
+    v = [0.1, 0.3, 0.5]
+    assert repair(v, 0.3, 0.8) == pytest.approx(v, abs=1e-12)
+    assert repair([0.2, 0.4, 0.6], 0.3, 0.8) == pytest.approx([0.1, 0.3, 0.5], abs=1e-12)  # shifted by −0.1
+    assert repair([0.0, 0.0, 0.9], 0.3, 0.5) == pytest.approx([0.2, 0.2, 0.5], abs=1e-12)  # clipped, then shifted
+
+
+@pytest.mark.parametrize("kw,match", [(dict(target_rate=1.0), "target_rate"), (dict(target_rate=-0.1), "target_rate"),
+                                      (dict(target_rate=0.5, max_rate=0.4), "max_rate"),
+                                      (dict(target_rate=0.3, population=1), "population")])
+def test_search_config_bad_input(kw, match):
+    with pytest.raises(UsageError, match=match):
+        SearchConfig(**kw).validate()
+
+
+def _quadratic(opt):
+    calls = []
+
+    def f(rates):
+        calls.append(list(rates))
+        return sum((r - o) ** 2 for r, o in zip(rates, opt))
+    return f, calls
+
+
+def test_ga_search_approaches_a_known_optimum_and_caches():
+    opt = [0.1, 0.2, 0.3, 0.4, 0.5]  # mean 0.3: feasible
+    f, calls = _quadratic(opt)
+    cfg = SearchConfig(target_rate=0.3, max_rate=0.8, population=8, generations=15, crossover=4, mutation=4, seed=1)
+    state = run_search(f, 5, cfg, GAOperators())
+    best = state["population"][0]
+    assert feasible(best["rates"], 0.3, 0.8)
+    assert best["fitness"] < 0.2 * state["history"][0]["best"]  # far better than the best initial vector
+    assert [h["best"] for h in state["history"]] == sorted((h["best"] for h in state["history"]), reverse=True)
+    assert len(calls) == state["evals"] == len({",".join(f"{r:.3f}" for r in c) for c in calls})
+    assert len(state["population"]) == 8
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _scripted_chat(log=None, bad_every=0):
+    """A test double of a chat model: reads the request out of the prompt and answers valid JSON, or
+    garbage for about one seed in `bad_every`; like a sampled model at a fixed seed, a function of its input."""
+
+    def chat(messages, seed, max_tokens):
+        text = messages[-1]["content"]
+        if log is not None:
+            log.append(text)
+        if bad_every and random.Random(seed * 7 + 1).randrange(bad_every) == 0:
+            return "Sure! Here are some rates: 0.1, 0.2 ..."
+        rng = random.Random(seed)
+        L = int(re.search(r"exactly (\d+) numbers", text).group(1))
+        vec = lambda: [round(rng.uniform(0, 0.6), 3) for _ in range(L)]  # noqa: E731
+        if m := re.search(r"Propose (\d+)", text):
+            return "```json\n" + json.dumps({"population": [vec() for _ in range(int(m.group(1)))]}) + "\n```"
+        if m := re.search(r"Select (\d+) pairs", text):
+            n_pop = len(re.findall(r"^\d+\. fitness", text, re.M))
+            return json.dumps({"pairs": [[rng.randrange(n_pop), rng.randrange(n_pop)] for _ in range(int(m.group(1)))]})
+        n = int(re.search(r"\((\d+) children", text).group(1))
+        return json.dumps({"children": [vec() for _ in range(n)]})
+    return chat
+
+
+@pytest.mark.parametrize("backend", ["ga", "llm"])
+def test_resume_continues_exactly(tmp_path, backend):
+    opt = [0.5, 0.1, 0.3, 0.3]
+    cfg = SearchConfig(target_rate=0.3, max_rate=0.8, population=6, generations=5, crossover=3, mutation=3, seed=3)
+
+    def ops():
+        return GAOperators() if backend == "ga" else LLMOperators(_scripted_chat(bad_every=4), "a model", None, 1)
+
+    f, _ = _quadratic(opt)
+    full = run_search(f, 4, cfg, ops(), tmp_path / "a.json")
+    n = [0]
+
+    def dying(rates):
+        n[0] += 1
+        if n[0] == 20:
+            raise _Interrupt
+        return f(rates)
+
+    with pytest.raises(_Interrupt):
+        run_search(dying, 4, cfg, ops(), tmp_path / "b.json")
+    stopped = json.loads((tmp_path / "b.json").read_text())
+    assert 0 <= stopped["generation"] < 5
+    with pytest.raises(UsageError, match="other settings"):
+        run_search(f, 4, SearchConfig(**{**vars(cfg), "mutation": 2}), ops(), tmp_path / "b.json", resume=True)
+    resumed = run_search(f, 4, cfg, ops(), tmp_path / "b.json", resume=True)
+    assert resumed["population"] == full["population"]
+    assert [h["best"] for h in resumed["history"]] == [h["best"] for h in full["history"]]
+    assert resumed["operators"] == full["operators"]
+
+
+def test_llm_operators_validate_fall_back_count_and_log(tmp_path):
+    prompts = []
+    ops = LLMOperators(_scripted_chat(prompts, bad_every=2), "The model is tiny.", tmp_path / "log.jsonl", retries=0)
+    f, _ = _quadratic([0.3] * 6)
+    cfg = SearchConfig(target_rate=0.3, max_rate=0.8, population=5, generations=3, crossover=2, mutation=2)
+    state = run_search(f, 6, cfg, ops)
+    st = ops.stats()
+    assert st["calls"] == 1 + 3 * 3 and st["invalid_replies"] == sum(st["fallbacks"].values()) >= 1
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(recs) == st["calls"] and sum(not r["ok"] for r in recs) == st["invalid_replies"]
+    assert all(r["reply"].startswith("Sure!") != r["ok"] for r in recs)
+    assert all(r["messages"][-1]["content"] == p for r, p in zip(recs, prompts))
+    assert "mean must be 0.3" in prompts[0] and "The model is tiny." in prompts[0]
+    assert all(feasible(p["rates"], 0.3, 0.8) for p in state["population"])
+
+    def never(messages, seed, max_tokens):
+        return "no json here"
+
+    ops = LLMOperators(never, "m", None, retries=1)
+    run_search(f, 6, cfg, ops)  # a reply that never parses: GA fallback, no crash
+    assert ops.stats()["fallbacks"] == {"init": 1, "select": 3, "crossover": 3, "mutation": 3}
+    assert ops.stats()["calls"] == 2 * 10
+
+
+class _Stub(BaseHTTPRequestHandler):
+    requests: list = []
+    die_after: int | None = None  # answer this many requests, then drop every connection
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if _Stub.die_after is not None and len(_Stub.requests) >= _Stub.die_after:
+            self.close_connection = True
+            return
+        _Stub.requests.append((self.path, body))
+        content = _scripted_chat()(body["messages"], body.get("seed", 0), body.get("max_tokens"))
+        payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def stub_url():
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    _Stub.requests, _Stub.die_after = [], None
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_backend_against_a_loopback_stub(stub_url, tmp_path, monkeypatch):
+    url, server = stub_url
+    monkeypatch.setenv("MY_KEY", "secret")
+    chat = openai_chat(url, "stub-model", "MY_KEY", temperature=0.5)
+    ops = LLMOperators(chat, "m", tmp_path / "log.jsonl", retries=0)
+    f, _ = _quadratic([0.2] * 4)
+    cfg = SearchConfig(target_rate=0.2, max_rate=0.6, population=4, generations=2, crossover=2, mutation=2)
+    run_search(f, 4, cfg, ops, tmp_path / "state.json")
+    assert ops.stats()["invalid_replies"] == 0 and ops.stats()["calls"] == 1 + 2 * 3
+    path, body = _Stub.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "stub-model" and body["temperature"] == 0.5
+    assert body["messages"][0]["role"] == "system" and "Propose 4" in body["messages"][1]["content"]
+    # the endpoint goes away mid-search: the error names the URL, and the finished generations are kept
+    _Stub.requests, _Stub.die_after = [], 4  # init + generation 1 (3 calls), then nothing
+    cfg2 = SearchConfig(**{**vars(cfg), "generations": 3})
+    with pytest.raises(UsageError, match=re.escape(url)):
+        run_search(f, 4, cfg2, LLMOperators(chat, "m", None, 0), tmp_path / "s2.json")
+    assert json.loads((tmp_path / "s2.json").read_text())["generation"] == 1
+    _Stub.die_after = None
+    state = run_search(f, 4, cfg2, LLMOperators(chat, "m", None, 0), tmp_path / "s2.json", resume=True)
+    assert state["generation"] == 3
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def _search(model_dir, out, *extra):
+    return main(["--quiet", "search", "--model", str(model_dir), "--target_rate", "0.3", "--max_rate", "0.6",
+                 "--population", "4", "--generations", "2", "--crossover", "2", "--mutation", "2",
+                 "--nsamples", "2", "--seqlen", "32", "--fitness_windows", "2", "--fitness_seqlen", "32",
+                 "--final_k", "2", "--eval", "wikitext2", "--eval_seqlen", "32", "--max_windows", "2", "--out", str(out),
+                 *extra])
+
+
+def test_cli_search_end_to_end(tmp_path, saved_model_dir):
+    from sparsellm.models import load_model
+
+    out = tmp_path / "s"
+    assert _search(saved_model_dir, out, "--backend", "ga") == 0
+    for f in ("structure.json", "report.json", "report.md", "fitness.png", "rates.png", "search_state.json",
+              "tokenizer.json", "model.safetensors"):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / "report.json").read_text())["search"]
+    assert feasible(rep["best_rates"], 0.3, 0.6) and rep["params_pruned"] < rep["params_dense"]
+    assert len(rep["final"]) == 2 and all("wikitext2_ppl@32" in c["eval"] for c in rep["final"])
+    model, _, _ = load_model(str(out))
+    assert sum(p.numel() for p in model.parameters()) <= rep["params_pruned"] + model.lm_head.weight.numel()
+    assert not (tmp_path / "s.search").exists()
+    assert _search(saved_model_dir, tmp_path / "u", "--backend", "uniform") == 0
+    assert json.loads((tmp_path / "u" / "report.json").read_text())["search"]["best_rates"] == pytest.approx([0.3, 0.3])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--target_rate", "1.0"], "target_rate"), (["--max_rate", "0.2"], "max_rate"), (["--population", "1"], "population"),
+    (["--backend", "openai"], "llm_base_url"), (["--resume"], "no search state"), (["--llm_retries", "-1"], "llm_retries"),
+])
+def test_cli_search_bad_input(tmp_path, saved_model_dir, capsys, extra, match):
+    assert _search(saved_model_dir, tmp_path / "s", *extra) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_cli_search_unreachable_endpoint(tmp_path, saved_model_dir, capsys):
+    url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    assert _search(saved_model_dir, tmp_path / "s", "--backend", "openai", "--llm_base_url", url,
+                   "--llm_model", "x") == 2
+    assert url in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert (tmp_path / "s.search").is_dir()  # kept: the search can be resumed once the endpoint is up
