@@ -611,8 +611,11 @@ def cmd_search(args) -> int:
                              args.final_k, final_eval, settings, progress)
     run = {"command": "search", "model": args.model, "model_path": str(model_dir or src) if (model_dir or src) else None,
            "config": {k: v for k, v in vars(args).items() if k not in ("command",)}, "search": rep}
-    if names:
-        run["eval"] = _evaluate(pruned, tok, names, eval_seqlen, args.max_windows, progress, args, tasks)
+    if names:  # the best candidate's perplexities were just computed among the final k
+        done = rep["final"][0].get("eval") or {}
+        rest = [n for n in names if n == "zeroshot"]
+        run["eval"] = {**done, **(_evaluate(pruned, tok, rest, eval_seqlen, args.max_windows, progress, args, tasks)
+                                 if rest else {})}
     if args.bench:
         from .evaluate.speed import compare
 

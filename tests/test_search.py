@@ -75,7 +75,7 @@ def _scripted_chat(log=None, bad_every=0):
     """A test double of a chat model: reads the request out of the prompt and answers valid JSON, or
     garbage for about one seed in `bad_every`; like a sampled model at a fixed seed, a function of its input."""
 
-    def chat(messages, seed, max_tokens):
+    def chat(messages, seed, max_tokens, prefix=""):
         text = messages[-1]["content"]
         if log is not None:
             log.append(text)
@@ -139,7 +139,7 @@ def test_llm_operators_validate_fall_back_count_and_log(tmp_path):
     assert "mean must be 0.3" in prompts[0] and "The model is tiny." in prompts[0]
     assert all(feasible(p["rates"], 0.3, 0.8) for p in state["population"])
 
-    def never(messages, seed, max_tokens):
+    def never(messages, seed, max_tokens, prefix=""):
         return "no json here"
 
     ops = LLMOperators(never, "m", None, retries=1)
@@ -158,7 +158,7 @@ class _Stub(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         _Stub.requests.append((self.path, body))
-        content = _scripted_chat()(body["messages"], body.get("seed", 0), body.get("max_tokens"))
+        content = _scripted_chat()(body["messages"], body.get("seed", 0), body.get("max_tokens"))  # no prefix sent
         payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                 "finish_reason": "stop"}],

@@ -7,7 +7,9 @@ object in it) and validated against a JSON schema (vector lengths, number types,
 reply is retried `retries` times; then the GA operator does that step instead, and the fallback is
 counted. Every prompt and reply goes to a JSON-lines log, so a search can be audited.
 
-Backends (a `chat(messages, seed, max_tokens) -> str` callable):
+Backends (a `chat(messages, seed, max_tokens, prefix) -> str` callable; `prefix` is the start of the JSON
+answer, which a backend may pre-fill in the assistant turn to steer a small model, and then includes in
+the returned text):
     openai_chat  any OpenAI-compatible HTTP endpoint (vLLM, Ollama, llama.cpp server, hosted APIs)
     local_chat   a chat model run in-process with transformers (e.g. the bundled SmolLM2-135M-Instruct)
 """
@@ -83,7 +85,7 @@ class LLMOperators:
         lines += [f"{i}. fitness={p['fitness']:.4f} rates={_fmt(p['rates'])}" for i, p in enumerate(pop)]
         return "\n".join(lines)
 
-    def _ask(self, op: str, ctx, task: str, schema: dict, example: str, check, n_numbers: int):
+    def _ask(self, op: str, ctx, task: str, schema: dict, example: str, check, n_numbers: int, prefix: str = ""):
         import jsonschema
 
         messages = [{"role": "system", "content": SYSTEM},
@@ -93,7 +95,7 @@ class LLMOperators:
         for attempt in range(self.retries + 1):
             seed = (ctx.seed * 1_000_003 + ctx.generation * 1009 + attempt * 31 + OPS.index(op)) % 2**31
             t0 = time.perf_counter()
-            reply = self.chat(messages, seed, max_tokens)
+            reply = self.chat(messages, seed, max_tokens, prefix)
             self.counts["calls"] += 1
             err = None
             try:
@@ -124,7 +126,7 @@ class LLMOperators:
         schema = {"type": "object", "required": ["population"],
                   "properties": {"population": {"type": "array", "minItems": n, "items": _vec_schema(L)}}}
         got = self._ask("init", ctx, task, schema, '{"population": [[r_0, ..., r_%d], ...]}' % (L - 1),
-                        lambda o: o["population"][:n], n * L)
+                        lambda o: o["population"][:n], n * L, '{"population": [[')
         return got if got is not None else self.fallback.init(n, ctx)
 
     def select(self, pop, n, ctx):
@@ -135,7 +137,7 @@ class LLMOperators:
         schema = {"type": "object", "required": ["pairs"],
                   "properties": {"pairs": {"type": "array", "minItems": n, "items": item}}}
         got = self._ask("select", ctx, task, schema, '{"pairs": [[i, j], ...]}', lambda o: [tuple(p) for p in o["pairs"][:n]],
-                        2 * n)
+                        2 * n, '{"pairs": [[')
         return got if got is not None else self.fallback.select(pop, n, ctx)
 
     def _children(self, op, ctx, task, n):
@@ -143,7 +145,7 @@ class LLMOperators:
         schema = {"type": "object", "required": ["children"],
                   "properties": {"children": {"type": "array", "minItems": n, "items": _vec_schema(L)}}}
         return self._ask(op, ctx, task, schema, '{"children": [[r_0, ..., r_%d], ...]}' % (L - 1),
-                         lambda o: o["children"][:n], n * L)
+                         lambda o: o["children"][:n], n * L, '{"children": [[')
 
     def crossover(self, pairs, ctx):
         if not pairs:
@@ -178,7 +180,7 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
     client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", timeout=timeout,
                            max_retries=1)
 
-    def chat(messages, seed, max_tokens):
+    def chat(messages, seed, max_tokens, prefix=""):  # no pre-fill: not every server supports it
         try:
             r = client.chat.completions.create(model=model, messages=messages, temperature=temperature, seed=seed,
                                                max_tokens=max_tokens)
@@ -201,12 +203,13 @@ def local_chat(spec: str = "smollm2-135m", temperature: float = 0.7, max_new_tok
     if not getattr(tok, "chat_template", None):
         raise UsageError(f"{spec} has no chat template: use a chat (instruct) model for --backend local")
 
-    def chat(messages, seed, max_tokens):
-        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    def chat(messages, seed, max_tokens, prefix=""):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
         torch.manual_seed(seed)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95,
                                  max_new_tokens=min(max_tokens, max_new_tokens), pad_token_id=tok.eos_token_id)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return prefix + tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
     return chat

@@ -1,7 +1,7 @@
 """Physically remove attention heads and MLP channels from decoder blocks (structured pruning; the operator
 behind Self-Pruner's per-layer rates, algorithms.md §9.3).
 
-Block i at rate r loses round(r · I) of its I MLP intermediate channels (rows of gate/up, columns of down)
+Block i at rate r loses round(r · I) (half up) of its I MLP intermediate channels (rows of gate/up, columns of down)
 and about r of its query heads (rows of q, columns of o). GQA is respected in one of two ways:
 
     gqa="query"   the same number of query heads, round(r · G), leaves every KV group of G heads, so
@@ -16,6 +16,7 @@ bias (An et al., AAAI 2024, §3.3), creating the bias if the layer has none.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,11 @@ def geometry(model, block) -> tuple[int, int, int]:
     return block.get_submodule(spec.q).out_features // hd, block.get_submodule(spec.k).out_features // hd, hd
 
 
+def _round(x: float) -> int:
+    """Round half up (Python's round() sends 0.5 to 0)."""
+    return int(math.floor(x + 0.5))
+
+
 def plan_block(scores: dict, n_q: int, n_kv: int, rate: float, gqa: str = "query") -> dict:
     """Which query heads, KV heads and MLP channels block keeps at `rate`: sorted index lists
     {"q": [...], "kv": [...], "channels": [...]}. scores: {"heads": (n_q,), "channels": (I,)}."""
@@ -66,7 +72,7 @@ def plan_block(scores: dict, n_q: int, n_kv: int, rate: float, gqa: str = "query
     G = n_q // n_kv
     h = scores["heads"]
     if G > 1 and gqa == "query":
-        k = min(round(rate * G), G - 1)
+        k = min(_round(rate * G), G - 1)
         q = []
         for g in range(n_kv):
             local = h[g * G:(g + 1) * G]
@@ -74,11 +80,11 @@ def plan_block(scores: dict, n_q: int, n_kv: int, rate: float, gqa: str = "query
         kv = list(range(n_kv))
     else:
         group = h.reshape(n_kv, G).sum(1)
-        m = min(round(rate * n_kv), n_kv - 1)
+        m = min(_round(rate * n_kv), n_kv - 1)
         kv = sorted(int(j) for j in torch.argsort(group, descending=True)[:n_kv - m])
         q = [g * G + j for g in kv for j in range(G)]
     c = scores["channels"]
-    n_c = c.numel() - min(round(rate * c.numel()), c.numel() - 1)
+    n_c = c.numel() - min(_round(rate * c.numel()), c.numel() - 1)
     channels = sorted(int(j) for j in torch.argsort(c, descending=True)[:n_c])
     return {"q": sorted(q), "kv": kv, "channels": channels}
 
