@@ -129,12 +129,8 @@ def test_losa_run_keeps_exact_sparsity_and_lowers_loss(family, tokenizer, corpus
     assert mean_loss(model, ex) < mean_loss(none, ex) - 0.05
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpus, monkeypatch):
-    ex = text_examples(tokenizer, str(corpus), 12, 32, seed=1)
-    c = dict(lora_dropout=0.1)  # dropout: the restored RNG state matters
-    a = make_model("llama")
-    finetune(a, tokenizer, cfg(corpus, **c), ex, checkpoint_dir=tmp_path / "a", model_id="m", progress=False)
-
+def _interrupt_second_step(monkeypatch):
+    """Make LoSA's second fine-tuning step raise KeyboardInterrupt (as Ctrl-C would); returns the real train."""
     real, calls = losa.train, []
 
     def interrupted(*args, **kw):
@@ -144,6 +140,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpus, monkeyp
         return real(*args, **kw)
 
     monkeypatch.setattr(losa, "train", interrupted)
+    return real
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpus, monkeypatch):
+    ex = text_examples(tokenizer, str(corpus), 12, 32, seed=1)
+    c = dict(lora_dropout=0.1)  # dropout: the restored RNG state matters
+    a = make_model("llama")
+    finetune(a, tokenizer, cfg(corpus, **c), ex, checkpoint_dir=tmp_path / "a", model_id="m", progress=False)
+
+    real = _interrupt_second_step(monkeypatch)
     b = make_model("llama")
     with pytest.raises(KeyboardInterrupt):
         finetune(b, tokenizer, cfg(corpus, **c), ex, checkpoint_dir=tmp_path / "b", model_id="m", progress=False)
@@ -255,15 +261,7 @@ def test_cli_finetune_compares_methods_and_saves_plain_sparse_models(tmp_path, s
 
 def test_cli_interrupt_then_resume(tmp_path, saved_model_dir, corpus, monkeypatch):
     out = tmp_path / "ft"
-    real, calls = losa.train, []
-
-    def interrupted(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(losa, "train", interrupted)
+    real = _interrupt_second_step(monkeypatch)
     assert _cli(saved_model_dir, corpus, out) == 130
     assert not out.exists() and (tmp_path / "ft.ckpt" / "state.json").is_file()
     monkeypatch.setattr(losa, "train", real)
