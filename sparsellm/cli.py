@@ -150,9 +150,10 @@ def _add_search_args(p):
                    help="importance of heads and channels (flap adds its bias compensation)")
     p.add_argument("--gqa", default="query", choices=["query", "group"],
                    help="GQA: remove equal numbers of query heads per KV group, or whole KV groups")
-    p.add_argument("--backend", default="ga", choices=["ga", "openai", "local", "uniform"],
+    p.add_argument("--backend", default="ga", choices=["ga", "llm", "openai", "local", "uniform"],
                    help="search operators: ga (classical), openai (any OpenAI-compatible endpoint), local "
-                        "(a chat model in-process), uniform (no search: the target rate everywhere)")
+                        "(a chat model in-process), llm (openai when --llm_base_url is given, else local), "
+                        "uniform (no search: the target rate everywhere)")
     p.add_argument("--population", type=int, default=30, help="population size N")
     p.add_argument("--generations", type=int, default=20, help="generations G")
     p.add_argument("--crossover", type=int, default=10, help="children from crossover per generation")
@@ -550,6 +551,8 @@ def cmd_search(args) -> int:
     from .search.driver import describe, self_prune
     from .structured.io import write_structured
 
+    if args.backend == "llm":
+        args.backend = "openai" if args.llm_base_url else "local"
     config = SearchConfig(target_rate=args.target_rate, max_rate=args.max_rate, population=args.population,
                           generations=args.generations, crossover=args.crossover, mutation=args.mutation,
                           seed=args.seed).validate()
@@ -624,13 +627,13 @@ def cmd_search(args) -> int:
     run["seconds"] = time.perf_counter() - t0
     run["peak_rss_mib"] = api.peak_rss_mib()
     run["versions"] = api.versions()
-    md = _search_markdown(run)
 
     def write(tmp: Path):
         write_structured(pruned, tmp, {"rates": rep["best_rates"], "metric": args.metric, "gqa": args.gqa})
+        rep["weights_mib"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20
         tok.save_pretrained(tmp)
         api.write_json_atomic(tmp / "report.json", run)
-        api.write_text_atomic(tmp / "report.md", md)
+        api.write_text_atomic(tmp / "report.md", _search_markdown(run))
         if rep["history"]:
             plots.search_progress(rep["history"], tmp / "fitness.png", f"{args.backend} search, mean rate {args.target_rate:g}")
         plots.structured_rates(rep["best_rates"], args.target_rate, tmp / "rates.png")
@@ -642,7 +645,7 @@ def cmd_search(args) -> int:
     if not args.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     log.info("saved the pruned model to %s", out)
-    print(md)
+    print(_search_markdown(run))
     return 0
 
 
@@ -652,7 +655,8 @@ def _search_markdown(run) -> str:
     lines = [f"# sparsellm search: {run['model']}", "",
              f"backend **{r['backend']}**, metric {r['metric']}, GQA mode {r['gqa']}, mean rate {r['target_rate']:g} "
              f"(each block in [0, {r['max_rate']:g}])",
-             f"parameters {r['params_dense']:,} → {r['params_pruned']:,} ({r['params_pruned'] / r['params_dense']:.3f} of dense)",
+             f"parameters {r['params_dense']:,} → {r['params_pruned']:,} ({r['params_pruned'] / r['params_dense']:.3f} of dense)"
+             + (f", weights on disk {r['weights_mib']:.1f} MiB" if "weights_mib" in r else ""),
              f"{r['evals']} fitness evaluations over {r['generations']} generations in {r['search_seconds']:.1f} s "
              f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
              f"{r['fitness']['windows']} windows) {r['best_fitness']:.4f}"]

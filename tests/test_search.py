@@ -229,6 +229,7 @@ def test_cli_search_end_to_end(tmp_path, saved_model_dir):
         assert (out / f).is_file(), f
     rep = json.loads((out / "report.json").read_text())["search"]
     assert feasible(rep["best_rates"], 0.3, 0.6) and rep["params_pruned"] < rep["params_dense"]
+    assert rep["weights_mib"] == pytest.approx((out / "model.safetensors").stat().st_size / 2**20)
     assert len(rep["final"]) == 2 and all("wikitext2_ppl@32" in c["eval"] for c in rep["final"])
     model, _, _ = load_model(str(out))
     assert sum(p.numel() for p in model.parameters()) <= rep["params_pruned"] + model.lm_head.weight.numel()
