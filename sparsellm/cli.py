@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import asdict
 import os
 import signal
 import sys
@@ -103,7 +104,8 @@ def _add_finetune_args(p):
                         "runs each on the same data, into OUT/<method>/, plus OUT/comparison.md")
     p.add_argument("--sparsity_ratio", type=float, default=None, help="target S in [0, 1); 0.5 when left out")
     p.add_argument("--sparsity_type", default="unstructured", help="unstructured or N:M (not with losa)")
-    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--prune_method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"],
+                   help="pruner for the baselines' prune and LoSA's re-pruning (the paper: wanda or sparsegpt)")
     p.add_argument("--steps", type=int, default=5, help="LoSA: T steps, sparsity s_t = S − S(1 − t/T)³")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows for pruning")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
@@ -129,7 +131,7 @@ def _add_finetune_args(p):
     p.add_argument("--ft_batch_size", type=int, default=4, help="examples per micro-batch")
     p.add_argument("--grad_accum", type=int, default=2, help="micro-batches per optimiser step")
     p.add_argument("--warmup_ratio", type=float, default=0.3, help="linear warm-up, fraction of optimiser steps")
-    p.add_argument("--weight_decay", type=float, default=0.001)
+    p.add_argument("--weight_decay", type=float, default=0.001, help="AdamW weight decay")
     p.add_argument("--max_grad_norm", type=float, default=0.3, help="gradient clipping")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--step_eval_windows", type=int, default=4,
@@ -155,14 +157,14 @@ def _add_search_args(p):
                         "(a chat model in-process), llm (openai when --llm_base_url is given, else local), "
                         "uniform (no search: the target rate everywhere)")
     p.add_argument("--population", type=int, default=30, help="population size N")
-    p.add_argument("--generations", type=int, default=20, help="generations G")
+    p.add_argument("--generations", type=int, default=20, help="generations G (0: the initial population only)")
     p.add_argument("--crossover", type=int, default=10, help="children from crossover per generation")
     p.add_argument("--mutation", type=int, default=10, help="children from mutation per generation")
     p.add_argument("--llm_base_url", default=None, help="openai backend: e.g. http://localhost:8000/v1")
     p.add_argument("--llm_model", default=None, help="openai backend: the model name the endpoint serves")
     p.add_argument("--llm_api_key_env", default="OPENAI_API_KEY", help="openai backend: env variable with the key")
     p.add_argument("--local_model", default="smollm2-135m", help="local backend: the chat model (any --model form)")
-    p.add_argument("--llm_temperature", type=float, default=0.7)
+    p.add_argument("--llm_temperature", type=float, default=0.7, help="sampling temperature of the search LLM")
     p.add_argument("--llm_retries", type=int, default=2, help="retries of a bad reply before the GA fallback")
     p.add_argument("--fitness_windows", type=int, default=4, help="held-out C4-validation windows per fitness")
     p.add_argument("--fitness_seqlen", type=int, default=512, help="tokens per fitness window")
@@ -177,6 +179,9 @@ def _add_search_args(p):
     p.add_argument("--resume", action="store_true", help="continue an interrupted search from OUT.search/")
     p.add_argument("--keep_state", action="store_true", help="keep OUT.search/ after a successful run")
     _add_eval_args(p, "wikitext2")
+    for a in p._actions:
+        if a.dest == "eval_seqlen":
+            a.help = "window length for perplexity (default: 2048, capped at the model's context)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -427,7 +432,6 @@ def cmd_prune(args) -> int:
 def cmd_finetune(args) -> int:
     import shutil
     import tempfile
-    from dataclasses import asdict
 
     from . import api
     from .adapt.losa import FinetuneConfig, finetune, prune_like_report
@@ -486,6 +490,11 @@ def cmd_finetune(args) -> int:
     done = set()
     for m in methods:
         if args.resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
+            old = json.loads((outs[m] / "report.json").read_text()).get("config", {})
+            new = asdict(configs[m])
+            diff = sorted(k for k in new if k != "eval_seqlen" and old.get(k) != new[k])
+            if diff:
+                raise UsageError(f"--resume: {outs[m]} was finished with other settings ({', '.join(diff)})")
             done.add(m)  # finished before the interruption
             continue
         check_output_dir(outs[m], args.overwrite, inputs)
@@ -609,9 +618,14 @@ def cmd_search(args) -> int:
                 "calibration": [args.calib_dataset, args.nsamples, seqlen, args.seed],
                 "llm": [args.llm_base_url, args.llm_model, args.local_model, args.llm_temperature, args.llm_retries]}
     t0 = time.perf_counter()
-    pruned, rep = self_prune(model, tok, config, ops, calib, args.metric, args.gqa, args.fitness_windows,
-                             min(args.fitness_seqlen, context_length(model)), state_dir / "state.json", args.resume,
-                             args.final_k, final_eval, settings, progress)
+    try:
+        pruned, rep = self_prune(model, tok, config, ops, calib, args.metric, args.gqa, args.fitness_windows,
+                                 min(args.fitness_seqlen, context_length(model)), state_dir / "state.json",
+                                 args.resume, args.final_k, final_eval, settings, progress)
+    except BaseException:
+        if not (state_dir / "state.json").is_file() and not (state_dir / "llm_log.jsonl").is_file():
+            shutil.rmtree(state_dir, ignore_errors=True)  # nothing to resume from
+        raise
     run = {"command": "search", "model": args.model, "model_path": str(model_dir or src) if (model_dir or src) else None,
            "config": {k: v for k, v in vars(args).items() if k not in ("command",)}, "search": rep}
     if names:  # the best candidate's perplexities were just computed among the final k

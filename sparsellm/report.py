@@ -181,6 +181,14 @@ def run_row(run: dict, directory) -> dict:
 
     p = run.get("prune") or {}
     cfg = run.get("config") or {}
+    if run.get("command") == "search":  # structured: "measured" is the fraction of all parameters removed
+        s = run["search"]
+        p = {"method": f"{s['metric']} ({s['backend']} search)", "allocation": {"name": "searched", "rates": s["best_rates"]},
+             "sparsity_type": "structured", "target_sparsity": s["target_rate"]}
+        m = None
+        extra_measured = 1 - s["params_pruned"] / s["params_dense"]
+    else:
+        extra_measured = None
     ev = run.get("eval", {})
     zs = ev.get("zeroshot")
     speed = {}
@@ -188,6 +196,8 @@ def run_row(run: dict, directory) -> dict:
         speed = json.loads((directory / "speed.json").read_text()).get("ratios", {}).get("model fp32", {})
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
     m = p.get("measured")
+    if extra_measured is not None:
+        m = None
     return {
         "dir": str(directory), "model": run.get("model", ""),
         "method": p.get("method", cfg.get("prune_method", "dense" if run.get("command", "").startswith("eval") else "")),
@@ -195,7 +205,7 @@ def run_row(run: dict, directory) -> dict:
         "sparsity_type": p.get("sparsity_type", cfg.get("sparsity_type", "")),
         "target": p.get("target_sparsity", cfg.get("sparsity_ratio", 0.0 if run.get("command", "").startswith("eval")
                                                    else None)),
-        "measured": m["sparsity"] if m else None,
+        "measured": m["sparsity"] if m else extra_measured,
         "nonzeros": (m["params"] - m["zeros"]) if m else None,
         "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
         "zeroshot_mean_acc": zs["mean_acc"] if zs else None,

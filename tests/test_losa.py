@@ -289,3 +289,24 @@ def test_cli_finetune_instruction_file_without_rows(tmp_path, saved_model_dir, c
     args = ["--data", str(bad)]
     assert _cli(saved_model_dir, corpus, tmp_path / "ft", *args) == 2
     assert "no usable rows" in capsys.readouterr().err
+
+
+def test_a_run_is_reproducible_whatever_the_global_rng(tokenizer, corpus):
+    ex = text_examples(tokenizer, str(corpus), 6, 32, seed=1)
+    out = []
+    for noise in (1, 2):
+        model = make_model("llama")
+        torch.manual_seed(noise)  # the caller's RNG state must not matter: --seed decides
+        finetune(model, tokenizer, cfg(corpus, steps=2, lora_dropout=0.1), ex, progress=False)
+        out.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*out):
+        assert torch.equal(p, q)
+
+
+def test_cli_resume_of_a_finished_run_with_other_settings(tmp_path, saved_model_dir, corpus, capsys):
+    out = tmp_path / "ft"
+    assert _cli(saved_model_dir, corpus, out, "--method", "none,masked-lora") == 0
+    assert _cli(saved_model_dir, corpus, out, "--method", "none,masked-lora,losa", "--resume") == 2  # no LoSA checkpoint
+    capsys.readouterr()
+    assert _cli(saved_model_dir, corpus, out, "--method", "none,losa", "--lora_r", "2", "--resume") == 2
+    assert "finished with other settings (lora_r)" in capsys.readouterr().err

@@ -116,7 +116,7 @@ def test_resume_continues_exactly(tmp_path, backend):
         run_search(dying, 4, cfg, ops(), tmp_path / "b.json")
     stopped = json.loads((tmp_path / "b.json").read_text())
     assert 0 <= stopped["generation"] < 5
-    with pytest.raises(UsageError, match="other settings"):
+    with pytest.raises(UsageError, match=r"other settings \(mutation\)"):
         run_search(f, 4, SearchConfig(**{**vars(cfg), "mutation": 2}), ops(), tmp_path / "b.json", resume=True)
     resumed = run_search(f, 4, cfg, ops(), tmp_path / "b.json", resume=True)
     assert resumed["population"] == full["population"]

@@ -279,6 +279,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, examples: list, checkpoin
     if resume and (config.method != "losa" or checkpoint_dir is None):
         raise UsageError("--resume continues a LoSA run from its checkpoint directory")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    torch.manual_seed(config.seed)  # LoRA factor init and dropout: a run is reproducible (resume restores the state)
     t_start = time.perf_counter()
     calib = calibration_windows(tokenizer, config.calib_dataset, config.nsamples, seqlen, config.seed)
     wiki_ids = eval_tokens(tokenizer, "wikitext2", config.eval_seqlen) if config.step_eval_windows else None
@@ -373,13 +374,13 @@ def _losa(model, tok, config, examples, calib, wiki_ids, checkpoint_dir, resume,
         merge(model)
         entry["measured"] = _merged_sparsity(model)
         entry["ppl"] = _eval(model, tok, config, wiki_ids, progress)
-        log.info("LoSA step %d/%d: target %.4f, measured %.4f, mean rank %.1f, train loss %.4f → %.4f%s", t,
-                 config.steps, s_t, entry["measured"], entry["mean_rank"], entry["train"]["losses"][0],
-                 entry["train"]["losses"][-1], f", ppl {entry['ppl']['ppl']:.3f}" if entry["ppl"] else "")
         report["steps"].append(entry)
         if ckpt is not None:
             save_checkpoint(ckpt, model, {"key": key, "step": t, "ranks": adapter_ranks(model),
                                           "steps": report["steps"]})
+        log.info("LoSA step %d/%d: target %.4f, measured %.4f, mean rank %.1f, train loss %.4f → %.4f%s", t,
+                 config.steps, s_t, entry["measured"], entry["mean_rank"], entry["train"]["losses"][0],
+                 entry["train"]["losses"][-1], f", ppl {entry['ppl']['ppl']:.3f}" if entry["ppl"] else "")
 
 
 def _merged_sparsity(model) -> float:
@@ -403,19 +404,25 @@ def prune_like_report(model, config: FinetuneConfig, report: dict, calib_seqlen:
         target = last.get("rates", [config.sparsity_ratio] * len(get_blocks(model)))[i]
         for m in mods.values():
             m["target"] = target
-        blocks.append({"block": i, "target": target, "measured": measured, "rel_error": None, "cum_error": None,
-                       "seconds": 0.0, "modules": mods})
+        pb = (report.get("prune") or {}).get("blocks")  # the baselines' one prune
+        rel = last.get("rel_errors", [None] * (i + 1))[i] if "rel_errors" in last else (pb[i]["rel_error"] if pb else None)
+        secs = pb[i]["seconds"] if pb else 0.0
+        blocks.append({"block": i, "target": target, "measured": measured, "rel_error": rel, "cum_error": None,
+                       "seconds": secs, "modules": mods})
     last = report["steps"][-1] if report["steps"] else {}
     rates = last.get("rates", [config.sparsity_ratio] * len(blocks))
+    steps = report["steps"]
+    prune_s = sum(st.get("prune_seconds") or 0.0 for st in steps) + ((report.get("prune") or {}).get("prune_seconds") or 0.0)
     return {
         "method": f"{config.prune_method}+{config.method}", "sparsity_type": config.sparsity_type,
         "target_sparsity": config.sparsity_ratio,
-        "allocation": {"name": "rmi" if config.method == "losa" else "uniform", "rates": rates},
+        "allocation": {"name": "rmi" if config.method == "losa" else "uniform", "rates": rates,
+                       "seconds": sum(st.get("rmi_seconds") or 0.0 for st in steps)},
         "calibration": {"dataset": config.calib_dataset, "nsamples": config.nsamples, "seqlen": calib_seqlen,
                         "seed": config.seed, "used": True},
         "options": {"blocksize": config.blocksize, "percdamp": config.percdamp},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "measured": linear_sparsity(model), "blocks": blocks, "prune_seconds": report["seconds"],
+        "measured": linear_sparsity(model), "blocks": blocks, "prune_seconds": prune_s,
         "peak_rss_mib": report["peak_rss_mib"], "threads": torch.get_num_threads(), "versions": api.versions(),
     }
 

@@ -138,8 +138,14 @@ def run_search(fitness, n_blocks: int, config: SearchConfig, ops, state_path=Non
             raise UsageError(f"--resume: no search state at {state_path}")
         state = json.loads(state_path.read_text())
         if state.get("settings") != settings:
-            old = state.get("settings", {})
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            def flat(d, pre=""):
+                out = {}
+                for k, v in (d or {}).items():
+                    out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+                return out
+
+            old, new = flat(state.get("settings")), flat(json.loads(json.dumps(settings)))
+            diff = sorted(k.removeprefix("search.") for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise UsageError(f"--resume: the search at {state_path} was made with other settings ({', '.join(diff)})")
         _set_rng(rng, state["rng"])
         if hasattr(ops, "load_stats"):
