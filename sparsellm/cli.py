@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from dataclasses import asdict
 import os
 import signal
@@ -362,6 +363,8 @@ def cmd_prune(args) -> int:
 
         load_documents(args.calib_dataset)  # fail early on a missing or unusable file
     kind, src = resolve_model(args.model)
+    if src is not None and (Path(src) / "structure.json").is_file():
+        raise UsageError(f"{args.model} is a structured model with per-block widths; pruning it again is not supported")
     inputs = [src, Path(args.calib_dataset) if args.calib_dataset != "c4" else None,
               Path(args.allocation[5:]) if args.allocation.startswith("file:") else None]
     out = None
@@ -487,6 +490,10 @@ def cmd_finetune(args) -> int:
     single = len(methods) == 1
     outs = {m: root if single else root / m for m in methods}
     ckpts = {m: Path(f"{outs[m]}.ckpt") for m in methods}
+    if src is not None and (Path(src) / "structure.json").is_file():
+        raise UsageError(f"{args.model} is a structured model with per-block widths; fine-tuning it is not supported")
+    for m in methods:  # the checkpoint directories are deleted at the end: never an input
+        check_output_dir(ckpts[m], True, inputs)
     done = set()
     for m in methods:
         if args.resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
@@ -517,7 +524,10 @@ def cmd_finetune(args) -> int:
         cfg = configs[m]
         cfg.eval_seqlen = min(args.eval_seqlen or min(args.seqlen, 2048), context_length(model))
         if examples is None:
-            examples = finetune_examples(tok, args.data, args.ft_nsamples, args.ft_seqlen, args.seed + 1)
+            ft_seqlen = min(args.ft_seqlen, context_length(model))
+            if ft_seqlen < args.ft_seqlen:
+                log.warning("--ft_seqlen %d exceeds the model's context %d; using %d", args.ft_seqlen, ft_seqlen, ft_seqlen)
+            examples = finetune_examples(tok, args.data, args.ft_nsamples, ft_seqlen, args.seed + 1)
         run = {"command": "finetune", "model": args.model, "model_path": str(model_dir or src) if (model_dir or src) else None,
                "config": asdict(cfg), "data": {"source": args.data, "ft_nsamples": len(examples),
                                                  "ft_seqlen": args.ft_seqlen, "seed": args.seed + 1}}
@@ -527,7 +537,8 @@ def cmd_finetune(args) -> int:
             shutil.rmtree(ckpts[m])
         with tempfile.TemporaryDirectory(prefix="sparsellm-adapter-") as adir:
             rep = finetune(model, tok, cfg, examples, checkpoint_dir=ckpts[m] if m == "losa" else None,
-                           resume=args.resume and m == "losa", model_id=str(model_dir or src or args.model),
+                           resume=args.resume and m == "losa",
+                           model_id=f"{model_dir or src or args.model} ({args.dtype})",
                            adapter_dir=adir if m != "none" else None, progress=progress)
             run["finetune"] = rep
             run["prune"] = prune_like_report(model, cfg, rep, min(args.seqlen, context_length(model)))
@@ -587,6 +598,9 @@ def cmd_search(args) -> int:
     kind, src = resolve_model(args.model)
     out = check_output_dir(args.out, args.overwrite, [src, Path(args.calib_dataset) if args.calib_dataset != "c4" else None])
     state_dir = Path(f"{out}.search")
+    check_output_dir(state_dir, True, [src, Path(args.calib_dataset) if args.calib_dataset != "c4" else None])
+    if not (args.llm_temperature >= 0 and math.isfinite(args.llm_temperature)):
+        raise UsageError(f"--llm_temperature must be a finite number >= 0, got {args.llm_temperature}")
     if (state_dir / "state.json").is_file() and not (args.resume or args.overwrite):
         raise UsageError(f"an interrupted search is at {state_dir}: add --resume to continue it, or --overwrite "
                          "to start again")
@@ -598,7 +612,6 @@ def cmd_search(args) -> int:
     struct_spec(model)
     if args.overwrite and state_dir.exists():
         shutil.rmtree(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     chat = None
     if args.backend == "openai":
@@ -614,10 +627,14 @@ def cmd_search(args) -> int:
     eval_seqlen = min(args.eval_seqlen or 2048, context_length(model))
     ppl_names = [n for n in names if n != "zeroshot"]
     final_eval = (lambda m: _evaluate(m, tok, ppl_names, eval_seqlen, args.max_windows, False)) if ppl_names else None
-    settings = {"model": str(model_dir or src or args.model), "backend": args.backend,
-                "calibration": [args.calib_dataset, args.nsamples, seqlen, args.seed],
+    import hashlib
+
+    settings = {"model": str(model_dir or src or args.model), "backend": args.backend, "dtype": args.dtype,
+                "calibration": [args.calib_dataset, args.nsamples, seqlen, args.seed,
+                                None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()],
                 "llm": [args.llm_base_url, args.llm_model, args.local_model, args.llm_temperature, args.llm_retries]}
     t0 = time.perf_counter()
+    state_dir.mkdir(parents=True, exist_ok=True)
     try:
         pruned, rep = self_prune(model, tok, config, ops, calib, args.metric, args.gqa, args.fitness_windows,
                                  min(args.fitness_seqlen, context_length(model)), state_dir / "state.json",

@@ -310,3 +310,29 @@ def test_cli_resume_of_a_finished_run_with_other_settings(tmp_path, saved_model_
     capsys.readouterr()
     assert _cli(saved_model_dir, corpus, out, "--method", "none,losa", "--lora_r", "2", "--resume") == 2
     assert "finished with other settings (lora_r)" in capsys.readouterr().err
+
+
+def test_cli_never_deletes_an_input_named_like_the_checkpoint(tmp_path, saved_model_dir, corpus, capsys):
+    import shutil
+
+    victim = tmp_path / "victim.ckpt"
+    shutil.copytree(saved_model_dir, victim)
+    before = sorted(p.name for p in victim.iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert main(["--quiet", "finetune", "--model", str(victim), "--method", "none", "--nsamples", "4", "--seqlen",
+                     "32", "--calib_dataset", str(corpus), "--data", str(corpus), "--ft_nsamples", "2", "--ft_seqlen",
+                     "32", "--eval", "none", "--out", str(tmp_path / "victim"), *extra]) == 2
+        assert "overlaps the input" in capsys.readouterr().err
+    assert sorted(p.name for p in victim.iterdir()) == before
+
+
+def test_nm_masked_lora_keeps_the_pattern(tokenizer, corpus):
+    ex = text_examples(tokenizer, str(corpus), 4, 32, seed=1)
+    model = make_model("llama")
+    rep = finetune(model, tokenizer, cfg(corpus, method="masked-lora", sparsity_ratio=None, sparsity_type="2:4"),
+                   ex, progress=False)
+    assert rep["measured"]["sparsity"] == 0.5
+    for block in get_blocks(model):
+        for lin in losa.block_linears(model, block).values():
+            groups = (lin.weight != 0).reshape(lin.out_features, -1, 4).sum(-1)
+            assert bool((groups <= 2).all())

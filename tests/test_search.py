@@ -252,4 +252,4 @@ def test_cli_search_unreachable_endpoint(tmp_path, saved_model_dir, capsys):
     assert _search(saved_model_dir, tmp_path / "s", "--backend", "openai", "--llm_base_url", url,
                    "--llm_model", "x") == 2
     assert url in capsys.readouterr().err and not (tmp_path / "s").exists()
-    assert (tmp_path / "s.search").is_dir()  # kept: the search can be resumed once the endpoint is up
+    assert not (tmp_path / "s.search").exists()  # it failed before any generation: nothing to resume

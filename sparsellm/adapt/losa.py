@@ -105,6 +105,8 @@ class FinetuneConfig:
             raise UsageError("LoSA ramps an unstructured sparsity over its steps; for an N:M pattern use "
                              "--method masked-lora (the mask of a re-pruned N:M model never changes)")
         self.prune_config(self.sparsity_ratio if nm is None else None).validate()
+        if nm is not None:
+            self.sparsity_ratio = nm.sparsity
         if self.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {self.steps}")
         if not 1 <= self.lora_r <= self.r_max:
@@ -114,6 +116,10 @@ class FinetuneConfig:
                 raise UsageError(f"--{name} must be in [1, r_max = {self.r_max}], got {getattr(self, name)}")
         if self.rank_nsamples < 1 or self.step_eval_windows < 0 or self.eval_seqlen < 2:
             raise UsageError("--rank_nsamples must be >= 1, --step_eval_windows >= 0 and --eval_seqlen >= 2")
+        import math
+
+        if not all(math.isfinite(float(v)) for v in (self.lr, self.lora_alpha, self.weight_decay, self.max_grad_norm)):
+            raise UsageError("--lr, --lora_alpha, --weight_decay and --max_grad_norm must be finite numbers")
         if not 0 <= self.lora_dropout < 1 or self.lora_alpha <= 0:
             raise UsageError("--lora_dropout must be in [0, 1) and --lora_alpha > 0")
         if self.lr <= 0 or self.ft_batch_size < 1 or self.grad_accum < 1 or not 0 <= self.warmup_ratio < 1 \
@@ -207,14 +213,19 @@ def load_checkpoint(path: Path, model, key: dict) -> dict:
     f = path / "state.json"
     if not f.is_file():
         raise UsageError(f"--resume: no checkpoint at {path}")
-    state = json.loads(f.read_text())
+    try:
+        state = json.loads(f.read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--resume: the checkpoint at {path} is unreadable ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"--resume: the checkpoint at {path} is unreadable")
     if state.get("key") != key:
         old = state.get("key", {})
         diff = sorted(k for k in set(old.get("config", {})) | set(key["config"])
                       if old.get("config", {}).get(k) != key["config"].get(k))
         diff += [k for k in ("model", "data_sha256") if old.get(k) != key[k]]
         raise UsageError(f"--resume: the checkpoint at {path} was made with other settings ({', '.join(diff)})")
-    tensors = load_file(str(path / "state.safetensors"))
     with torch.no_grad():
         for n, m in model.named_modules():
             if isinstance(m, MaskedLoraLinear):
@@ -272,7 +283,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, examples: list, checkpoin
     if not examples:
         raise UsageError("no fine-tuning examples")
     seqlen = api.validate_for_model(model, config.prune_config(
-        config.sparsity_ratio if config.sparsity_type == "unstructured" else None))
+        config.sparsity_ratio if config.sparsity_type == "unstructured" else None).validate())
     config.eval_seqlen = min(config.eval_seqlen, context_length(model))
     if config.method == "losa":
         data_slices(len(examples), config.steps)

@@ -59,6 +59,8 @@ class MaskedLoraLinear(nn.Module):
 
     def check_mask(self) -> None:
         """Raise RuntimeError if the base weight has a non-zero outside the mask (a merge must never do that)."""
+        if not bool(torch.isfinite(self.base.weight.detach()).all()):
+            raise RuntimeError("the merged weight is not finite: training diverged (lower --lr?)")
         if bool((self.base.weight.detach()[~self.mask] != 0).any()):
             raise RuntimeError("the merged weight has non-zeros outside the sparsity mask")
 
@@ -100,6 +102,7 @@ def add_masked_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: 
             if targets is not None and name not in targets:
                 continue
             layer = MaskedLoraLinear(lin, r, alpha, dropout, r_max)
+            layer.train(model.training)  # an eval-mode model stays deterministic (dropout off)
             parent, _, attr = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, attr, layer)
             layers.append(layer)

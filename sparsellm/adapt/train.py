@@ -161,11 +161,14 @@ def finetune_examples(tokenizer, data: str, n: int, seqlen: int, seed: int) -> l
 
 
 def _is_instruction(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        head = f.read(65536).lstrip()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(65536).lstrip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
     try:
         if head.startswith("["):
-            row = json.loads(path.read_text(encoding="utf-8"))[0]
+            row = json.loads(path.read_text(encoding="utf-8-sig"))[0]
         else:
             row = json.loads(head.splitlines()[0])
     except (ValueError, IndexError):

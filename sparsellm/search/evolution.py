@@ -64,7 +64,14 @@ def repair(rates, target: float, max_rate: float) -> list[float]:
 
     Non-finite entries become `target`. Then clip-then-shift is iterated to its fixed point: the common
     shift δ with mean(clip(v + δ, 0, max_rate)) = target, found by bisection (the mean is monotone in δ)."""
-    v = [float(x) if isinstance(x, (int, float)) and math.isfinite(x) else target for x in rates]
+    def num(x):
+        try:
+            x = float(x)
+        except (TypeError, ValueError, OverflowError):
+            return target
+        return x if math.isfinite(x) else target
+
+    v = [num(x) for x in rates]
     if not v:
         raise ValueError("empty rate vector")
 
@@ -136,7 +143,12 @@ def run_search(fitness, n_blocks: int, config: SearchConfig, ops, state_path=Non
     if resume:
         if state_path is None or not state_path.is_file():
             raise UsageError(f"--resume: no search state at {state_path}")
-        state = json.loads(state_path.read_text())
+        try:
+            state = json.loads(state_path.read_text())
+            if not isinstance(state, dict) or not state.get("population"):
+                raise ValueError("no population")
+        except ValueError as e:
+            raise UsageError(f"--resume: the search state at {state_path} is unreadable ({e})") from None
         if state.get("settings") != settings:
             def flat(d, pre=""):
                 out = {}

@@ -133,10 +133,10 @@ class LLMOperators:
         task = (f"{self._population(pop)}\n\nSelect {n} pairs of parents (by their index in the list above) "
                 f"for crossover and mutation. Prefer fit parents but keep some diversity.")
         item = {"type": "array", "minItems": 2, "maxItems": 2,
-                "items": {"type": "integer", "minimum": 0, "maximum": len(pop) - 1}}
+                "items": {"type": "integer", "minimum": 0, "maximum": len(pop) - 1}}  # 1.0 passes: int() below
         schema = {"type": "object", "required": ["pairs"],
                   "properties": {"pairs": {"type": "array", "minItems": n, "items": item}}}
-        got = self._ask("select", ctx, task, schema, '{"pairs": [[i, j], ...]}', lambda o: [tuple(p) for p in o["pairs"][:n]],
+        got = self._ask("select", ctx, task, schema, '{"pairs": [[i, j], ...]}', lambda o: [(int(a), int(b)) for a, b in o["pairs"][:n]],
                         2 * n, '{"pairs": [[')
         return got if got is not None else self.fallback.select(pop, n, ctx)
 
@@ -188,6 +188,8 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
             raise UsageError(f"cannot reach the LLM endpoint {base_url}: {e}") from None
         except openai.APIStatusError as e:
             raise UsageError(f"the LLM endpoint {base_url} answered HTTP {e.status_code}: {e.message}") from None
+        if not hasattr(r, "choices"):
+            raise UsageError(f"the LLM endpoint {base_url} did not answer with a chat completion")
         return (r.choices[0].message.content or "") if r.choices else ""
 
     return chat

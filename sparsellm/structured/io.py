@@ -116,8 +116,12 @@ def load_structured(path, dtype=torch.float32):
         raise UsageError(f"{path}/{STRUCTURE} lists {len(blocks)} blocks, the config has {len(layers)}")
     prefix = {id(b): n for n, b in model.named_modules()}
     hidden = model.config.hidden_size
+    hd0 = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for block, b in zip(layers, blocks):
         q, kv, hd, inter = b["num_attention_heads"], b["num_key_value_heads"], b["head_dim"], b["intermediate_size"]
+        if hd != hd0 or not (isinstance(q, int) and isinstance(kv, int) and kv >= 1 and q >= kv and q % kv == 0):
+            raise UsageError(f"{path}/{STRUCTURE}: block widths are inconsistent (heads {q}, KV heads {kv}, "
+                             f"head_dim {hd}; the model's head_dim is {hd0})")
         shapes = {spec.q: (hidden, q * hd), spec.k: (hidden, kv * hd), spec.v: (hidden, kv * hd),
                   spec.o: (q * hd, hidden), spec.down: (inter, hidden), **{n: (hidden, inter) for n in spec.up}}
         for name, (fan_in, fan_out) in shapes.items():
