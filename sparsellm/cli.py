@@ -469,6 +469,8 @@ def cmd_finetune(args) -> int:
         raise UsageError("--ft_nsamples must be >= 1 and --ft_seqlen >= 2")
     if "losa" in configs and args.ft_nsamples < args.steps:
         raise UsageError(f"--ft_nsamples {args.ft_nsamples} cannot give each of the {args.steps} LoSA steps its own slice")
+    if args.eval_seqlen is not None and args.eval_seqlen < 2:
+        raise UsageError(f"--eval_seqlen must be >= 2, got {args.eval_seqlen}")
     if args.resume and "losa" not in configs:
         raise UsageError("--resume continues an interrupted LoSA run (--method losa)")
     if args.resume and args.overwrite:
@@ -585,6 +587,8 @@ def cmd_search(args) -> int:
         raise UsageError(f"--llm_retries must be >= 0, got {args.llm_retries}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
+    if args.eval_seqlen is not None and args.eval_seqlen < 2:
+        raise UsageError(f"--eval_seqlen must be >= 2, got {args.eval_seqlen}")
     if args.resume and args.backend == "uniform":
         raise UsageError("--resume continues a search; --backend uniform does not search")
     names = _datasets(args.eval)

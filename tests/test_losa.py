@@ -276,6 +276,7 @@ def test_cli_interrupt_then_resume(tmp_path, saved_model_dir, corpus, monkeypatc
     (["--method", "bogus"], "unknown fine-tuning method"), (["--sparsity_type", "2:4"], "N:M"),
     (["--resume"], "no checkpoint"), (["--ft_nsamples", "1"], "own slice"), (["--steps", "0"], "steps"),
     (["--sparsity_ratio", "1.0"], "sparsity"), (["--method", "lora", "--resume"], "LoSA"),
+    (["--eval_seqlen", "0"], "eval_seqlen"), (["--lr", "nan"], "finite"),
 ])
 def test_cli_finetune_bad_input(tmp_path, saved_model_dir, corpus, capsys, extra, match):
     out = tmp_path / "ft"

@@ -241,6 +241,7 @@ def test_cli_search_end_to_end(tmp_path, saved_model_dir):
 @pytest.mark.parametrize("extra,match", [
     (["--target_rate", "1.0"], "target_rate"), (["--max_rate", "0.2"], "max_rate"), (["--population", "1"], "population"),
     (["--backend", "openai"], "llm_base_url"), (["--resume"], "no search state"), (["--llm_retries", "-1"], "llm_retries"),
+    (["--eval_seqlen", "0"], "eval_seqlen"), (["--llm_temperature", "nan"], "llm_temperature"),
 ])
 def test_cli_search_bad_input(tmp_path, saved_model_dir, capsys, extra, match):
     assert _search(saved_model_dir, tmp_path / "s", *extra) == 2

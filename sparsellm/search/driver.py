@@ -21,7 +21,7 @@ def describe(model, name: str) -> str:
     spec = struct_spec(model)
     b = get_blocks(model)[0]
     n_q, n_kv, hd = geometry(model, b)
-    return (f"The model is {name} ({model.config.model_type} architecture, {count_params(model) / 1e6:.0f}M "
+    return (f"The model is {name} ({model.config.model_type} architecture, {count_params(model) / 1e6:.3g}M "
             f"parameters): {len(get_blocks(model))} decoder layers, each with {n_q} query heads sharing {n_kv} "
             f"key/value heads (head size {hd}) and an MLP of {b.get_submodule(spec.down).in_features} channels. "
             f"A layer's rate removes that fraction of its query heads and of its MLP channels.")
