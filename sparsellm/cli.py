@@ -622,7 +622,6 @@ def cmd_search(args) -> int:
         chat = openai_chat(args.llm_base_url, args.llm_model, args.llm_api_key_env, args.llm_temperature)
     elif args.backend == "local":
         chat = local_chat(args.local_model, args.llm_temperature)
-    name = args.model if not (model_dir or src) else Path(str(model_dir or src)).name
     ops = {"ga": GAOperators(), "uniform": None}.get(args.backend) if chat is None else LLMOperators(
         chat, describe(model, args.model), state_dir / "llm_log.jsonl", args.llm_retries)
     seqlen = min(args.seqlen, context_length(model))

@@ -244,7 +244,7 @@ def load_checkpoint(path: Path, model, key: dict) -> dict:
 
 def _prune_to(model, tok, config: FinetuneConfig, calib, progress) -> dict | None:
     """Prune at S with uniform rates unless the model already is that sparse. Returns the prune report or None."""
-    S = parse_pattern(config.sparsity_type).sparsity if parse_pattern(config.sparsity_type) else config.sparsity_ratio
+    S = config.sparsity_ratio  # validate() set it from an N:M pattern
     have = linear_sparsity(model)["sparsity"]
     if have >= S - 1e-4:
         log.info("the model is already %.4f sparse (target %.4f): not pruned again", have, S)
@@ -383,7 +383,8 @@ def _losa(model, tok, config, examples, calib, wiki_ids, checkpoint_dir, resume,
         entry["data_slice"] = [a, b]
         entry["train"] = _train(model, examples[a:b], config, progress, pad_id)
         merge(model)
-        entry["measured"] = _merged_sparsity(model)
+        with unwrapped(model):
+            entry["measured"] = linear_sparsity(model)["sparsity"]
         entry["ppl"] = _eval(model, tok, config, wiki_ids, progress)
         report["steps"].append(entry)
         if ckpt is not None:
@@ -394,34 +395,24 @@ def _losa(model, tok, config, examples, calib, wiki_ids, checkpoint_dir, resume,
                  entry["train"]["losses"][-1], f", ppl {entry['ppl']['ppl']:.3f}" if entry["ppl"] else "")
 
 
-def _merged_sparsity(model) -> float:
-    zeros = total = 0
-    for m in lora_layers(model):
-        zeros += int((m.base.weight == 0).sum())
-        total += m.base.weight.numel()
-    return zeros / total
-
-
 def prune_like_report(model, config: FinetuneConfig, report: dict, calib_seqlen: int) -> dict:
     """A `prune`-shaped report of the final model (per-block, per-linear measured sparsity), so that
     `save_pruned` writes the usual `sparsity_config.json` and `sparsellm report` reads the run."""
+    last = report["steps"][-1] if report["steps"] else {}
+    L = len(get_blocks(model))
+    targets = last.get("rates", [config.sparsity_ratio] * L)
+    pb = (report.get("prune") or {}).get("blocks")  # the baselines' one prune
     blocks = []
     for i, block in enumerate(get_blocks(model)):
-        mods = {n: {"target": None, "measured": float((lin.weight == 0).sum()) / lin.weight.numel()}
-                for n, lin in block_linears(model, block).items()}
-        total = sum(lin.weight.numel() for lin in block_linears(model, block).values())
-        measured = sum(mods[n]["measured"] * lin.weight.numel() for n, lin in block_linears(model, block).items()) / total
-        last = report["steps"][-1] if report["steps"] else {}
-        target = last.get("rates", [config.sparsity_ratio] * len(get_blocks(model)))[i]
-        for m in mods.values():
-            m["target"] = target
-        pb = (report.get("prune") or {}).get("blocks")  # the baselines' one prune
-        rel = last.get("rel_errors", [None] * (i + 1))[i] if "rel_errors" in last else (pb[i]["rel_error"] if pb else None)
-        secs = pb[i]["seconds"] if pb else 0.0
-        blocks.append({"block": i, "target": target, "measured": measured, "rel_error": rel, "cum_error": None,
-                       "seconds": secs, "modules": mods})
-    last = report["steps"][-1] if report["steps"] else {}
-    rates = last.get("rates", [config.sparsity_ratio] * len(blocks))
+        linears = block_linears(model, block)
+        mods = {n: {"target": targets[i], "measured": float((lin.weight == 0).sum()) / lin.weight.numel()}
+                for n, lin in linears.items()}
+        total = sum(lin.weight.numel() for lin in linears.values())
+        measured = sum(mods[n]["measured"] * lin.weight.numel() for n, lin in linears.items()) / total
+        rel = last["rel_errors"][i] if "rel_errors" in last else (pb[i]["rel_error"] if pb else None)
+        blocks.append({"block": i, "target": targets[i], "measured": measured, "rel_error": rel, "cum_error": None,
+                       "seconds": pb[i]["seconds"] if pb else 0.0, "modules": mods})
+    rates = targets
     steps = report["steps"]
     prune_s = sum(st.get("prune_seconds") or 0.0 for st in steps) + ((report.get("prune") or {}).get("prune_seconds") or 0.0)
     return {
