@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     b.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     b.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 runs")
+    b.add_argument("--deepsparse", action="store_true",
+                   help="also run both models, exported to ONNX, in DeepSparse 1.8 (needs `make deepsparse-env`)")
+    b.add_argument("--deepsparse_python", default=None,
+                   help="the Python of the DeepSparse environment (default: $SPARSELLM_DEEPSPARSE_PYTHON, "
+                   "else .venv-deepsparse/bin/python)")
     b.add_argument("--save", default=None, help="directory to write speed.json into (e.g. the run directory)")
 
     rp = sub.add_parser("report", help="put several runs side by side: one markdown table and PNG plots")
@@ -794,8 +799,16 @@ def cmd_bench(args) -> int:
         from .models import check_output_dir
 
         check_output_dir(args.save, True, [], replaces=False)  # only speed.json is added, e.g. to the run dir
+    if args.deepsparse:
+        from .evaluate.sparse_runtime import find_python
+
+        find_python("deepsparse", args.deepsparse_python)  # fail before the long PyTorch runs
     dense, _, _ = load_model(baseline, torch.float32)
     sparse, _, _ = load_model(args.model, torch.float32)
+    if args.deepsparse:
+        from .evaluate.onnx_export import check_exportable
+
+        check_exportable(sparse, max(prefill + [args.decode_prompt + args.new_tokens + 1]))
     models = {"dense fp32": dense, "model fp32": sparse}
     if not args.no_bf16:
         models["dense bf16"] = load_model(baseline, torch.bfloat16)[0]
@@ -803,6 +816,19 @@ def cmd_bench(args) -> int:
     res = compare(models, prefill, batches, decode_prompt=args.decode_prompt, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
                   threads=args.threads, progress=not args.quiet)
     res.update(model=args.model, baseline=baseline, versions=api.versions())
+    if args.deepsparse:
+        from .evaluate import sparse_runtime
+
+        ds = sparse_runtime.compare({"dense": dense, "model": sparse}, "deepsparse", args.deepsparse_python,
+                                    prefill, batches, decode_prompt=args.decode_prompt, new_tokens=args.new_tokens,
+                                    repeats=args.repeats, warmup=args.warmup,
+                                    threads=args.threads or torch.get_num_threads(), progress=not args.quiet)
+        res["deepsparse"] = ds
+        base = res["results"]["dense fp32"]
+        for n in ("dense", "model"):  # against PyTorch dense fp32 of this same bench run (another process)
+            r = ds["results"][n]
+            res["results"][f"deepsparse {n}"] = r
+            res["ratios"][f"deepsparse {n}"] = {k: v / base[k] for k, v in r.items() if k in base}
     print(res["cuda_2_4"], file=sys.stderr)
     if args.save is not None:
         api.write_json_atomic(Path(args.save) / "speed.json", res)
@@ -813,6 +839,12 @@ def cmd_bench(args) -> int:
         lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f" ({ratio[k]:.2f}×)" if ratio else "")
                                               for k in keys) + " |")
     print("\n".join(lines))
+    if args.deepsparse:
+        ds = res["deepsparse"]
+        print("DeepSparse model vs DeepSparse dense: " + ", ".join(f"{k} {v:.2f}×" for k, v in ds["ratios"]["model"].items()))
+        print("DeepSparse vs PyTorch logits on a fixed prompt: " + ", ".join(
+            f"{n} max |Δ| {c['max_abs_logit_diff']:.2e}, greedy agreement {c['greedy_agreement']:.2f}"
+            for n, c in ds["check"].items()))
     return 0
 
 

@@ -44,7 +44,7 @@ def make_config(family: str, **overrides):
     if family == "qwen2":
         return Qwen2Config(**_common(**overrides))
     if family == "mistral":
-        return MistralConfig(**_common(sliding_window=8, **overrides))
+        return MistralConfig(**_common(**{"sliding_window": 8, **overrides}))
     if family == "gemma3":
         kw = dict(num_hidden_layers=3, head_dim=8, sliding_window=8,
                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])
