@@ -501,6 +501,10 @@ def cmd_finetune(args) -> int:
         raise UsageError(f"{args.model} is a structured model with per-block widths; fine-tuning it is not supported")
     for m in methods:  # the checkpoint directories are deleted at the end: never an input
         check_output_dir(ckpts[m], True, inputs)
+    if not single and not (args.overwrite or args.resume):
+        old = [f.name for f in (root / "comparison.md", root / "comparison.json") if f.exists()]
+        if old:
+            raise UsageError(f"{root} already holds {' and '.join(old)} of another run: add --overwrite to replace it")
     done = set()
     for m in methods:
         if args.resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():

@@ -257,6 +257,9 @@ def test_cli_finetune_compares_methods_and_saves_plain_sparse_models(tmp_path, s
     assert not (out / "none" / "adapter").exists()
     report = json.loads((out / "losa" / "report.json").read_text())
     assert len(report["finetune"]["steps"]) == 2
+    before = (out / "comparison.md").read_bytes()
+    assert _cli(saved_model_dir, corpus, out, "--method", "none,lora") == 2  # another run's comparison is kept
+    assert (out / "comparison.md").read_bytes() == before and not (out / "lora").exists()
 
 
 def test_cli_interrupt_then_resume(tmp_path, saved_model_dir, corpus, monkeypatch):

@@ -147,7 +147,7 @@ def test_importance_metrics_match_direct_computation(calib):
         torch.testing.assert_close(got["scores"][1]["heads"], ch.reshape(n_q, hd).sum(1), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("rates,vanilla", [([0.5, 0.5], True), ([0.5, 0.25], False)])
+@pytest.mark.parametrize("rates,vanilla", [([0.5, 0.5], True), ([0.5, 0.25], False), ([0.0, 0.5], False)])
 @pytest.mark.parametrize("metric", ["wanda-sp", "flap"])
 def test_save_reload_identical_logits(tmp_path, tokenizer, calib, rates, vanilla, metric):
     from transformers import AutoModelForCausalLM
@@ -163,7 +163,10 @@ def test_save_reload_identical_logits(tmp_path, tokenizer, calib, rates, vanilla
     info = write_structured(model, d)
     tokenizer.save_pretrained(d)
     assert info["vanilla_loadable"] is vanilla
-    assert [b["intermediate_size"] for b in info["blocks"]] == [32, 32 if vanilla else 48]
+    assert [b["intermediate_size"] for b in info["blocks"]] == [round(64 * (1 - r)) for r in rates]
+    spec = struct_spec(model)
+    for r, blk in zip(rates, get_blocks(model)):  # FLAP's compensation bias only where something was removed
+        assert (blk.get_submodule(spec.down).bias is not None) == (metric == "flap" and r > 0)
     back, _, _ = load_model(str(d))
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, want, atol=1e-6, rtol=0)

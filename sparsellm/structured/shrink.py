@@ -109,9 +109,12 @@ def _cols(lin: nn.Linear, idx: torch.Tensor, comp: torch.Tensor | None) -> nn.Li
     return new
 
 
-def _compensation(lin: nn.Linear, keep: torch.Tensor, stats) -> torch.Tensor:
+def _compensation(lin: nn.Linear, keep: torch.Tensor, stats) -> torch.Tensor | None:
+    """W[:, removed] @ mean(x[removed]) in float64; None when nothing is removed (no bias is created then)."""
     removed = torch.ones(lin.in_features, dtype=torch.bool)
     removed[keep] = False
+    if not removed.any():
+        return None
     mean = (stats.total / stats.ntokens).to(torch.float64)
     return lin.weight.data.double()[:, removed] @ mean[removed]
 
