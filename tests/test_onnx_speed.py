@@ -85,6 +85,16 @@ def test_unsupported_exports_are_refused(tmp_path, family, overrides, match):
     check_exportable(make_model("mistral", sliding_window=64), max_tokens=64)  # a window covering every length
 
 
+def test_per_block_widths_are_refused(tmp_path):
+    from sparsellm.structured import importance, prune_structured
+
+    model = make_model("llama")
+    calib = torch.randint(3, 100, (2, 16))
+    prune_structured(model, [0.0, 0.5], importance(model, calib, "wanda-sp", progress=False), gqa="group")
+    with pytest.raises(UsageError, match="per-block attention widths"):
+        export(model, tmp_path / "x", capacity=16)
+
+
 def test_runner_imports_without_torch():
     """The runner runs in DeepSparse's own environment, which has no torch and no sparsellm."""
     code = (f"import sys; sys.modules['torch'] = None; sys.path.insert(0, {str(sparse_runtime.RUNNER.parent)!r}); "

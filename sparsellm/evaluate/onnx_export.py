@@ -41,6 +41,11 @@ def check_exportable(model, max_tokens: int = 0) -> None:
     if cfg.model_type not in SUPPORTED:
         raise UsageError(f"ONNX export for sparse runtimes supports {', '.join(SUPPORTED)} models, "
                          f"not {cfg.model_type!r}")
+    _, _, kvh, _, hd = kv_shape(model, 1, 1)
+    widths = {layer.self_attn.k_proj.out_features for layer in model.model.layers}
+    if widths != {kvh * hd}:
+        raise UsageError("a structurally pruned model with per-block attention widths cannot be exported with one "
+                         "stacked KV cache; measure it natively with `sparsellm bench` (it is simply smaller)")
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     if window and window < max_tokens:
         raise UsageError(f"{cfg.model_type} with a sliding window of {window} tokens cannot be exported with a full "
