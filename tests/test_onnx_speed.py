@@ -85,6 +85,16 @@ def test_unsupported_exports_are_refused(tmp_path, family, overrides, match):
     check_exportable(make_model("mistral", sliding_window=64), max_tokens=64)  # a window covering every length
 
 
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    model = make_model("llama", attn="sdpa").train()
+    export(model, tmp_path / "x", capacity=8)
+    assert model.config._attn_implementation == "sdpa" and model.training
+    half = make_model("llama").to(torch.bfloat16)
+    with pytest.raises(UsageError, match="float32"):
+        export(half, tmp_path / "y", capacity=8)
+    assert next(half.parameters()).dtype == torch.bfloat16 and not (tmp_path / "y").exists()
+
+
 def test_per_block_widths_are_refused(tmp_path):
     from sparsellm.structured import importance, prune_structured
 

@@ -117,15 +117,19 @@ def export(model, out_dir: str | Path, capacity: int, max_tokens: int = 0) -> di
     axes (a runtime fixes them per engine). `capacity` is the decode cache size C in tokens; `max_tokens` the
     longest prefill the caller will run (checked against a sliding window). Returns
     {"prefill": path, "decode": path, "kv_shape": [...] at batch 1, "opset": 17}.
-    The model's attention implementation is switched to eager for the export and restored afterwards.
-    Raises UsageError for an unsupported architecture or a capacity beyond the model's context."""
+    The model's attention implementation is switched to eager (and the model to eval mode) for the export,
+    and both are restored afterwards. Raises UsageError for a model that is not float32, an unsupported
+    architecture or a capacity beyond the model's context."""
     check_exportable(model, max(capacity + 1, max_tokens))
     ctx = getattr(model.config, "max_position_embeddings", None)
     if capacity < 1 or (ctx and capacity + 1 > ctx):
         raise UsageError(f"decode cache capacity {capacity} must be in [1, {ctx - 1 if ctx else '∞'}]")
+    if next(model.parameters()).dtype != torch.float32:
+        raise UsageError("export a float32 model (DeepSparse runs float32 graphs); load it with dtype float32")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.float().eval()
+    was_training = model.training
+    model.eval()
     old_impl = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -151,4 +155,5 @@ def export(model, out_dir: str | Path, capacity: int, max_tokens: int = 0) -> di
                                             "new_keys": kv_axes, "new_values": kv_axes})
     finally:
         model.set_attn_implementation(old_impl)
+        model.train(was_training)
     return {**paths, "kv_shape": list(shape), "capacity": capacity, "opset": OPSET}
