@@ -501,10 +501,14 @@ def cmd_finetune(args) -> int:
         raise UsageError(f"{args.model} is a structured model with per-block widths; fine-tuning it is not supported")
     for m in methods:  # the checkpoint directories are deleted at the end: never an input
         check_output_dir(ckpts[m], True, inputs)
-    if not single and not (args.overwrite or args.resume):
+    if not single and not args.overwrite:
         old = [f.name for f in (root / "comparison.md", root / "comparison.json") if f.exists()]
-        if old:
+        if old and not args.resume:
             raise UsageError(f"{root} already holds {' and '.join(old)} of another run: add --overwrite to replace it")
+        if args.resume and (root / "comparison.json").is_file():
+            listed = set(json.loads((root / "comparison.json").read_text()))
+            if listed != set(methods):
+                raise UsageError(f"--resume: {root} compares {', '.join(sorted(listed))}, not {', '.join(methods)}")
     done = set()
     for m in methods:
         if args.resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
@@ -806,13 +810,14 @@ def cmd_bench(args) -> int:
     if args.deepsparse:
         from .evaluate.sparse_runtime import find_python
 
-        find_python("deepsparse", args.deepsparse_python)  # fail before the long PyTorch runs
+        find_python("deepsparse", args.deepsparse_python)  # fail before loading anything
     dense, _, _ = load_model(baseline, torch.float32)
     sparse, _, _ = load_model(args.model, torch.float32)
-    if args.deepsparse:
-        from .evaluate.onnx_export import check_exportable
+    if args.deepsparse:  # every other DeepSparse check, before the long PyTorch runs
+        from .evaluate.sparse_runtime import preflight
 
-        check_exportable(sparse, max(prefill + [args.decode_prompt + args.new_tokens + 1]))
+        preflight({"dense": dense, "model": sparse}, "deepsparse", args.deepsparse_python, prefill,
+                  args.decode_prompt, args.new_tokens)
     models = {"dense fp32": dense, "model fp32": sparse}
     if not args.no_bf16:
         models["dense bf16"] = load_model(baseline, torch.bfloat16)[0]
@@ -823,10 +828,20 @@ def cmd_bench(args) -> int:
     if args.deepsparse:
         from .evaluate import sparse_runtime
 
-        ds = sparse_runtime.compare({"dense": dense, "model": sparse}, "deepsparse", args.deepsparse_python,
-                                    prefill, batches, decode_prompt=args.decode_prompt, new_tokens=args.new_tokens,
-                                    repeats=args.repeats, warmup=args.warmup,
-                                    threads=args.threads or torch.get_num_threads(), progress=not args.quiet)
+        if args.save is not None:  # the PyTorch results survive a DeepSparse failure
+            api.write_json_atomic(Path(args.save) / "speed.json", res)
+        kept = f"; the PyTorch results are in {Path(args.save) / 'speed.json'}" if args.save else ""
+        try:
+            ds = sparse_runtime.compare({"dense": dense, "model": sparse}, "deepsparse", args.deepsparse_python,
+                                        prefill, batches, decode_prompt=args.decode_prompt,
+                                        new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                                        threads=args.threads or torch.get_num_threads(), progress=not args.quiet)
+        except sparse_runtime.RuntimeCheckFailed as e:
+            if args.save is not None:
+                api.write_json_atomic(Path(args.save) / "speed.json", {**res, "deepsparse_failed_check": e.result})
+            raise UsageError(f"{e}{kept}") from None
+        except RuntimeError as e:
+            raise UsageError(f"{e}{kept}") from None
         res["deepsparse"] = ds
         base = res["results"]["dense fp32"]
         for n in ("dense", "model"):  # against PyTorch dense fp32 of this same bench run (another process)

@@ -260,6 +260,8 @@ def test_cli_finetune_compares_methods_and_saves_plain_sparse_models(tmp_path, s
     before = (out / "comparison.md").read_bytes()
     assert _cli(saved_model_dir, corpus, out, "--method", "none,lora") == 2  # another run's comparison is kept
     assert (out / "comparison.md").read_bytes() == before and not (out / "lora").exists()
+    assert _cli(saved_model_dir, corpus, out, "--method", "none,losa", "--resume") == 2  # another method list
+    assert (out / "comparison.md").read_bytes() == before
 
 
 def test_cli_interrupt_then_resume(tmp_path, saved_model_dir, corpus, monkeypatch):

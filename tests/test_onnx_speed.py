@@ -39,7 +39,7 @@ def test_exported_prefill_and_kv_decode_match_pytorch(tmp_path, family, override
     ids = torch.randint(10, 100, (1, P), generator=torch.Generator().manual_seed(0))
     spec = {"engine": "onnxruntime", "threads": 1, "models": {"m": str(tmp_path / "x")}, "prefill_lengths": [5],
             "decode_batches": [2], "decode_prompt": P, "new_tokens": N, "repeats": 1, "warmup": 0, "vocab": 128,
-            "kv_shape": info["kv_shape"], "check_ids": ids.tolist(), "return_step_logits": True}
+            "kv_shapes": {"m": info["kv_shape"]}, "check_ids": ids.tolist(), "return_step_logits": True}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     r = subprocess.run([sys.executable, str(sparse_runtime.RUNNER), str(tmp_path / "spec.json"),
                         str(tmp_path / "out.json")], capture_output=True, text=True)
@@ -131,3 +131,60 @@ def test_cli_bench_deepsparse_without_its_environment(capsys, tmp_path, saved_mo
     err = capsys.readouterr().err
     assert err.startswith("sparsellm: error:") and "make deepsparse-env" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_models_with_different_kv_shapes_and_a_full_context_cache(tmp_path):
+    # e.g. a uniformly group-pruned model (saved with a vanilla config) against its dense baseline
+    dense = make_model("llama", seed=2, initializer_range=0.5, max_position_embeddings=16)
+    small = make_model("llama", seed=2, initializer_range=0.5, max_position_embeddings=16, num_key_value_heads=1)
+    res = sparse_runtime.compare({"dense": dense, "model": small}, "onnxruntime", prefill_lengths=(16,),
+                                 decode_batches=(2,), decode_prompt=12, new_tokens=4, repeats=1, warmup=0,
+                                 threads=1, workdir=str(tmp_path), progress=False)  # 12 + 4 = the whole context
+    assert all(c["ok"] and c["max_abs_logit_diff"] < 1e-4 for c in res["check"].values())
+    assert set(res["ratios"]["model"]) == {"prefill@16", "decode_b2"}
+    with pytest.raises(UsageError, match="exceed dense's context"):
+        sparse_runtime.preflight({"dense": dense}, "onnxruntime", None, (8,), 12, 5)
+
+
+def test_a_wrong_graph_is_caught_by_the_logits_check(tmp_path, monkeypatch):
+    from sparsellm.evaluate import onnx_export
+
+    real = onnx_export.export
+
+    def export_then_change_the_model(model, *a, **k):  # the graph no longer computes the model
+        info = real(model, *a, **k)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(3)
+        return info
+
+    monkeypatch.setattr(onnx_export, "export", export_then_change_the_model)
+    model = make_model("llama", seed=4, initializer_range=0.5)
+    with pytest.raises(sparse_runtime.RuntimeCheckFailed, match="disagree") as e:
+        sparse_runtime.compare({"m": model}, "onnxruntime", prefill_lengths=(8,), decode_batches=(1,),
+                               decode_prompt=6, new_tokens=2, repeats=1, warmup=0, threads=1, progress=False)
+    assert e.value.result["check"]["m"]["ok"] is False
+
+
+def test_runner_failure_keeps_the_pytorch_results(capsys, tmp_path, saved_model_dir):
+    fake = tmp_path / "fakepy"  # imports fine, then the runner dies as an out-of-memory kill would
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then exit 0; fi\necho 'MemoryError: boom' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    capsys.readouterr()
+    save = tmp_path / "s"
+    assert main(["--quiet", "bench", "--model", str(saved_model_dir), "--baseline", str(saved_model_dir),
+                 "--prefill", "8", "--decode_batches", "1", "--decode_prompt", "4", "--new_tokens", "2",
+                 "--repeats", "1", "--warmup", "0", "--no_bf16", "--deepsparse", "--deepsparse_python", str(fake),
+                 "--save", str(save)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsellm: error:") and "boom" in err and len(err.strip().splitlines()) == 1, err
+    sp = json.loads((save / "speed.json").read_text())
+    assert set(sp["results"]) == {"dense fp32", "model fp32"} and "deepsparse" not in sp
+
+
+@pytest.mark.parametrize("value", ["", "DIR", "FILE"])
+def test_bad_runtime_python_paths(tmp_path, value):
+    (tmp_path / "f").write_text("not a program")
+    value = value.replace("DIR", str(tmp_path)).replace("FILE", str(tmp_path / "f"))
+    with pytest.raises(UsageError, match="make deepsparse-env"):
+        sparse_runtime.find_python("deepsparse", value)
+

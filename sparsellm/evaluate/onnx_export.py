@@ -113,7 +113,8 @@ def kv_shape(model, batch: int, capacity: int) -> tuple[int, int, int, int, int]
 
 @torch.no_grad()
 def export(model, out_dir: str | Path, capacity: int, max_tokens: int = 0) -> dict:
-    """Writes prefill.onnx and decode.onnx for `model` (float32) into `out_dir`, with dynamic batch and length
+    """Writes prefill/prefill.onnx and decode/decode.onnx (each with its external weight files when over 2 GB)
+    for `model` (float32) into `out_dir`, with dynamic batch and length
     axes (a runtime fixes them per engine). `capacity` is the decode cache size C in tokens; `max_tokens` the
     longest prefill the caller will run (checked against a sliding window). Returns
     {"prefill": path, "decode": path, "kv_shape": [...] at batch 1, "opset": 17}.
@@ -122,8 +123,8 @@ def export(model, out_dir: str | Path, capacity: int, max_tokens: int = 0) -> di
     architecture or a capacity beyond the model's context."""
     check_exportable(model, max(capacity + 1, max_tokens))
     ctx = getattr(model.config, "max_position_embeddings", None)
-    if capacity < 1 or (ctx and capacity + 1 > ctx):
-        raise UsageError(f"decode cache capacity {capacity} must be in [1, {ctx - 1 if ctx else '∞'}]")
+    if capacity < 1 or (ctx and capacity > ctx):  # positions 0 .. capacity - 1
+        raise UsageError(f"decode cache capacity {capacity} must be in [1, {ctx or '∞'}] (the model's context)")
     if next(model.parameters()).dtype != torch.float32:
         raise UsageError("export a float32 model (DeepSparse runs float32 graphs); load it with dtype float32")
     out_dir = Path(out_dir)
@@ -133,8 +134,12 @@ def export(model, out_dir: str | Path, capacity: int, max_tokens: int = 0) -> di
     old_impl = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        ids = torch.randint(10, 100, (1, 8))
-        paths = {"prefill": str(out_dir / "prefill.onnx"), "decode": str(out_dir / "decode.onnx")}
+        ids = (torch.arange(8) % model.config.vocab_size)[None]  # any ids trace the same graph; no RNG use
+        # one folder per graph: above 2 GB torch writes the weights as external files named after internal
+        # tensor names, which would collide between the two graphs in one folder
+        paths = {g: str(out_dir / g / f"{g}.onnx") for g in ("prefill", "decode")}
+        for g in paths:
+            Path(paths[g]).parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(Prefill(model), (ids,), paths["prefill"], dynamo=False, opset_version=OPSET,

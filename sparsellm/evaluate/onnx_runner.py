@@ -8,8 +8,9 @@ library, numpy and the runtime, never torch or sparsellm.
 
 SPEC: {"engine": "deepsparse" | "onnxruntime", "threads": int, "models": {name: export_dir},
 "prefill_lengths": [...], "decode_batches": [...], "decode_prompt": P, "new_tokens": N, "repeats": R,
-"warmup": W, "vocab": V, "kv_shape": [1, layers, kv_heads, capacity, head_dim], "check_ids": [[...]]}.
-Every export_dir holds prefill.onnx and decode.onnx with capacity = P + N.
+"warmup": W, "vocab": V, "kv_shapes": {name: [1, layers, kv_heads, capacity, head_dim]}, "check_ids": [[...]]}.
+Every export_dir holds prefill/prefill.onnx and decode/decode.onnx (onnx_export.export) with capacity = P + N;
+the models may differ in their KV shapes (e.g. a structurally pruned model against its dense baseline).
 
 OUT: {"results": {name: {"prefill@L": tokens/s, "decode_b{B}": tokens/s}}, "check_logits": {name: last-position
 logits of check_ids, and with "return_step_logits" in SPEC, "NAME steps": every decode step's logits},
@@ -116,17 +117,18 @@ def main(spec_path: str, out_path: str) -> int:
     spec = json.loads(open(spec_path).read())
     kind, threads, models = spec["engine"], spec["threads"], spec["models"]
     rng = np.random.default_rng(spec.get("seed", 0))
-    vocab, kv = spec["vocab"], spec["kv_shape"]
+    vocab, kvs = spec["vocab"], spec["kv_shapes"]
     P, N = spec["decode_prompt"], spec["new_tokens"]
     check = np.asarray(spec["check_ids"], np.int64)
     # the check first, then the timed jobs; engines are compiled once per (graph, shapes) and freed after
     # their last use, so a check prompt of P tokens shares the prefill@P and decode_b1 engines
     jobs = [("check", 1, check.shape[1])] + [("prefill", 1, L) for L in spec["prefill_lengths"]]
     jobs += [("decode", B, P) for B in spec["decode_batches"]]
-    last = {}
+    last = {n: {} for n in models}
     for i, job in enumerate(jobs):
-        for k in _keys(job, P, kv):
-            last[k] = i
+        for n in models:
+            for k in _keys(job, P, kvs[n]):
+                last[n][k] = i
     cache = {n: {} for n in models}
     compile_s = {n: 0.0 for n in models}
     res = {n: {} for n in models}
@@ -135,19 +137,18 @@ def main(spec_path: str, out_path: str) -> int:
     def engine(n, key):
         if key not in cache[n]:
             graph, shapes = key
-            cache[n][key] = Engine(kind, f"{models[n]}/{graph}.onnx", [list(x) for x in shapes], threads)
+            cache[n][key] = Engine(kind, f"{models[n]}/{graph}/{graph}.onnx", [list(x) for x in shapes], threads)
             compile_s[n] += cache[n][key].compile_seconds
         return cache[n][key]
 
     for i, job in enumerate(jobs):
         what, B, L = job
-        keys = _keys(job, P, kv)
-        built = {n: [engine(n, k) for k in keys] for n in models}
+        built = {n: [engine(n, k) for k in _keys(job, P, kvs[n])] for n in models}
         if what == "check":
             for n, (pre, dec) in built.items():
                 check_logits[n] = prefill(pre, check)[0][0, -1].tolist()
                 steps = [] if spec.get("return_step_logits") else None
-                greedy[n] = generate(pre, dec, check, N, kv, steps)[0][0].tolist()
+                greedy[n] = generate(pre, dec, check, N, kvs[n], steps)[0][0].tolist()
                 if steps is not None:
                     check_logits[n + " steps"] = steps
         else:
@@ -161,7 +162,7 @@ def main(spec_path: str, out_path: str) -> int:
                         prefill(engs[0], ids)
                         sec = time.perf_counter() - t0
                     else:
-                        sec = generate(engs[0], engs[1], ids, N, (B, *kv[1:]))[1]
+                        sec = generate(engs[0], engs[1], ids, N, (B, *kvs[n][1:]))[1]
                     if r >= spec["warmup"]:
                         times[n].append(sec)
             for n in models:
@@ -170,7 +171,7 @@ def main(spec_path: str, out_path: str) -> int:
             print(f"{name}: " + "  ".join(f"{n} {res[n][name]:.1f} tok/s" for n in models), flush=True)
         del built
         for n in models:
-            for k in [k for k in cache[n] if last[k] == i]:
+            for k in [k for k in cache[n] if last[n][k] == i]:
                 del cache[n][k]
     out = {"results": res, "check_logits": check_logits, "greedy": greedy, "compile_seconds": compile_s,
            "versions": versions(kind)}
