@@ -75,6 +75,7 @@ def main():
         state["block"] = None
         model, tok, _ = phase(f"load model (fp32), batch {bs}", lambda: load_model(args.model, torch.float32))
         params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        hidden = model.config.hidden_size
         calib = phase(f"calibration windows, batch {bs}",
                       lambda: calibration_windows(tok, "c4", args.nsamples, args.seqlen, 0))
         for i, b in enumerate(get_blocks(model)):
@@ -87,7 +88,6 @@ def main():
         print(runs[bs], flush=True)
         del model, rep
     stop.set()
-    hidden = model.config.hidden_size
     act_mib = args.nsamples * args.seqlen * hidden * 4 / 2**20
     top = max(timeline, key=lambda r: r[1])
     res = {"settings": vars(args), "params_mib": params_mib, "activations_mib": act_mib,

@@ -505,10 +505,6 @@ def cmd_finetune(args) -> int:
         old = [f.name for f in (root / "comparison.md", root / "comparison.json") if f.exists()]
         if old and not args.resume:
             raise UsageError(f"{root} already holds {' and '.join(old)} of another run: add --overwrite to replace it")
-        if args.resume and (root / "comparison.json").is_file():
-            listed = set(json.loads((root / "comparison.json").read_text()))
-            if listed != set(methods):
-                raise UsageError(f"--resume: {root} compares {', '.join(sorted(listed))}, not {', '.join(methods)}")
     done = set()
     for m in methods:
         if args.resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
@@ -525,6 +521,11 @@ def cmd_finetune(args) -> int:
                              "or --overwrite to start again")
         if args.resume and m == "losa" and not (ckpts[m] / "state.json").is_file():
             raise UsageError(f"--resume: no checkpoint at {ckpts[m]}")
+    if not single and args.resume and not args.overwrite and (root / "comparison.json").is_file():
+        listed = sorted(json.loads((root / "comparison.json").read_text()))
+        if set(listed) != set(methods):
+            raise UsageError(f"--resume: {root} holds a finished comparison of [{', '.join(listed)}], "
+                             f"not [{', '.join(methods)}]; add --overwrite to start a new one")
     progress = not args.quiet
     examples = None
     results = {}

@@ -175,7 +175,7 @@ def load_run(path) -> tuple[dict, "Path"]:
 def run_row(run: dict, directory) -> dict:
     """One row of the cross-run table: model, method, allocation, target and measured sparsity, ppl per
     metric, zero-shot mean acc, speed ratios (fp32 model / fp32 dense baseline, from speed.json next to the
-    report, if any), size on disk of
+    report, if any; with DeepSparse, also the model in DeepSparse / PyTorch dense fp32), size on disk of
     the weights in the directory, non-zero block-linear weights."""
     import json
 
@@ -193,7 +193,10 @@ def run_row(run: dict, directory) -> dict:
     zs = ev.get("zeroshot")
     speed = {}
     if (directory / "speed.json").is_file():
-        speed = json.loads((directory / "speed.json").read_text()).get("ratios", {}).get("model fp32", {})
+        ratios = json.loads((directory / "speed.json").read_text()).get("ratios", {})
+        speed = dict(ratios.get("model fp32", {}))
+        # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
+        speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
     m = p.get("measured")
     if extra_measured is not None:

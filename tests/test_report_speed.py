@@ -76,6 +76,8 @@ def test_cli_bench_and_report(capsys, tmp_path, saved_model_dir, calib_txt):
     assert set(sp["results"]) == {"dense fp32", "model fp32", "dense bf16", "model bf16"}
     assert set(sp["ratios"]["model fp32"]) == {"prefill@8", "prefill@16", "decode_b1", "decode_b2"}
     assert "tok/s" in capsys.readouterr().out
+    sp["ratios"]["deepsparse model"] = {"prefill@8": 1.234}  # as `bench --deepsparse` adds it
+    (runs[0] / "speed.json").write_text(json.dumps(sp))
 
     out = tmp_path / "summary"
     assert main(["report", *map(str, runs), "--out", str(out)]) == 0
@@ -86,6 +88,7 @@ def test_cli_bench_and_report(capsys, tmp_path, saved_model_dir, calib_txt):
         assert f"{nz:,}" in table, (i, nz)
         assert f"{(d / 'model.safetensors').stat().st_size / 2**20:.1f}" in table
     assert "speed decode_b1" in table and "wikitext2_ppl@32" in table
+    assert "speed deepsparse prefill@8" in table and "1.23×" in table
     assert (out / "report.md").read_text().count("\n| ") >= 3
     for png in ("ppl_vs_sparsity.png", "rates.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
