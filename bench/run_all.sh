@@ -19,3 +19,19 @@ $PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 128 --seqlen 
 bash bench/run_layerwise.sh
 # 6. zero-shot accuracy (first 100 documents per task) and PyTorch speed of Wanda 50% against dense (issue 5)
 bash bench/zeroshot_bench.sh
+# 7. LoSA against its baselines at an equal fine-tuning budget (issue 4)
+$PY bench/losa_bench.py --sparsity 0.5 --out bench/results/losa_wanda50.json
+$PY bench/losa_bench.py --sparsity 0.7 --out bench/results/losa_wanda70.json
+# 8. Self-Pruner: uniform / GA / local-LLM search at 20% and 40% (issue 6)
+for r in 20 40; do
+    $PY bench/selfpruner_bench.py --rate "0.$((r / 10))" --population 6 --generations 3 --children 3 --eval_windows 8 \
+        --out "bench/results/selfpruner_$r.json"
+done
+# 9. DeepSparse speed (needs `make deepsparse-env`) and zero-shot of the 70% models (issue 5)
+MODELS="wanda50" THREADS=2 bash bench/deepsparse_bench.sh
+MODELS="wanda70 atp70" THREADS=1 bash bench/deepsparse_bench.sh
+for m in wanda70 atp70; do
+    .venv/bin/sparsellm --quiet eval zeroshot --model "bench/work/$m" --limit 100 --save "bench/results/zeroshot_limit100/$m"
+done
+# 10. where a prune's peak memory comes from (issue 2)
+$PY bench/memory_probe.py --method wanda --sparsity 0.5 --nsamples 64 --seqlen 512 --out bench/results/memory_probe_wanda50.json
