@@ -808,10 +808,6 @@ def cmd_bench(args) -> int:
         from .models import check_output_dir
 
         check_output_dir(args.save, True, [], replaces=False)  # only speed.json is added, e.g. to the run dir
-    if args.deepsparse:
-        from .evaluate.sparse_runtime import find_python
-
-        find_python("deepsparse", args.deepsparse_python)  # fail before loading anything
     dense, _, _ = load_model(baseline, torch.float32)
     sparse, _, _ = load_model(args.model, torch.float32)
     if args.deepsparse:  # every other DeepSparse check, before the long PyTorch runs

@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import UsageError
+from .speed import _cache_kw
 
 OPSET = 17
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -55,12 +56,6 @@ def check_exportable(model, max_tokens: int = 0) -> None:
 def _bias(keep: torch.Tensor, dtype) -> torch.Tensor:
     """keep (batch, 1, q, kv) bool → additive float mask: 0 where kept, the dtype's minimum elsewhere."""
     return (1.0 - keep.to(dtype)) * torch.finfo(dtype).min
-
-
-def _cache_kw(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _stack(cache, which: str) -> torch.Tensor:
