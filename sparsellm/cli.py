@@ -185,8 +185,21 @@ def _add_search_args(p):
             a.help = "window length for perplexity (default: 2048, capped at the model's context)"
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say it and there is a value to show."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, "", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the same one-line error format as every other bad input."""
+    """argparse with the same one-line error format as every other bad input, and each default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"sparsellm: error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -199,12 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress bars or per-block lines (put it before the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("prune", help="prune a model (no arguments: a few-minute demo on the default model)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("prune", help="prune a model (no arguments: a few-minute demo on the default model)")
     _add_prune_args(p)
     a = sub.add_parser("allocate", help="layer-wise sparsity rates (ATP with --search, OWL, RMI, ...), "
-                       "written as rates.json; then prune and evaluate with them",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "written as rates.json; then prune and evaluate with them")
     _add_prune_args(a)
     a.add_argument("--search", action="store_true",
                    help="ATP: try β = 0, --atp_step, ... < β_max and keep the β with the lowest objective")
@@ -218,13 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
     f = sub.add_parser("finetune", help="recover a sparse model's quality with sparsity-preserving LoRA: LoSA "
-                       "(dynamic) and its baselines (none, lora, masked-lora) at an equal token budget",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "(dynamic) and its baselines (none, lora, masked-lora) at an equal token budget")
     _add_finetune_args(f)
 
     se = sub.add_parser("search", help="Self-Pruner: structured pruning (heads and MLP channels) at layer-wise rates "
-                        "found by an evolutionary search with LLM (openai, local) or GA operators",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        "found by an evolutionary search with LLM (openai, local) or GA operators")
     _add_search_args(se)
 
     pe = sub.add_parser("plot-errors", help="draw the per-block reconstruction errors of one or more runs "
@@ -235,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--title", default="", help="figure title")
 
     b = sub.add_parser("bench", help="measured inference speed of a model against its dense baseline, "
-                       "in one process", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "in one process")
     b.add_argument("--model", required=True, help="the (pruned) model: directory, hub id, .gguf or preset")
     b.add_argument("--baseline", default=None,
                    help="the dense model (default: the 'model' recorded in the pruned model's report.json)")
@@ -260,15 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
-    ep = esub.add_parser("ppl", help="perplexity by the papers' protocol",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ep = esub.add_parser("ppl", help="perplexity by the papers' protocol")
     _add_model_args(ep)
     ep.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4")
     ep.add_argument("--seqlen", type=int, default=2048, help="window length")
     ep.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
     ep.add_argument("--save", default=None, help="directory to write report.json into")
-    ez = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ez = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks")
     _add_model_args(ez)
     _add_zeroshot_args(ez, "--batch_size")
     ez.add_argument("--save", default=None, help="directory to write report.json into")

@@ -338,3 +338,27 @@ def test_reports_dir_may_contain_the_model(capsys, tmp_path, saved_model_dir):
 ])
 def test_bad_allocation(capsys, cli_env, extra):
     _bad(capsys, cli_env, extra)
+
+
+def test_help_states_each_default_once():
+    """Every option's help shows its default at most once, and a real default (not None/False) at least once."""
+    import argparse
+
+    from sparsellm.cli import build_parser
+
+    def actions(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    yield from actions(sp)
+            elif a.help and a.option_strings and a.dest != "help":
+                yield p, a
+
+    seen = 0
+    for p, a in actions(build_parser()):
+        text = p.formatter_class("x")._get_help_string(a) % {"default": a.default}
+        assert text.count("default") <= 1, (a.option_strings, text)
+        if a.default not in (None, False, "") and isinstance(a.default, (int, float, str)):
+            assert "default" in text, (a.option_strings, text)
+            seen += 1
+    assert seen > 20
