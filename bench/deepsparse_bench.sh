@@ -8,15 +8,20 @@ cd "$(dirname "$0")/.."
 S=.venv/bin/sparsellm
 THREADS=${THREADS:-2}
 mkdir -p bench/work
-prune() {  # name, extra prune arguments
-    [ -f "bench/work/$1/model.safetensors" ] && return
-    $S --quiet prune --model smollm2-135m --prune_method wanda --nsamples 64 --seqlen 512 --eval none \
-        --save_model "bench/work/$1" "${@:2}"
+args() {  # the prune arguments of each model name
+    case $1 in
+        wanda50) echo --sparsity_ratio 0.5 ;;
+        wanda70) echo --sparsity_ratio 0.7 ;;
+        atp70) echo --sparsity_ratio 0.7 --allocation atp --atp_beta 0.016 ;;
+        *) echo "unknown model $1 (wanda50, wanda70 or atp70)" >&2; exit 2 ;;
+    esac
 }
-prune wanda50 --sparsity_ratio 0.5
-prune wanda70 --sparsity_ratio 0.7
-prune atp70 --sparsity_ratio 0.7 --allocation atp --atp_beta 0.016
+for m in ${MODELS:-wanda70 wanda50 atp70}; do  # prune only the models asked for, once
+    a=$(args "$m")
+    [ -f "bench/work/$m/model.safetensors" ] || $S --quiet prune --model smollm2-135m --prune_method wanda \
+        --nsamples 64 --seqlen 512 --eval none --save_model "bench/work/$m" $a
+done
 for m in ${MODELS:-wanda70 wanda50 atp70}; do
     $S --quiet bench --model "bench/work/$m" --baseline smollm2-135m --threads "$THREADS" --repeats 3 \
-        --deepsparse $([ "${BF16:-0}" = 1 ] || echo --no_bf16) --save "bench/results/speed_ds_${m}_t${THREADS}"
+        --deepsparse $([ "${BF16:-0}" = 1 ] || echo --no_bf16) --save "bench/results/speed_ds_${m}_t${THREADS}$([ "${BF16:-0}" = 1 ] && echo _bf16)"
 done
