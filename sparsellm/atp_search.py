@@ -33,11 +33,17 @@ log = logging.getLogger("sparsellm")
 MAX_TRIALS = 200
 
 
-def beta_grid(num_blocks: int, target: float, step: float = 0.002) -> list[float]:
-    """0, step, 2·step, ... up to β_max, leaving out a β_max that would make the last block fully sparse.
-    Raises UsageError for step <= 0."""
+def check_step(step: float) -> None:
+    """Raises UsageError unless the grid step is a finite number > 0 (the trial count needs the model's depth:
+    beta_grid checks it)."""
     if not (step > 0 and math.isfinite(step)):
         raise UsageError(f"--atp_step must be a finite number > 0, got {step}")
+
+
+def beta_grid(num_blocks: int, target: float, step: float = 0.002) -> list[float]:
+    """0, step, 2·step, ... up to β_max, leaving out a β_max that would make the last block fully sparse.
+    Raises UsageError for step <= 0 or a grid of more than MAX_TRIALS βs."""
+    check_step(step)
     bmax = atp.beta_max(num_blocks, target)
     if bmax / step > MAX_TRIALS:
         raise UsageError(f"--atp_step {step} gives {int(bmax / step) + 1} trials (β_max = {bmax:.6f}); "

@@ -361,9 +361,9 @@ def cmd_prune(args) -> int:
             raise UsageError(f"--objective_windows must be >= 1, got {args.objective_windows}")
         if args.objective_seqlen is not None and args.objective_seqlen < 2:
             raise UsageError(f"--objective_seqlen must be >= 2, got {args.objective_seqlen}")
-        from .atp_search import beta_grid
+        from .atp_search import check_step
 
-        beta_grid(2, config.sparsity_ratio, args.atp_step)  # a bad step fails before loading
+        check_step(args.atp_step)  # before loading; the trial count is checked against the model's depth
     names = _datasets(args.eval)
     tasks = _zeroshot_tasks(args, names)
     if args.max_windows is not None and args.max_windows < 1:

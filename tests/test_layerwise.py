@@ -266,6 +266,29 @@ def test_cli_allocate_search_writes_rates_plots_and_model(capsys, tmp_path, save
     assert sc["allocation"]["rates"] == pytest.approx(rates)
 
 
+def test_cli_search_counts_trials_on_the_models_depth(capsys, tmp_path, tokenizer, calib_txt, monkeypatch):
+    """The trial cap is checked against the real number of blocks, not a placeholder depth: with the cap at 10,
+    step 0.05 gives 5 trials for 6 blocks at 50% (β_max = 1/5) and runs; step 0.015 (14 trials) is refused."""
+    import sparsellm.atp_search
+    from sparsellm.cli import main
+
+    monkeypatch.setattr(sparsellm.atp_search, "MAX_TRIALS", 10)
+    d = tmp_path / "deep"
+    make_model("llama", num_hidden_layers=6).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    args = ["--quiet", "allocate", "--model", str(d), "--calib_dataset", str(calib_txt), "--nsamples", "1",
+            "--seqlen", "16", "--prune_method", "magnitude", "--allocation", "atp", "--search", "--sparsity_ratio",
+            "0.5", "--objective", "wikitext2", "--objective_windows", "1", "--objective_seqlen", "16", "--eval", "none"]
+    assert main([*args, "--atp_step", "0.05", "--save", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert [t["beta"] for t in rep["search"]["trials"]] == pytest.approx([0.0, 0.05, 0.1, 0.15])  # 0.2 = β_max
+    capsys.readouterr()
+    assert main([*args, "--atp_step", "0.015", "--save", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "14 trials" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--allocation", "owl", "--search"], "--search"),
     (["--allocation", "atp", "--search", "--atp_beta", "0.1"], "atp_beta"),
