@@ -4,6 +4,7 @@ results (rates, β chosen, allocation and search time, prune time, ppl, per-bloc
 errors) go to one JSON file per setting, plus one figure of the cumulative error curves.
 
     python bench/layerwise_bench.py --method wanda --sparsity 0.7 --out bench/results/layerwise_wanda70.json
+    python bench/layerwise_bench.py --method wanda --sparsity 0.7 --allocations atp --append --out ...  # add or redo rows
     python bench/layerwise_bench.py --table bench/results/layerwise_*.json     # markdown for BENCHMARKS.md
 """
 
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--atp_step", type=float, default=0.004)
     ap.add_argument("--objective_windows", type=int, default=4)
     ap.add_argument("--out")
+    ap.add_argument("--append", action="store_true",
+                    help="add these allocations to an existing --out of the same setting (a rerun replaces its row)")
     ap.add_argument("--table", nargs="*", help="print the markdown table of these result files and exit")
     args = ap.parse_args()
     if args.table is not None:
@@ -92,6 +95,13 @@ def main() -> None:
     out = Path(args.out)
     res = {"method": args.method, "sparsity": args.sparsity, "model": args.model, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "versions": versions(), "runs": []}
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        same = ("method", "sparsity", "model", "nsamples", "seqlen")
+        if any(old[k] != res[k] for k in same):
+            sys.exit(f"--append: {out} holds another setting ({ {k: old[k] for k in same} })")
+        res["runs"] = [r for r in old["runs"] if r["allocation"] not in args.allocations.split(",")]
+        res["versions_of_earlier_runs"] = old.get("versions")
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
         for allocation in args.allocations.split(","):
             res["runs"].append(run(args, allocation, Path(work)))
