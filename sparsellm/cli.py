@@ -852,6 +852,10 @@ def cmd_bench(args) -> int:
             r = ds["results"][n]
             res["results"][f"deepsparse {n}"] = r
             res["ratios"][f"deepsparse {n}"] = {k: v / base[k] for k, v in r.items() if k in base}
+    if "dense bf16" in res["results"]:  # the second baseline, measured in this same run
+        b16 = res["results"]["dense bf16"]
+        res["ratios_vs_dense_bf16"] = {n: {k: r[k] / b16[k] for k in b16 if k in r}
+                                       for n, r in res["results"].items() if n != "dense bf16"}
     print(res["cuda_2_4"], file=sys.stderr)
     if args.save is not None:
         api.write_json_atomic(Path(args.save) / "speed.json", res)
@@ -862,6 +866,9 @@ def cmd_bench(args) -> int:
         lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f" ({ratio[k]:.2f}×)" if ratio else "")
                                               for k in keys) + " |")
     print("\n".join(lines))
+    for n, r in res.get("ratios_vs_dense_bf16", {}).items():
+        if n != "dense fp32":
+            print(f"{n} vs dense bf16: " + ", ".join(f"{k} {v:.2f}×" for k, v in r.items()))
     if args.deepsparse:
         ds = res["deepsparse"]
         print("DeepSparse model vs DeepSparse dense: " + ", ".join(f"{k} {v:.2f}×" for k, v in ds["ratios"]["model"].items()))

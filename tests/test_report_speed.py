@@ -75,7 +75,11 @@ def test_cli_bench_and_report(capsys, tmp_path, saved_model_dir, calib_txt):
     assert sp["baseline"] == str(saved_model_dir) and sp["threads"] == 1
     assert set(sp["results"]) == {"dense fp32", "model fp32", "dense bf16", "model bf16"}
     assert set(sp["ratios"]["model fp32"]) == {"prefill@8", "prefill@16", "decode_b1", "decode_b2"}
-    assert "tok/s" in capsys.readouterr().out
+    res = sp["results"]
+    for n in ("model fp32", "model bf16", "dense fp32"):  # the second baseline of issue 5, from the same run
+        assert sp["ratios_vs_dense_bf16"][n] == pytest.approx({k: res[n][k] / res["dense bf16"][k] for k in res[n]})
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "model bf16 vs dense bf16: prefill@8" in out
     sp["ratios"]["deepsparse model"] = {"prefill@8": 1.234}  # as `bench --deepsparse` adds it
     (runs[0] / "speed.json").write_text(json.dumps(sp))
 
