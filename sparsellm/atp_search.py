@@ -45,18 +45,18 @@ def beta_grid(num_blocks: int, target: float, step: float = 0.002) -> list[float
     Raises UsageError for step <= 0 or a grid of more than MAX_TRIALS βs."""
     check_step(step)
     bmax = atp.beta_max(num_blocks, target)
-    if bmax / step > MAX_TRIALS:
-        raise UsageError(f"--atp_step {step} gives {int(bmax / step) + 1} trials (β_max = {bmax:.6f}); "
-                         f"use a step of at least {bmax / MAX_TRIALS:.2e}")
     grid = []
     k = 0
     while k * step <= bmax + 1e-12:
-        beta = round(k * step, 12)
+        beta = min(round(k * step, 12), bmax)
         try:
-            atp.allocate(num_blocks, target, atp_beta=min(beta, bmax))
-        except UsageError:
+            atp.allocate(num_blocks, target, atp_beta=beta)
+        except UsageError:  # only β_max itself can fail: the last block would be fully sparse
             break
-        grid.append(min(beta, bmax))
+        grid.append(beta)
+        if len(grid) > MAX_TRIALS:  # stop early: a tiny step would take forever to enumerate
+            raise UsageError(f"--atp_step {step:g} gives more than {MAX_TRIALS} trials (about {bmax / step + 1:.3g}; "
+                             f"β_max = {bmax:.6f}); use a step of at least {bmax / (MAX_TRIALS - 1):.2e}")
         k += 1
     return grid
 

@@ -189,7 +189,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" only where the help does not already say it and there is a value to show."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, "", argparse.SUPPRESS):
+        d = action.default  # by identity: 0 and 0.0 are real defaults, though 0 == False
+        if "default" in (action.help or "") or d is None or d is False or d is argparse.SUPPRESS or d == "":
             return action.help
         return super()._get_help_string(action)
 
@@ -397,6 +398,11 @@ def cmd_prune(args) -> int:
                 reports = path == args.save
                 check_output_dir(path, reports or args.overwrite, [model_dir], replaces=not reports)
     seqlen = api.validate_for_model(model, config)
+    if search:
+        from .atp_search import beta_grid
+        from .models import get_blocks
+
+        beta_grid(len(get_blocks(model)), config.sparsity_ratio, args.atp_step)  # before any calibration or eval
     from .data import calibration_windows
 
     calib = calibration_windows(tok, config.calib_dataset, config.nsamples, seqlen, config.seed)
@@ -815,6 +821,10 @@ def cmd_bench(args) -> int:
         from .models import check_output_dir
 
         check_output_dir(args.save, True, [], replaces=False)  # only speed.json is added, e.g. to the run dir
+    if args.deepsparse:  # a missing runtime environment is reported before any model loads
+        from .evaluate.sparse_runtime import find_python
+
+        find_python("deepsparse", args.deepsparse_python)
     dense, _, _ = load_model(baseline, torch.float32)
     sparse, _, _ = load_model(args.model, torch.float32)
     if args.deepsparse:  # every other DeepSparse check, before the long PyTorch runs

@@ -354,11 +354,15 @@ def test_help_states_each_default_once():
             elif a.help and a.option_strings and a.dest != "help":
                 yield p, a
 
-    seen = 0
+    seen, seen_zero = 0, False
     for p, a in actions(build_parser()):
         text = p.formatter_class("x")._get_help_string(a) % {"default": a.default}
         assert text.count("default") <= 1, (a.option_strings, text)
-        if a.default not in (None, False, "") and isinstance(a.default, (int, float, str)):
+        if a.default is not None and a.default is not False and a.default != "" and \
+                isinstance(a.default, (int, float, str)):
             assert "default" in text, (a.option_strings, text)
             seen += 1
-    assert seen > 20
+        if a.option_strings == ["--seed"]:  # 0 is a real default, though 0 == False
+            assert "(default: 0)" in text, text
+            seen_zero = True
+    assert seen > 20 and seen_zero

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_model
+from sparsellm.allocate import atp
 from sparsellm.api import PruneConfig, prune, resolve_allocation
 from sparsellm.atp_search import beta_grid, search
 from sparsellm.engine import prune_blocks
@@ -266,9 +267,20 @@ def test_cli_allocate_search_writes_rates_plots_and_model(capsys, tmp_path, save
     assert sc["allocation"]["rates"] == pytest.approx(rates)
 
 
+@pytest.mark.parametrize("num_blocks,target,step", [(31, 0.82, 0.002), (21, 0.57, 0.001)])
+def test_beta_grid_leaves_out_a_last_rate_that_rounds_to_one(num_blocks, target, step):
+    """Above 50% the nominal β_max can give the last block 0.9999999999999999 in floating point; a row mask
+    would then prune all but one weight per row, so that β is not on the grid."""
+    grid = beta_grid(num_blocks, target, step)
+    last = atp.allocate(num_blocks, target, atp_beta=grid[-1])[-1]
+    assert last < 1 - 1e-6
+    assert grid[-1] + step > atp.beta_max(num_blocks, target) - 1e-12  # nothing else was dropped
+
+
 def test_cli_search_counts_trials_on_the_models_depth(capsys, tmp_path, tokenizer, calib_txt, monkeypatch):
     """The trial cap is checked against the real number of blocks, not a placeholder depth: with the cap at 10,
-    step 0.05 gives 5 trials for 6 blocks at 50% (β_max = 1/5) and runs; step 0.015 (14 trials) is refused."""
+    step 0.05 gives 4 trials for 6 blocks at 50% (β_max = 1/5 is left out) and runs; step 0.015 (14 trials) and
+    steps so small that the count overflows an int are refused with one line, before any dense evaluation."""
     import sparsellm.atp_search
     from sparsellm.cli import main
 
@@ -283,10 +295,12 @@ def test_cli_search_counts_trials_on_the_models_depth(capsys, tmp_path, tokenize
     rep = json.loads((tmp_path / "ok" / "report.json").read_text())
     assert [t["beta"] for t in rep["search"]["trials"]] == pytest.approx([0.0, 0.05, 0.1, 0.15])  # 0.2 = β_max
     capsys.readouterr()
-    assert main([*args, "--atp_step", "0.015", "--save", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err
-    assert "14 trials" in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "bad").exists()
+    bad = [*args[:-2], "--eval", "wikitext2", "--eval_dense", "--eval_seqlen", "16", "--max_windows", "1"]
+    for step in ("0.015", "1e-300", "5e-324"):  # refused after loading but before calibration and the dense eval
+        assert main([*bad, "--atp_step", step, "--save", str(tmp_path / "bad")]) == 2
+        cap = capsys.readouterr()
+        assert "more than 10 trials" in cap.err and len(cap.err.splitlines()) == 1, cap.err
+        assert "ppl" not in cap.out + cap.err and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -124,7 +124,11 @@ def test_missing_runtime_environment_names_the_make_target(tmp_path, monkeypatch
         sparse_runtime.find_python("tvm")
 
 
-def test_cli_bench_deepsparse_without_its_environment(capsys, tmp_path, saved_model_dir):
+def test_cli_bench_deepsparse_without_its_environment(capsys, tmp_path, saved_model_dir, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the runtime environment was checked")
+
+    monkeypatch.setattr("sparsellm.models.load_model", no_load)
     capsys.readouterr()
     assert main(["--quiet", "bench", "--model", str(saved_model_dir), "--baseline", str(saved_model_dir),
                  "--deepsparse", "--deepsparse_python", str(tmp_path / "missing"), "--save", str(tmp_path / "s")]) == 2

@@ -30,7 +30,7 @@ def allocate(num_blocks: int, target: float, atp_beta: float = 0.0, **_) -> list
                          f"{num_blocks} blocks at sparsity {target}")
     start = target - atp_beta * (num_blocks - 1) / 2
     rates = [min(max(start + atp_beta * i, 0.0), 1.0) for i in range(num_blocks)]
-    if rates[-1] >= 1.0:
+    if rates[-1] >= 1.0 - 1e-9:  # within rounding of 1: row masks would prune all but one weight per row
         raise UsageError(f"ATP β = {atp_beta} gives the last block sparsity 1; at sparsity {target} β must be "
                          f"below {bmax:.6f}")
     return rates
