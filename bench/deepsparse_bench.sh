@@ -16,6 +16,8 @@ args() {  # the prune arguments of each model name
         *) echo "unknown model $1 (wanda50, wanda70 or atp70)" >&2; exit 2 ;;
     esac
 }
+for m in ${MODELS:-wanda70 wanda50 atp70}; do args "$m" >/dev/null; done  # every name checked before any work
+case ${BF16:-0} in 0|1) ;; *) echo "BF16 must be 0 or 1, got $BF16" >&2; exit 2 ;; esac
 for m in ${MODELS:-wanda70 wanda50 atp70}; do  # prune only the models asked for, once
     a=$(args "$m")
     [ -f "bench/work/$m/model.safetensors" ] || $S --quiet prune --model smollm2-135m --prune_method wanda \

@@ -49,7 +49,8 @@ def run(args, allocation: str, work: Path) -> dict:
                       for b in rep["prune"]["blocks"]]}
     if "search" in rep:
         s = rep["search"]
-        out.update(best_beta=s["best_beta"], beta_max=s["beta_max"], search_seconds=s["search_seconds"],
+        out.update(atp_step=args.atp_step, objective_windows=args.objective_windows,
+                   best_beta=s["best_beta"], beta_max=s["beta_max"], search_seconds=s["search_seconds"],
                    one_prune_seconds=s["one_prune_seconds"], objective=s["objective"],
                    trials=[{k: t[k] for k in ("beta", "objective", "seconds")} for t in s["trials"]])
     if "outlier_ratio" in rep["allocation"]:
@@ -94,17 +95,22 @@ def main() -> None:
 
     out = Path(args.out)
     res = {"method": args.method, "sparsity": args.sparsity, "model": args.model, "nsamples": args.nsamples,
-           "seqlen": args.seqlen, "versions": versions(), "runs": []}
+           "seqlen": args.seqlen, "eval_windows": args.eval_windows, "versions": versions(), "runs": []}
     if args.append and out.exists():
         old = json.loads(out.read_text())
-        same = ("method", "sparsity", "model", "nsamples", "seqlen")
-        if any(old[k] != res[k] for k in same):
-            sys.exit(f"--append: {out} holds another setting ({ {k: old[k] for k in same} })")
-        res["runs"] = [r for r in old["runs"] if r["allocation"] not in args.allocations.split(",")]
-        res["versions_of_earlier_runs"] = old.get("versions")
+        keys = [k for k in res if k not in ("versions", "runs")]
+        keys = [k for k in keys if k in ("method", "sparsity", "model", "nsamples", "seqlen") or k in old]
+        if any(old.get(k) != res[k] for k in keys):  # an older file without a key is not checked on it
+            sys.exit(f"--append: {out} holds another setting ({ {k: old.get(k) for k in keys} })")
+        res["runs"] = [{**r, "versions": r.get("versions", old.get("versions"))} for r in old["runs"]]
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
         for allocation in args.allocations.split(","):
-            res["runs"].append(run(args, allocation, Path(work)))
+            new = {**run(args, allocation, Path(work)), "versions": res["versions"]}
+            same = [i for i, r in enumerate(res["runs"]) if r["allocation"] == allocation]
+            if same:  # a rerun replaces its row in place, only once it has succeeded
+                res["runs"][same[0]] = new
+            else:
+                res["runs"].append(new)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
     plots.error_curves({r["allocation"]: [{**b, "rel_error": None} for b in r["blocks"]] for r in res["runs"]},
