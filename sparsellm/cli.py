@@ -47,7 +47,7 @@ def _add_zeroshot_args(p, batch_flag):
     p.add_argument("--tasks", default=",".join(PAPER_TASKS),
                    help=f"zero-shot tasks, comma-separated, from: {', '.join(TASKS)}")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents of each task")
-    p.add_argument(batch_flag, dest="zeroshot_batch_size", type=int, default=8, help="zero-shot batch size")
+    p.add_argument(batch_flag, dest="zeroshot_batch_size", type=int, default=8, metavar="N", help="zero-shot batch size")
     p.add_argument("--hellaswag_file", default=None,
                    help="local hellaswag_val.jsonl (HellaSwag is not bundled: its data could not be obtained)")
 
@@ -75,12 +75,12 @@ def _add_prune_args(p):
                    help="OWL: one rate per decoder block, or one per linear layer")
     p.add_argument("--rmi_nsamples", type=int, default=64, help="RMI: calibration windows for the block CKA")
     p.add_argument("--rmi_beta", type=float, default=None,
-                   help="RMI importance exp(−β·redundancy); None: 1 for wanda, 100 for sparsegpt")
+                   help="RMI importance exp(−β·redundancy) (default when left out: 1 for wanda, 100 for sparsegpt)")
     p.add_argument("--rmi_delta", type=float, default=None,
-                   help="RMI: rates stay within S ± δ; None: 0.01/0.02/0.03 for S <= 0.5/0.6/larger")
+                   help="RMI: rates stay within S ± δ (default when left out: 0.01/0.02/0.03 for S <= 0.5/0.6/larger)")
     p.add_argument("--diag_nsamples", type=int, default=None,
                    help="windows also run through the dense blocks for the cumulative reconstruction "
-                        "error per block; None: 8 (0 for magnitude); 0 turns it off")
+                        "error per block (default when left out: 8, or 0 for magnitude); 0 turns it off")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
                    help="tokens per calibration window (capped at the model's context)")

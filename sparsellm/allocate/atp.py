@@ -26,7 +26,7 @@ def allocate(num_blocks: int, target: float, atp_beta: float = 0.0, **_) -> list
     Raises UsageError if β is outside [0, β_max] or a rate would reach 1."""
     bmax = beta_max(num_blocks, target)
     if not 0.0 <= atp_beta <= bmax + 1e-12:
-        raise UsageError(f"ATP common difference β = {atp_beta} is outside [0, {bmax:.6f}] for "
+        raise UsageError(f"ATP common difference β = {atp_beta} is outside [0, {bmax:.6f}{')' if target >= 0.5 else ']'} for "
                          f"{num_blocks} blocks at sparsity {target}")
     start = target - atp_beta * (num_blocks - 1) / 2
     rates = [min(max(start + atp_beta * i, 0.0), 1.0) for i in range(num_blocks)]
