@@ -16,14 +16,16 @@ args() {  # the prune arguments of each model name
         *) echo "unknown model $1 (wanda50, wanda70 or atp70)" >&2; exit 2 ;;
     esac
 }
-for m in ${MODELS:-wanda70 wanda50 atp70}; do args "$m" >/dev/null; done  # every name checked before any work
-case ${BF16:-0} in 0|1) ;; *) echo "BF16 must be 0 or 1, got $BF16" >&2; exit 2 ;; esac
-for m in ${MODELS:-wanda70 wanda50 atp70}; do  # prune only the models asked for, once
+MODELS=${MODELS:-wanda70 wanda50 atp70}
+for m in $MODELS; do args "$m" >/dev/null; done  # every name checked before any work
+case ${BF16:=0} in 0) bf16=--no_bf16; suffix= ;; 1) bf16=; suffix=_bf16 ;;
+    *) echo "BF16 must be 0 or 1, got $BF16" >&2; exit 2 ;; esac
+for m in $MODELS; do  # prune only the models asked for, once
     a=$(args "$m")
     [ -f "bench/work/$m/model.safetensors" ] || $S --quiet prune --model smollm2-135m --prune_method wanda \
         --nsamples 64 --seqlen 512 --eval none --save_model "bench/work/$m" $a
 done
-for m in ${MODELS:-wanda70 wanda50 atp70}; do
+for m in $MODELS; do
     $S --quiet bench --model "bench/work/$m" --baseline smollm2-135m --threads "$THREADS" --repeats 3 \
-        --deepsparse $([ "${BF16:-0}" = 1 ] || echo --no_bf16) --save "bench/results/speed_ds_${m}_t${THREADS}$([ "${BF16:-0}" = 1 ] && echo _bf16)"
+        --deepsparse $bf16 --save "bench/results/speed_ds_${m}_t${THREADS}${suffix}"
 done

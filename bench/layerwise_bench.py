@@ -98,19 +98,16 @@ def main() -> None:
            "seqlen": args.seqlen, "eval_windows": args.eval_windows, "versions": versions(), "runs": []}
     if args.append and out.exists():
         old = json.loads(out.read_text())
-        keys = [k for k in res if k not in ("versions", "runs")]
-        keys = [k for k in keys if k in ("method", "sparsity", "model", "nsamples", "seqlen") or k in old]
-        if any(old.get(k) != res[k] for k in keys):  # an older file without a key is not checked on it
+        keys = [k for k in ("method", "sparsity", "model", "nsamples", "seqlen", "eval_windows")
+                if k in old or k != "eval_windows"]  # older files did not record eval_windows
+        if any(old.get(k) != res[k] for k in keys):
             sys.exit(f"--append: {out} holds another setting ({ {k: old.get(k) for k in keys} })")
         res["runs"] = [{**r, "versions": r.get("versions", old.get("versions"))} for r in old["runs"]]
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
         for allocation in args.allocations.split(","):
             new = {**run(args, allocation, Path(work)), "versions": res["versions"]}
-            same = [i for i, r in enumerate(res["runs"]) if r["allocation"] == allocation]
-            if same:  # a rerun replaces its row in place, only once it has succeeded
-                res["runs"][same[0]] = new
-            else:
-                res["runs"].append(new)
+            i = next((i for i, r in enumerate(res["runs"]) if r["allocation"] == allocation), len(res["runs"]))
+            res["runs"][i:i + 1] = [new]  # a rerun replaces its row in place, only once it has succeeded
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
     plots.error_curves({r["allocation"]: [{**b, "rel_error": None} for b in r["blocks"]] for r in res["runs"]},

@@ -13,6 +13,7 @@ since DeepSparse cannot be installed next to this package's numpy 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -31,21 +32,16 @@ MAKE_HINT = ("create it with `make deepsparse-env` (a Python 3.11 venv with deep
              f"numpy<2), or point {ENV_VAR} or --deepsparse_python at such a Python")
 
 
-_FOUND: dict = {}  # (engine, python, $ENV_VAR, cwd) -> checked interpreter: the import check runs once
-
-
 def find_python(engine: str, python: str | None = None) -> str:
     """The interpreter that runs `engine`: `python`, else $SPARSELLM_DEEPSPARSE_PYTHON, else
     .venv-deepsparse/bin/python in the working directory or next to this package's source tree (DeepSparse);
     this interpreter (onnxruntime). Raises UsageError, with the command that creates the environment, when
     the interpreter is missing or cannot import the runtime. A successful check is remembered."""
-    key = (engine, python, os.environ.get(ENV_VAR), os.getcwd())
-    if key not in _FOUND:
-        _FOUND[key] = _find_python(engine, python)
-    return _FOUND[key]
+    return _find_python(engine, python, os.environ.get(ENV_VAR), os.getcwd())
 
 
-def _find_python(engine: str, python: str | None) -> str:
+@functools.cache  # a failure raises and is not cached; the key includes what the lookup reads
+def _find_python(engine: str, python: str | None, _env: str | None, _cwd: str) -> str:
     if engine not in ("deepsparse", "onnxruntime"):
         raise UsageError(f"unknown sparse runtime {engine!r}: use deepsparse or onnxruntime")
     if python is None and engine == "deepsparse":
