@@ -5,7 +5,12 @@ errors) go to one JSON file per setting, plus one figure of the cumulative error
 
     python bench/layerwise_bench.py --method wanda --sparsity 0.7 --out bench/results/layerwise_wanda70.json
     python bench/layerwise_bench.py --method wanda --sparsity 0.7 --allocations atp --append --out ...  # add or redo rows
+    python bench/layerwise_bench.py --method wanda --sparsity 0.7 --full_eval --out ...  # every row on all 148 windows
     python bench/layerwise_bench.py --table bench/results/layerwise_*.json     # markdown for BENCHMARKS.md
+
+--full_eval re-prunes each row of --out with the rates that row recorded (`--allocation file:rates.json`, so ATP's
+β is the one its search chose; the search never sees the test text) and adds its perplexity on all WikiText-2
+windows to the row as `ppl_all`.
 """
 
 from __future__ import annotations
@@ -58,16 +63,37 @@ def run(args, allocation: str, work: Path) -> dict:
     return out
 
 
+def full_eval(args, row: dict, work: Path) -> dict:
+    save, rates = work / f"{row['allocation']}_all", work / f"{row['allocation']}_rates.json"
+    rates.write_text(json.dumps(row["rates"]))
+    cmd = [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "allocate", "--model", args.model,
+           "--prune_method", args.method, "--sparsity_ratio", str(args.sparsity), "--allocation", f"file:{rates}",
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "wikitext2",
+           "--eval_seqlen", "2048", "--save", str(save)]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    rep = json.loads((save / "report.json").read_text())
+    ev = next(iter(rep["eval"].values()))
+    if rep["allocation"]["rates"] != row["rates"]:
+        sys.exit(f"--full_eval: {row['allocation']} was pruned with other rates than its row")
+    return {"ppl_all": ev["ppl"], "windows_all": ev["windows"], "tokens_all": ev.get("tokens"),
+            "measured_sparsity_all": rep["prune"]["measured"]["sparsity"],
+            "command_all": " ".join(cmd[1:]).replace(str(save), "DIR").replace(str(rates), "RATES.json"),
+            "wall_seconds_all": time.perf_counter() - t0}
+
+
 def table(files: list[str]) -> str:
-    lines = ["| pruner | sparsity | allocation | WikiText-2 ppl | windows | β chosen | allocation s | prune s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| pruner | sparsity | allocation | WikiText-2 ppl | windows | ppl, all windows | β chosen | "
+             "allocation s | prune s |", "|---|---|---|---|---|---|---|---|---|"]
     for f in files:
         res = json.loads(Path(f).read_text())
         for r in res["runs"]:
             alloc_s = r.get("search_seconds", r["allocation_seconds"])
+            full = f"{r['ppl_all']:.2f} ({r['windows_all']})" if "ppl_all" in r else ""
             beta = f"{r['best_beta']:.3f} (of ≤ {r['beta_max']:.4f})" if "best_beta" in r else ""
             lines.append(f"| {res['method']} | {res['sparsity']:.0%} | {r['allocation']} | {r['ppl']:.2f} | "
-                         f"{r['windows']} | {beta} | {alloc_s:.1f} | {r['prune_seconds']:.1f} |")
+                         f"{r['windows']} | {full} | {beta} | {alloc_s:.1f} | {r['prune_seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -85,6 +111,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--append", action="store_true",
                     help="add these allocations to an existing --out of the same setting (a rerun replaces its row)")
+    ap.add_argument("--full_eval", action="store_true",
+                    help="re-prune the rows of --out with their recorded rates and add ppl on all windows")
     ap.add_argument("--table", nargs="*", help="print the markdown table of these result files and exit")
     args = ap.parse_args()
     if args.table is not None:
@@ -96,6 +124,18 @@ def main() -> None:
     out = Path(args.out)
     res = {"method": args.method, "sparsity": args.sparsity, "model": args.model, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "eval_windows": args.eval_windows, "versions": versions(), "runs": []}
+    if args.full_eval:
+        res = json.loads(out.read_text())
+        if (res["method"], res["sparsity"], res["model"]) != (args.method, args.sparsity, args.model):
+            sys.exit(f"--full_eval: {out} holds {res['method']} {res['sparsity']} on {res['model']}")
+        args.nsamples, args.seqlen = res["nsamples"], res["seqlen"]  # the row's own calibration
+        with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
+            for row in res["runs"]:
+                if row["allocation"] in args.allocations.split(","):
+                    row.update(full_eval(args, row, Path(work)))
+                    out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
+        print(table([str(out)]))
+        return
     if args.append and out.exists():
         old = json.loads(out.read_text())
         keys = [k for k in ("method", "sparsity", "model", "nsamples", "seqlen", "eval_windows")

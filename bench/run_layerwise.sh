@@ -10,4 +10,6 @@ for job in wanda:0.7 sparsegpt:0.7 wanda:0.5 sparsegpt:0.5 wanda:0.6 sparsegpt:0
     .venv/bin/python bench/layerwise_bench.py --method "$m" --sparsity "$s" --atp_step "$step" \
         --out "bench/results/layerwise_${m}$(python3 -c "print(round($s*100))").json"
 done
+# Perplexity on all 148 windows, re-pruning each row with the rates it recorded (~15 min per row here):
+#   .venv/bin/python bench/layerwise_bench.py --method wanda --sparsity 0.7 --full_eval --out bench/results/layerwise_wanda70.json
 .venv/bin/python bench/layerwise_bench.py --table bench/results/layerwise_*.json
