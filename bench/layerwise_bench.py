@@ -130,10 +130,12 @@ def main() -> None:
             sys.exit(f"--full_eval: {out} holds {res['method']} {res['sparsity']} on {res['model']}")
         args.nsamples, args.seqlen = res["nsamples"], res["seqlen"]  # the row's own calibration
         with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
-            for row in res["runs"]:
-                if row["allocation"] in args.allocations.split(","):
-                    row.update(full_eval(args, row, Path(work)))
-                    out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
+            rows = {r["allocation"]: r for r in res["runs"]}
+            for allocation in args.allocations.split(","):  # in the order asked for
+                if allocation not in rows:
+                    sys.exit(f"--full_eval: {out} has no {allocation} row")
+                rows[allocation].update(full_eval(args, rows[allocation], Path(work)))
+                out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
         print(table([str(out)]))
         return
     if args.append and out.exists():
