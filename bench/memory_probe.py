@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--batch_sizes", default="auto", help="comma list of windows per forward; auto = ~8192 tokens")
+    ap.add_argument("--batch_sizes", default="auto", help="comma list of windows per forward; auto = ~2048 tokens")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     timeline, stop = [], threading.Event()

@@ -43,7 +43,7 @@ class PruneConfig:
         (LoSA's representation mutual information from `rmi_nsamples` windows, `rmi_beta`, bound
         `rmi_delta`; None: the reference values) or "file:PATH" (JSON rates, whose mean must be the
         target within 1e-6 unless `allow_mean_mismatch`).
-    batch_size: calibration windows per block forward (None: about 8192 tokens per forward).
+    batch_size: calibration windows per block forward (None: about 2048 tokens per forward, at least one window).
     diag_nsamples: windows also run through the dense blocks for the cumulative reconstruction error
         (None: 8 for Wanda/SparseGPT, 0 for magnitude; 0 turns it off)."""
 

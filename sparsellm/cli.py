@@ -90,7 +90,7 @@ def _add_prune_args(p):
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="calibration windows per block forward (default: about 8192 tokens per forward)")
+                   help="calibration windows per block forward (default: about 2048 tokens per forward, at least one window)")
     p.add_argument("--save_model", default=None, help="write the pruned HF model directory here")
     p.add_argument("--save", default=None, help="directory to write report.json and report.md into")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model directory")

@@ -27,9 +27,11 @@ from .prune import PRUNERS, LayerStats
 log = logging.getLogger("sparsellm")
 
 
-def auto_batch_size(seqlen: int, tokens: int = 8192) -> int:
-    """Calibration windows per block forward: about `tokens` tokens per micro-batch (bigger GEMMs run
-    about twice as fast on CPU as one 512-token window at a time)."""
+def auto_batch_size(seqlen: int, tokens: int = 2048) -> int:
+    """Calibration windows per block forward: about `tokens` tokens per micro-batch, at least one window.
+    On a 2-core CPU, SmolLM2-135M's two passes per block ran in 0.80–0.85× the time at 2048 tokens per
+    forward that they took at 8192, with a quarter of the transient memory (121 against 480 MiB), and 512
+    tokens was slower again (bench/microbatch_bench.py, BENCHMARKS.md §1)."""
     return max(1, tokens // seqlen)
 
 
