@@ -83,6 +83,14 @@ def full_eval(args, row: dict, work: Path) -> dict:
             "wall_seconds_all": time.perf_counter() - t0}
 
 
+def save(res: dict, out: Path) -> None:
+    """Write the result file atomically: a failed write never leaves a truncated file behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(out)
+
+
 def table(files: list[str]) -> str:
     lines = ["| pruner | sparsity | allocation | WikiText-2 ppl | windows | ppl, all windows | β chosen | "
              "allocation s | prune s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -121,21 +129,26 @@ def main() -> None:
     from sparsellm import plots
     from sparsellm.api import versions
 
+    if not args.out:
+        ap.error("--out is required (except with --table)")
     out = Path(args.out)
     res = {"method": args.method, "sparsity": args.sparsity, "model": args.model, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "eval_windows": args.eval_windows, "versions": versions(), "runs": []}
     if args.full_eval:
+        if args.append:
+            sys.exit("--full_eval adds columns to the rows of --out; --append adds rows: use one at a time")
         res = json.loads(out.read_text())
         if (res["method"], res["sparsity"], res["model"]) != (args.method, args.sparsity, args.model):
             sys.exit(f"--full_eval: {out} holds {res['method']} {res['sparsity']} on {res['model']}")
         args.nsamples, args.seqlen = res["nsamples"], res["seqlen"]  # the row's own calibration
         with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
             rows = {r["allocation"]: r for r in res["runs"]}
-            for allocation in args.allocations.split(","):  # in the order asked for
-                if allocation not in rows:
-                    sys.exit(f"--full_eval: {out} has no {allocation} row")
+            wanted = list(dict.fromkeys(args.allocations.split(",")))  # in the order asked for, once each
+            if missing := [a for a in wanted if a not in rows]:
+                sys.exit(f"--full_eval: {out} has no row for {', '.join(missing)} (it has {', '.join(rows)})")
+            for allocation in wanted:
                 rows[allocation].update(full_eval(args, rows[allocation], Path(work)))
-                out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
+                save(res, out)  # after every run
         print(table([str(out)]))
         return
     if args.append and out.exists():
@@ -150,8 +163,7 @@ def main() -> None:
             new = {**run(args, allocation, Path(work)), "versions": res["versions"]}
             i = next((i for i, r in enumerate(res["runs"]) if r["allocation"] == allocation), len(res["runs"]))
             res["runs"][i:i + 1] = [new]  # a rerun replaces its row in place, only once it has succeeded
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(res, indent=2) + "\n")  # after every run
+            save(res, out)  # after every run
     plots.error_curves({r["allocation"]: [{**b, "rel_error": None} for b in r["blocks"]] for r in res["runs"]},
                        out.with_suffix(".png"),
                        title=f"{args.method} {args.sparsity:.0%}: cumulative relative error per block")

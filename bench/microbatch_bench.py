@@ -45,9 +45,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    default = auto_batch_size(args.seqlen)
+    sizes = list(dict.fromkeys(int(b) for b in args.batch_sizes.split(",")))
+    if args.rounds < 1 or min(sizes) < 1:
+        ap.error("--rounds and every batch size must be >= 1")
+    default = min(auto_batch_size(args.seqlen), args.nsamples)  # what the engine would use
     model, tok, _ = load_model(args.model)
+    idx = [int(k) for k in args.blocks.split(",")]
+    if not all(0 <= k < len(get_blocks(model)) for k in idx):
+        ap.error(f"--blocks must lie in 0..{len(get_blocks(model)) - 1}")
     ids = calibration_windows(tok, "c4", args.nsamples, args.seqlen, seed=0)
     X, kwargs = capture_inputs(model, ids)
     Y = torch.empty_like(X)
@@ -59,7 +64,7 @@ def main():
             order = sizes[r % len(sizes):] + sizes[: r % len(sizes)]
             for bs in order:
                 total = 0.0
-                for i in (int(k) for k in args.blocks.split(",")):
+                for i in idx:
                     block, lin = blocks[i], block_linears(model, blocks[i])
                     base = status("VmRSS")
                     Path("/proc/self/clear_refs").write_text("5")
