@@ -109,8 +109,9 @@ class PruneConfig:
         if nm is not None and self.allocation != "uniform":
             raise UsageError("N:M patterns use uniform allocation")
         for name in ("nsamples", "seqlen", "blocksize", "batch_size", "rmi_nsamples"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < (2 if name == "seqlen" else 1):
-                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+            least = 2 if name == "seqlen" else 1
+            if getattr(self, name) is not None and int(getattr(self, name)) < least:
+                raise UsageError(f"--{name} must be >= {least}, got {getattr(self, name)}")
         if not 0 < self.percdamp < 1e6:
             raise UsageError(f"--percdamp must be > 0, got {self.percdamp}")
         return self

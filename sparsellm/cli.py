@@ -114,7 +114,8 @@ def _add_finetune_args(p):
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows (fine-tuning data: seed + 1)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
-    p.add_argument("--batch_size", type=int, default=None, help="calibration windows per block forward")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="calibration windows per block forward (default: about 2048 tokens per forward, at least one window)")
     p.add_argument("--rmi_nsamples", type=int, default=64, help="LoSA: windows for RMI's CKA at every step")
     p.add_argument("--rank_nsamples", type=int, default=8,
                    help="LoSA: windows whose dense block outputs are kept for the rank allocation")
@@ -606,8 +607,9 @@ def cmd_search(args) -> int:
                           generations=args.generations, crossover=args.crossover, mutation=args.mutation,
                           seed=args.seed).validate()
     for flag in ("fitness_windows", "fitness_seqlen", "final_k", "nsamples", "seqlen"):
-        if getattr(args, flag) < (2 if "seqlen" in flag else 1):
-            raise UsageError(f"--{flag} must be positive, got {getattr(args, flag)}")
+        least = 2 if "seqlen" in flag else 1
+        if getattr(args, flag) < least:
+            raise UsageError(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     if args.backend == "openai" and not (args.llm_base_url and args.llm_model):
         raise UsageError("--backend openai needs --llm_base_url and --llm_model")
     if args.llm_retries < 0:

@@ -366,3 +366,9 @@ def test_help_states_each_default_once():
             assert "(default: 0)" in text, text
             seen_zero = True
     assert seen > 20 and seen_zero
+
+
+@pytest.mark.parametrize("extra,match", [(["--seqlen", "1"], "--seqlen must be >= 2, got 1"),
+                                         (["--nsamples", "0"], "--nsamples must be >= 1, got 0")])
+def test_too_small_sizes_name_their_minimum(capsys, cli_env, extra, match):
+    assert match in _bad(capsys, cli_env, extra)
