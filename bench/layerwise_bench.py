@@ -28,12 +28,17 @@ sys.path.insert(0, str(ROOT))
 ALLOCATIONS = ["uniform", "owl", "atp", "rmi"]
 
 
+def allocate_cmd(args, allocation: str, save: Path) -> list[str]:
+    """The `sparsellm allocate` command line shared by every run: prune, then WikiText-2 at 2048."""
+    return [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "allocate", "--model", args.model,
+            "--prune_method", args.method, "--sparsity_ratio", str(args.sparsity), "--allocation", allocation,
+            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "wikitext2",
+            "--eval_seqlen", "2048", "--save", str(save)]
+
+
 def run(args, allocation: str, work: Path) -> dict:
     save = work / allocation
-    cmd = [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "allocate", "--model", args.model,
-           "--prune_method", args.method, "--sparsity_ratio", str(args.sparsity), "--allocation", allocation,
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "wikitext2",
-           "--eval_seqlen", "2048", "--save", str(save)]
+    cmd = allocate_cmd(args, allocation, save)
     if args.eval_windows:
         cmd += ["--max_windows", str(args.eval_windows)]
     if allocation == "atp":
@@ -66,10 +71,7 @@ def run(args, allocation: str, work: Path) -> dict:
 def full_eval(args, row: dict, work: Path) -> dict:
     save, rates = work / f"{row['allocation']}_all", work / f"{row['allocation']}_rates.json"
     rates.write_text(json.dumps(row["rates"]))
-    cmd = [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "allocate", "--model", args.model,
-           "--prune_method", args.method, "--sparsity_ratio", str(args.sparsity), "--allocation", f"file:{rates}",
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "wikitext2",
-           "--eval_seqlen", "2048", "--save", str(save)]
+    cmd = allocate_cmd(args, f"file:{rates}", save)
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)

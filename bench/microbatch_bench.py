@@ -27,12 +27,7 @@ from sparsellm.data import calibration_windows
 from sparsellm.engine import _gather_stats, auto_batch_size, capture_inputs, run_block
 from sparsellm.models import block_linears, get_blocks, load_model
 
-
-def status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024  # kB → MiB
-    raise KeyError(key)
+from memory_probe import status  # Linux VmRSS / VmHWM in MiB (bench/ is on sys.path)
 
 
 def main():
