@@ -102,6 +102,7 @@ def main() -> None:
         run = {"job": job, "tool": "sparsellm", "prune_seconds": rep["prune"]["prune_seconds"],
                "process_seconds": wall, "peak_rss_mib": rep["prune"]["peak_rss_mib"],
                "measured_sparsity": rep["prune"]["measured"]["sparsity"],
+               "batch_size": rep["prune"]["options"]["batch_size"],
                "ppl": rep["eval"]["wikitext2_ppl@2048"]["ppl"],
                "within_memory_budget": rep["prune"]["peak_rss_mib"] <= results["memory_budget_mib"]}
         results["runs"].append(run)

@@ -7,14 +7,23 @@ PY=.venv/bin/python
 # 1. side by side with llmcompressor, small CPU setting (64 C4 windows of 512 tokens), ppl on 16 windows
 $PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 64 --seqlen 512 \
     --eval_windows 16 --dense --llmc --out bench/results/vs_llmcompressor_64x512.json
+# ... and again with the current micro-batch default (about 2048 tokens per forward)
+$PY bench/prune_bench.py --jobs wanda:0.5 --nsamples 64 --seqlen 512 --eval_windows 16 --llmc \
+    --out bench/results/vs_llmcompressor_64x512_v2.json
+$PY bench/prune_bench.py --jobs sparsegpt:0.5 --nsamples 64 --seqlen 512 --eval_windows 16 --llmc \
+    --out bench/results/vs_llmcompressor_64x512_v2_sparsegpt.json
 # 2. dense perplexity on every WikiText-2 window at 2048
 $PY bench/prune_bench.py --jobs "" --eval_windows 0 --dense --out bench/results/dense_full.json
 # 3. the rest of the grid, same small setting (results are written after every job)
 $PY bench/prune_bench.py --jobs magnitude:0.5,wanda:0.7,sparsegpt:0.7,magnitude:0.7,wanda:2:4,sparsegpt:2:4,magnitude:2:4,wanda:0.6,sparsegpt:0.6,magnitude:0.6 \
     --nsamples 64 --seqlen 512 --eval_windows 16 --out bench/results/grid_64x512.json
-# 4. the papers' calibration setting (128 C4 windows of 2048 tokens)
-$PY bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 128 --seqlen 2048 \
-    --eval_windows 16 --out bench/results/paper_128x2048.json
+# 4. the papers' calibration setting (128 C4 windows of 2048 tokens), with the pruning process's RSS over time
+$PY bench/rss_watch.py --interval 1 --out bench/results/paper_128x2048_wanda_rss.json -- \
+    $PY bench/prune_bench.py --jobs wanda:0.5 --nsamples 128 --seqlen 2048 --eval_windows 16 \
+    --out bench/results/paper_128x2048_wanda_v2.json
+$PY bench/rss_watch.py --interval 1 --out bench/results/paper_128x2048_sparsegpt_rss.json -- \
+    $PY bench/prune_bench.py --jobs sparsegpt:0.5 --nsamples 128 --seqlen 2048 --eval_windows 16 \
+    --out bench/results/paper_128x2048_sparsegpt.json
 # 5. layer-wise sparsity (issue 3): uniform / OWL / ATP search / RMI, Wanda and SparseGPT at 70/50/60%
 bash bench/run_layerwise.sh
 # 6. zero-shot accuracy (first 100 documents per task) and PyTorch speed of Wanda 50% against dense (issue 5)
@@ -35,3 +44,6 @@ for m in wanda70 atp70; do
 done
 # 10. where a prune's peak memory comes from (issue 2)
 $PY bench/memory_probe.py --method wanda --sparsity 0.5 --nsamples 64 --seqlen 512 --out bench/results/memory_probe_wanda50.json
+$PY bench/memory_parts.py --nsamples 128 --seqlen 2048 --blocks 2 --out bench/results/memory_parts_128x2048.json
+$PY bench/memory_parts.py --nsamples 128 --seqlen 2048 --blocks 2 --batch_size 4 \
+    --out bench/results/memory_parts_128x2048_b4.json
