@@ -7,9 +7,9 @@ from VmHWM (reset between steps by writing 5 to /proc/self/clear_refs):
     3. load the model (weights memory-mapped) 7. prune the first --blocks blocks with the engine, as `prune` does
     4. touch and rewrite every weight (as pruning does: the mapped pages become private copies)
 
-Step 7 cuts the model to its first --blocks decoder blocks, so that a large --nsamples stays cheap; the capture
-(step 6) still runs the first window through all of them. Its expected rise is 2 × activations (X and Y) plus
-2 × the diagnostic's windows (its dense-path inputs and outputs).
+Before step 6 the model is cut to its first --blocks decoder blocks, so that a large --nsamples stays cheap (the
+capture runs its first window through the kept blocks only). Step 7's expected rise is 2 × activations (X and Y)
+plus 2 × the diagnostic's windows (its dense-path inputs and outputs).
 
     python bench/memory_parts.py --nsamples 128 --seqlen 2048 --blocks 2 --out bench/results/memory_parts_128x2048.json
 """
@@ -64,11 +64,15 @@ def main() -> None:
     from sparsellm.engine import auto_batch_size, capture_inputs, prune_blocks
     from sparsellm.models import _gguf_to_hf_dir, get_blocks, resolve_model
 
+    if args.blocks < 1 or args.nsamples < 1 or args.seqlen < 2 or args.diag_nsamples < 0:
+        ap.error("need --blocks >= 1, --nsamples >= 1, --seqlen >= 2 and --diag_nsamples >= 0")
     kind, path = resolve_model(args.model)
     source = str(_gguf_to_hf_dir(path) if kind in ("preset", "gguf") else (path or args.model))
     tok = step("load tokenizer", lambda: AutoTokenizer.from_pretrained(source))
     model = step("load model", lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval())
     weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    if args.blocks > len(get_blocks(model)):
+        ap.error(f"--blocks {args.blocks}: the model has {len(get_blocks(model))} decoder blocks")
 
     def touch():
         with torch.no_grad():
