@@ -85,7 +85,7 @@ def _add_prune_args(p):
     p.add_argument("--seqlen", "--calib_seqlen", dest="seqlen", type=int, default=2048,
                    help="tokens per calibration window (capped at the model's context)")
     p.add_argument("--calib_dataset", default="c4",
-                   help="c4 (bundled) or a local .txt / .jsonl / .json.gz file with a 'text' field")
+                   help="c4 (bundled) or a local .txt / .jsonl / .json.gz / .jsonl.gz file with a 'text' field")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
