@@ -22,12 +22,9 @@ import os
 import time
 from pathlib import Path
 
+from memory_probe import status  # Linux VmRSS / VmHWM in MiB; imports nothing heavy (bench/ is on sys.path)
 
-def status(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024  # kB → MiB
-    raise KeyError(key)
+
 
 
 def main() -> None:
@@ -86,6 +83,7 @@ def main() -> None:
     model.config.num_hidden_layers = args.blocks
     act_mib = args.nsamples * args.seqlen * model.config.hidden_size * 4 / 2**20
     diag = min(args.diag_nsamples, args.nsamples)
+    diag_mib = diag * args.seqlen * model.config.hidden_size * 4 / 2**20
     captured = step("capture block-0 inputs", lambda: capture_inputs(model, calib))
     del captured
     step(f"prune {args.blocks} blocks", lambda: prune_blocks(model, calib, args.method, [args.sparsity] * args.blocks,
@@ -93,8 +91,8 @@ def main() -> None:
                                                              batch_size=args.batch_size))
     res = {"settings": vars(args), "batch_size": args.batch_size or auto_batch_size(args.seqlen),
            "threads": torch.get_num_threads(), "weights_mib": weights_mib,
-           "activations_mib": act_mib, "diag_mib": diag * args.seqlen * model.config.hidden_size * 4 / 2**20,
-           "expected_prune_rise_mib": 2 * act_mib + 2 * diag * args.seqlen * model.config.hidden_size * 4 / 2**20,
+           "activations_mib": act_mib, "diag_mib": diag_mib,
+           "expected_prune_rise_mib": 2 * act_mib + 2 * diag_mib,
            "budget_mib": weights_mib + 2 * act_mib + 1024, "steps": steps}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from sparsellm import api
-from sparsellm.data import calibration_windows
-from sparsellm.engine import get_blocks
-from sparsellm.models import load_model
-
 state = {"phase": "start", "block": None}
 
 
@@ -39,6 +32,13 @@ def reset_peak() -> None:
 
 
 def main():
+    import torch  # here, not at the top: memory_parts.py imports status() before torch is loaded
+
+    from sparsellm import api
+    from sparsellm.data import calibration_windows
+    from sparsellm.engine import get_blocks
+    from sparsellm.models import load_model
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="wanda")
