@@ -10,13 +10,15 @@ errors) go to one JSON file per setting, plus one figure of the cumulative error
 
 --full_eval re-prunes each row of --out with the rates that row recorded (`--allocation file:rates.json`, so ATP's
 β is the one its search chose; the search never sees the test text) and adds its perplexity on all WikiText-2
-windows to the row as `ppl_all`.
+windows to the row as `ppl_all`, with `ppl_all_first`: the re-pruned model on the row's own first windows,
+which shows what the re-prune alone changed (SparseGPT's masks move with float rounding).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -79,7 +81,10 @@ def full_eval(args, row: dict, work: Path) -> dict:
     ev = next(iter(rep["eval"].values()))
     if rep["allocation"]["rates"] != row["rates"]:
         sys.exit(f"--full_eval: {row['allocation']} was pruned with other rates than its row")
-    return {"ppl_all": ev["ppl"], "windows_all": ev["windows"], "tokens_all": ev.get("tokens"),
+    first = {}  # the re-pruned model on the row's own first windows: shows what the re-prune alone changed
+    if "window_nll" in ev:
+        first = {"ppl_all_first": math.exp(sum(ev["window_nll"][:row["windows"]]) / row["windows"])}
+    return {"ppl_all": ev["ppl"], "windows_all": ev["windows"], "tokens_all": ev.get("tokens"), **first,
             "measured_sparsity_all": rep["prune"]["measured"]["sparsity"],
             "command_all": " ".join(cmd[1:]).replace(str(save), "DIR").replace(str(rates), "RATES.json"),
             "wall_seconds_all": time.perf_counter() - t0}
@@ -101,6 +106,8 @@ def table(files: list[str]) -> str:
         for r in res["runs"]:
             alloc_s = r.get("search_seconds", r["allocation_seconds"])
             full = f"{r['ppl_all']:.2f} ({r['windows_all']})" if "ppl_all" in r else ""
+            if "ppl_all_first" in r:
+                full += f"; re-prune, first {r['windows']}: {r['ppl_all_first']:.2f}"
             beta = f"{r['best_beta']:.3f} (of ≤ {r['beta_max']:.4f})" if "best_beta" in r else ""
             lines.append(f"| {res['method']} | {res['sparsity']:.0%} | {r['allocation']} | {r['ppl']:.2f} | "
                          f"{r['windows']} | {full} | {beta} | {alloc_s:.1f} | {r['prune_seconds']:.1f} |")

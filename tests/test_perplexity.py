@@ -59,6 +59,10 @@ def test_perplexity_matches_manual_loop(family, stream, tokenizer):
     assert r["ppl"] == pytest.approx(ppl, rel=1e-5)
     assert r["nll"] == pytest.approx(nll, rel=1e-5)
     assert r["metric"] == f"wikitext2_ppl@{SEQLEN}" and r["seqlen"] == SEQLEN
+    # each window's NLL against the manual loop on that window alone
+    assert len(r["window_nll"]) == 5
+    for w in range(5):
+        assert r["window_nll"][w] == pytest.approx(_manual(model, ids[:, w * SEQLEN:], SEQLEN, 1)[1], rel=1e-5)
     # a random model over 128 tokens is close to uniform
     assert 64 < r["ppl"] < 256
 

@@ -19,9 +19,10 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
                progress: bool = True, ids: torch.Tensor | None = None) -> dict:
     """Perplexity of `model` on `dataset` ("wikitext2" test or "c4" validation).
 
-    Returns {"metric": "wikitext2_ppl@2048", "ppl", "nll" (mean NLL in nats per token), "windows",
-    "tokens" (predicted tokens), "seqlen", "dataset", "max_windows"}. Raises UsageError if the text has
-    fewer than seqlen tokens or max_windows < 1. ids: the dataset's token stream (1, T) if already
+    Returns {"metric": "wikitext2_ppl@2048", "ppl", "nll" (mean NLL in nats per token), "window_nll" (the
+    mean NLL of each window, in order: exp(mean(window_nll[:k])) is the perplexity of the first k windows),
+    "windows", "tokens" (predicted tokens), "seqlen", "dataset", "max_windows"}. Raises UsageError if the
+    text has fewer than seqlen tokens or max_windows < 1. ids: the dataset's token stream (1, T) if already
     tokenized (`eval_tokens`), to skip tokenizing again."""
     if max_windows is not None and max_windows < 1:
         raise UsageError(f"--max_windows must be >= 1, got {max_windows}")
@@ -32,12 +33,14 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     if max_windows:
         windows = min(windows, max_windows)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    nll, count, window_nll = 0.0, 0, []
     for w in tqdm(range(windows), desc=f"ppl {dataset}", unit="win", disable=not progress, leave=False):
         x = ids[:, w * seqlen : (w + 1) * seqlen].to(device)
         logits = model(x, use_cache=False).logits[0, :-1].float()
-        nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        window = float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        window_nll.append(window / (seqlen - 1))
+        nll += window
         count += seqlen - 1
     return {"metric": f"{dataset}_ppl@{seqlen}", "ppl": math.exp(nll / count), "nll": nll / count,
-            "windows": windows, "tokens": count, "seqlen": seqlen, "dataset": dataset,
+            "window_nll": window_nll, "windows": windows, "tokens": count, "seqlen": seqlen, "dataset": dataset,
             "max_windows": max_windows, "total_windows": ids.shape[1] // seqlen}
