@@ -11,7 +11,8 @@ errors) go to one JSON file per setting, plus one figure of the cumulative error
 --full_eval re-prunes each row of --out with the rates that row recorded (`--allocation file:rates.json`, so ATP's
 β is the one its search chose; the search never sees the test text) and adds its perplexity on all WikiText-2
 windows to the row as `ppl_all`, with `ppl_all_first`: the re-pruned model on the row's own first windows,
-which shows what the re-prune alone changed (SparseGPT's masks move with float rounding).
+which shows what the re-prune alone changed, and `window_nll_all`. It re-prunes with the row's own micro-batch
+(`batch_size`) where the row recorded one: SparseGPT's masks move with the micro-batch through float rounding.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def allocate_cmd(args, allocation: str, save: Path) -> list[str]:
     return [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "allocate", "--model", args.model,
             "--prune_method", args.method, "--sparsity_ratio", str(args.sparsity), "--allocation", allocation,
             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "wikitext2",
-            "--eval_seqlen", "2048", "--save", str(save)]
+            "--eval_seqlen", "2048", "--save", str(save)] + (["--batch_size", str(args.batch_size)]
+                                                             if args.batch_size else [])
 
 
 def run(args, allocation: str, work: Path) -> dict:
@@ -56,6 +58,7 @@ def run(args, allocation: str, work: Path) -> dict:
            "ppl": ev["ppl"], "metric": ev["metric"], "windows": ev["windows"],
            "rates": rep["allocation"]["rates"], "allocation_seconds": rep["allocation"]["seconds"],
            "prune_seconds": rep["prune"]["prune_seconds"], "peak_rss_mib": rep["peak_rss_mib"],
+           "batch_size": rep["prune"]["options"]["batch_size"],
            "measured_sparsity": rep["prune"]["measured"]["sparsity"],
            "blocks": [{k: b[k] for k in ("block", "target", "measured", "rel_error", "cum_error")}
                       for b in rep["prune"]["blocks"]]}
@@ -73,7 +76,9 @@ def run(args, allocation: str, work: Path) -> dict:
 def full_eval(args, row: dict, work: Path) -> dict:
     save, rates = work / f"{row['allocation']}_all", work / f"{row['allocation']}_rates.json"
     rates.write_text(json.dumps(row["rates"]))
-    cmd = allocate_cmd(args, f"file:{rates}", save)
+    # the row's own micro-batch where it recorded one, so that SparseGPT re-prunes the row's masks
+    own = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size or row.get("batch_size")})
+    cmd = allocate_cmd(own, f"file:{rates}", save)
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -81,10 +86,12 @@ def full_eval(args, row: dict, work: Path) -> dict:
     ev = next(iter(rep["eval"].values()))
     if rep["allocation"]["rates"] != row["rates"]:
         sys.exit(f"--full_eval: {row['allocation']} was pruned with other rates than its row")
-    first = {}  # the re-pruned model on the row's own first windows: shows what the re-prune alone changed
-    if "window_nll" in ev:
-        first = {"ppl_all_first": math.exp(sum(ev["window_nll"][:row["windows"]]) / row["windows"])}
-    return {"ppl_all": ev["ppl"], "windows_all": ev["windows"], "tokens_all": ev.get("tokens"), **first,
+    first = ev["window_nll"][:row["windows"]]  # the re-pruned model on the row's own first windows
+    if len(first) != row["windows"]:
+        sys.exit(f"--full_eval: {row['allocation']} scored {len(first)} windows, fewer than its row's {row['windows']}")
+    return {"ppl_all": ev["ppl"], "windows_all": ev["windows"], "tokens_all": ev.get("tokens"),
+            "ppl_all_first": math.exp(sum(first) / len(first)), "window_nll_all": ev["window_nll"],
+            "batch_size_all": rep["prune"]["options"]["batch_size"],
             "measured_sparsity_all": rep["prune"]["measured"]["sparsity"],
             "command_all": " ".join(cmd[1:]).replace(str(save), "DIR").replace(str(rates), "RATES.json"),
             "wall_seconds_all": time.perf_counter() - t0}
@@ -125,6 +132,9 @@ def main() -> None:
     ap.add_argument("--eval_windows", type=int, default=16, help="WikiText-2 windows of 2048 (0 = all 148)")
     ap.add_argument("--atp_step", type=float, default=0.004)
     ap.add_argument("--objective_windows", type=int, default=4)
+    ap.add_argument("--batch_size", type=int, help="calibration windows per block forward (default: sparsellm's, "
+                    "about 2048 tokens; with --full_eval, the row's own if it recorded one). SparseGPT's masks move "
+                    "with it through float rounding")
     ap.add_argument("--out")
     ap.add_argument("--append", action="store_true",
                     help="add these allocations to an existing --out of the same setting (a rerun replaces its row)")

@@ -10,6 +10,19 @@ for job in wanda:0.7 sparsegpt:0.7 wanda:0.5 sparsegpt:0.5 wanda:0.6 sparsegpt:0
     .venv/bin/python bench/layerwise_bench.py --method "$m" --sparsity "$s" --atp_step "$step" \
         --out "bench/results/layerwise_${m}$(python3 -c "print(round($s*100))").json"
 done
-# Perplexity on all 148 windows, re-pruning each row with the rates it recorded (~15 min per row here):
-#   .venv/bin/python bench/layerwise_bench.py --method wanda --sparsity 0.7 --full_eval --out bench/results/layerwise_wanda70.json
+# Perplexity on all 148 windows, re-pruning each row with the rates it recorded (23-31 min per row here);
+# BENCHMARKS.md §5 has it for the 70% settings. The 50% and 60% settings take the same command.
+for f in wanda:0.7 sparsegpt:0.7; do
+    m=${f%%:*}; s=${f##*:}
+    .venv/bin/python bench/layerwise_bench.py --method "$m" --sparsity "$s" --full_eval \
+        --out "bench/results/layerwise_${m}$(python3 -c "print(round($s*100))").json"
+done
+# The SparseGPT 70% OWL rates re-pruned with the old micro-batch of 16 windows (8192 tokens), first 16 windows
+mkdir -p bench/work
+python3 -c "import json; r = json.load(open('bench/results/layerwise_sparsegpt70.json'))['runs']
+print(json.dumps(next(x['rates'] for x in r if x['allocation'] == 'owl')))" > bench/work/owl70_rates.json
+.venv/bin/sparsellm --quiet allocate --model smollm2-135m --prune_method sparsegpt --sparsity_ratio 0.7 \
+    --allocation file:bench/work/owl70_rates.json --nsamples 32 --seqlen 512 --eval wikitext2 --eval_seqlen 2048 \
+    --max_windows 16 --batch_size 16 --save bench/work/owl70_batch16 --overwrite
+cp bench/work/owl70_batch16/report.json bench/results/layerwise_sparsegpt70_owl_batch16_check.report.json
 .venv/bin/python bench/layerwise_bench.py --table bench/results/layerwise_*.json

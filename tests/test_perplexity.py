@@ -74,6 +74,7 @@ def test_max_windows(max_windows, expected, stream, tokenizer):
     r = perplexity(model, tokenizer, "c4", SEQLEN, max_windows=max_windows, progress=False)
     ppl, _, count = _manual(model, ids, SEQLEN, expected)
     assert r["windows"] == expected and r["tokens"] == count and r["max_windows"] == max_windows
+    assert len(r["window_nll"]) == expected
     assert r["total_windows"] == 5
     assert r["ppl"] == pytest.approx(ppl, rel=1e-5)
     assert r["metric"] == f"c4_ppl@{SEQLEN}"
