@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress bars or per-block lines (put it before the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("prune", help="prune a model (no arguments: a few-minute demo on the default model)")
+    p = sub.add_parser("prune", help="prune a model (no arguments: a demo on the default model, about 10 min on 2 cores)")
     _add_prune_args(p)
     a = sub.add_parser("allocate", help="layer-wise sparsity rates (ATP with --search, OWL, RMI, ...), "
                        "written as rates.json; then prune and evaluate with them")
