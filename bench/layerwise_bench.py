@@ -31,18 +31,17 @@ sys.path.insert(0, str(ROOT))
 ALLOCATIONS = ["uniform", "owl", "atp", "rmi"]
 
 
-def allocate_cmd(args, allocation: str, save: Path) -> list[str]:
+def allocate_cmd(args, allocation: str, save: Path, batch_size: int | None = None) -> list[str]:
     """The `sparsellm allocate` command line shared by every run: prune, then WikiText-2 at 2048."""
     return [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "allocate", "--model", args.model,
             "--prune_method", args.method, "--sparsity_ratio", str(args.sparsity), "--allocation", allocation,
             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "wikitext2",
-            "--eval_seqlen", "2048", "--save", str(save)] + (["--batch_size", str(args.batch_size)]
-                                                             if args.batch_size else [])
+            "--eval_seqlen", "2048", "--save", str(save)] + (["--batch_size", str(batch_size)] if batch_size else [])
 
 
 def run(args, allocation: str, work: Path) -> dict:
     save = work / allocation
-    cmd = allocate_cmd(args, allocation, save)
+    cmd = allocate_cmd(args, allocation, save, args.batch_size)
     if args.eval_windows:
         cmd += ["--max_windows", str(args.eval_windows)]
     if allocation == "atp":
@@ -77,8 +76,7 @@ def full_eval(args, row: dict, work: Path) -> dict:
     save, rates = work / f"{row['allocation']}_all", work / f"{row['allocation']}_rates.json"
     rates.write_text(json.dumps(row["rates"]))
     # the row's own micro-batch where it recorded one, so that SparseGPT re-prunes the row's masks
-    own = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size or row.get("batch_size")})
-    cmd = allocate_cmd(own, f"file:{rates}", save)
+    cmd = allocate_cmd(args, f"file:{rates}", save, args.batch_size or row.get("batch_size"))
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
