@@ -11,8 +11,8 @@ for job in wanda:0.7 sparsegpt:0.7 wanda:0.5 sparsegpt:0.5 wanda:0.6 sparsegpt:0
         --out "bench/results/layerwise_${m}$(python3 -c "print(round($s*100))").json"
 done
 # Perplexity on all 148 windows, re-pruning each row with the rates it recorded (23-31 min per row here);
-# BENCHMARKS.md §5 has it for the 70% settings. The 50% and 60% settings take the same command.
-for f in wanda:0.7 sparsegpt:0.7; do
+# BENCHMARKS.md §5 quotes the rows that have been run; each setting takes the same command.
+for f in wanda:0.7 sparsegpt:0.7 wanda:0.6 sparsegpt:0.6 wanda:0.5 sparsegpt:0.5; do
     m=${f%%:*}; s=${f##*:}
     .venv/bin/python bench/layerwise_bench.py --method "$m" --sparsity "$s" --full_eval \
         --out "bench/results/layerwise_${m}$(python3 -c "print(round($s*100))").json"
