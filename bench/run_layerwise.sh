@@ -25,4 +25,11 @@ print(json.dumps(next(x['rates'] for x in r if x['allocation'] == 'owl')))" > be
     --allocation file:bench/work/owl70_rates.json --nsamples 32 --seqlen 512 --eval wikitext2 --eval_seqlen 2048 \
     --max_windows 16 --batch_size 16 --save bench/work/owl70_batch16 --overwrite
 cp bench/work/owl70_batch16/report.json bench/results/layerwise_sparsegpt70_owl_batch16_check.report.json
+# The Wanda 60% RMI rates re-pruned with the same old micro-batch (its re-prune at the new default moved 0.2%)
+python3 -c "import json; r = json.load(open('bench/results/layerwise_wanda60.json'))['runs']
+print(json.dumps(next(x['rates'] for x in r if x['allocation'] == 'rmi')))" > bench/work/rmi60_rates.json
+.venv/bin/sparsellm --quiet allocate --model smollm2-135m --prune_method wanda --sparsity_ratio 0.6 \
+    --allocation file:bench/work/rmi60_rates.json --nsamples 32 --seqlen 512 --eval wikitext2 --eval_seqlen 2048 \
+    --max_windows 16 --batch_size 16 --save bench/work/rmi60_batch16 --overwrite
+cp bench/work/rmi60_batch16/report.json bench/results/layerwise_wanda60_rmi_batch16_check.report.json
 .venv/bin/python bench/layerwise_bench.py --table bench/results/layerwise_*.json
