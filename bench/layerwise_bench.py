@@ -108,6 +108,9 @@ def table(files: list[str]) -> str:
              "allocation s | prune s |", "|---|---|---|---|---|---|---|---|---|"]
     for f in files:
         res = json.loads(Path(f).read_text())
+        if "runs" not in res:  # e.g. a check's report.json matched by a glob of bench/results/layerwise_*.json
+            print(f"--table: skipping {f}, not a layerwise_bench result file", file=sys.stderr)
+            continue
         for r in res["runs"]:
             alloc_s = r.get("search_seconds", r["allocation_seconds"])
             full = f"{r['ppl_all']:.2f} ({r['windows_all']})" if "ppl_all" in r else ""

@@ -57,6 +57,17 @@ def test_full_eval_records_first_windows_and_batch(allocate, tmp_path):
     assert f"12.18 (4); re-prune, first 2: {math.exp(1.5):.2f}" in lb.table([str(f)])
 
 
+def test_table_skips_files_that_are_not_results(tmp_path, capsys):
+    f = tmp_path / "layerwise_x.json"
+    f.write_text(json.dumps({"method": "wanda", "sparsity": 0.6, "runs": [
+        {"allocation": "rmi", "ppl": 105.39, "windows": 16, "allocation_seconds": 1.0, "prune_seconds": 2.0}]}))
+    check = tmp_path / "layerwise_x_batch16_check.report.json"  # a run report: no "runs"
+    check.write_text(json.dumps({"eval": {}, "prune": {}}))
+    lines = lb.table([str(f), str(check)]).splitlines()
+    assert len(lines) == 3 and lines[2] == "| wanda | 60% | rmi | 105.39 | 16 |  |  | 1.0 | 2.0 |"
+    assert "skipping" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("recorded,given,expected", [(16, None, "16"), (16, 8, "8"), (None, 8, "8")])
 def test_full_eval_reprunes_with_the_rows_micro_batch(allocate, tmp_path, recorded, given, expected):
     row = {"allocation": "owl", "rates": [0.6, 0.6], "windows": 2, "batch_size": recorded}
