@@ -12,7 +12,8 @@ errors) go to one JSON file per setting, plus one figure of the cumulative error
 β is the one its search chose; the search never sees the test text) and adds its perplexity on all WikiText-2
 windows to the row as `ppl_all`, with `ppl_all_first`: the re-pruned model on the row's own first windows,
 which shows what the re-prune alone changed, and `window_nll_all`. It re-prunes with the row's own micro-batch
-(`batch_size`) where the row recorded one: SparseGPT's masks move with the micro-batch through float rounding.
+(`batch_size`) where the row recorded one: SparseGPT's masks (and, rarely, Wanda's) move with the micro-batch
+through float rounding.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def full_eval(args, row: dict, work: Path) -> dict:
             "wall_seconds_all": time.perf_counter() - t0}
 
 
+def full_eval_rows(res: dict, allocations: str | None, out: Path) -> list[str]:
+    """The rows --full_eval re-prunes: those asked for, in that order and once each, or every row of the file."""
+    rows = [r["allocation"] for r in res["runs"]]
+    wanted = list(dict.fromkeys(allocations.split(","))) if allocations else rows
+    if missing := [a for a in wanted if a not in rows]:
+        sys.exit(f"--full_eval: {out} has no row for {', '.join(missing)} (it has {', '.join(rows)})")
+    return wanted
+
+
 def save(res: dict, out: Path) -> None:
     """Write the result file atomically: a failed write never leaves a truncated file behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,15 +137,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--sparsity", type=float, default=0.7)
-    ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    ap.add_argument("--allocations", help=f"comma-separated (default: {','.join(ALLOCATIONS)}; with --full_eval, "
+                    "every row of --out)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval_windows", type=int, default=16, help="WikiText-2 windows of 2048 (0 = all 148)")
     ap.add_argument("--atp_step", type=float, default=0.004)
     ap.add_argument("--objective_windows", type=int, default=4)
     ap.add_argument("--batch_size", type=int, help="calibration windows per block forward (default: sparsellm's, "
-                    "about 2048 tokens; with --full_eval, the row's own if it recorded one). SparseGPT's masks move "
-                    "with it through float rounding")
+                    "about 2048 tokens; with --full_eval, the row's own if it recorded one). SparseGPT's masks (rarely "
+                    "Wanda's) move with it through float rounding")
     ap.add_argument("--out")
     ap.add_argument("--append", action="store_true",
                     help="add these allocations to an existing --out of the same setting (a rerun replaces its row)")
@@ -163,10 +174,7 @@ def main() -> None:
         args.nsamples, args.seqlen = res["nsamples"], res["seqlen"]  # the row's own calibration
         with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
             rows = {r["allocation"]: r for r in res["runs"]}
-            wanted = list(dict.fromkeys(args.allocations.split(",")))  # in the order asked for, once each
-            if missing := [a for a in wanted if a not in rows]:
-                sys.exit(f"--full_eval: {out} has no row for {', '.join(missing)} (it has {', '.join(rows)})")
-            for allocation in wanted:
+            for allocation in full_eval_rows(res, args.allocations, out):
                 rows[allocation].update(full_eval(args, rows[allocation], Path(work)))
                 save(res, out)  # after every run
         print(table([str(out)]))
@@ -179,7 +187,7 @@ def main() -> None:
             sys.exit(f"--append: {out} holds another setting ({ {k: old.get(k) for k in keys} })")
         res["runs"] = [{**r, "versions": r.get("versions", old.get("versions"))} for r in old["runs"]]
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
-        for allocation in args.allocations.split(","):
+        for allocation in (args.allocations or ",".join(ALLOCATIONS)).split(","):
             new = {**run(args, allocation, Path(work)), "versions": res["versions"]}
             i = next((i for i, r in enumerate(res["runs"]) if r["allocation"] == allocation), len(res["runs"]))
             res["runs"][i:i + 1] = [new]  # a rerun replaces its row in place, only once it has succeeded

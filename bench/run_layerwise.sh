@@ -10,8 +10,9 @@ for job in wanda:0.7 sparsegpt:0.7 wanda:0.5 sparsegpt:0.5 wanda:0.6 sparsegpt:0
     .venv/bin/python bench/layerwise_bench.py --method "$m" --sparsity "$s" --atp_step "$step" \
         --out "bench/results/layerwise_${m}$(python3 -c "print(round($s*100))").json"
 done
-# Perplexity on all 148 windows, re-pruning each row with the rates it recorded (23-31 min per row here);
-# BENCHMARKS.md §5 quotes the rows that have been run; each setting takes the same command.
+# Perplexity on all 148 windows, re-pruning every row of each file with the rates it recorded (22-31 min per row
+# here); BENCHMARKS.md §5 quotes the rows that have been run. (The committed SparseGPT 70% rows are split over
+# layerwise_sparsegpt70.json and layerwise_sparsegpt70_part2.json; the loop above writes one file.)
 for f in wanda:0.7 sparsegpt:0.7 wanda:0.6 sparsegpt:0.6 wanda:0.5 sparsegpt:0.5; do
     m=${f%%:*}; s=${f##*:}
     .venv/bin/python bench/layerwise_bench.py --method "$m" --sparsity "$s" --full_eval \
@@ -22,7 +23,8 @@ done
 # (and a fresh run's rows) use the later default of 4 windows, so on a fresh run it shows the micro-batch's effect.
 batch16_check() {  # method sparsity setting allocation result
     mkdir -p bench/work
-    python3 -c "import json; r = json.load(open('bench/results/layerwise_$3.json'))['runs']
+    python3 -c "import json, pathlib; fs = ['bench/results/layerwise_$3.json', 'bench/results/layerwise_$3_part2.json']
+r = [x for f in fs if pathlib.Path(f).exists() for x in json.load(open(f))['runs']]
 print(json.dumps(next(x['rates'] for x in r if x['allocation'] == '$4')))" > "bench/work/$3_$4_rates.json"
     .venv/bin/sparsellm --quiet allocate --model smollm2-135m --prune_method "$1" --sparsity_ratio "$2" \
         --allocation "file:bench/work/$3_$4_rates.json" --nsamples 32 --seqlen 512 --eval wikitext2 \

@@ -89,3 +89,11 @@ def test_full_eval_refuses_other_rates_and_too_few_windows(allocate, tmp_path, m
     monkeypatch.setattr(lb.subprocess, "run", other_rates)
     with pytest.raises(SystemExit, match="other rates"):
         lb.full_eval(_args(), {"allocation": "rmi", "rates": [0.6, 0.6], "windows": 2}, tmp_path)
+
+
+def test_full_eval_rows_default_to_every_row_of_the_file(tmp_path):
+    res = {"runs": [{"allocation": "uniform"}, {"allocation": "atp"}]}
+    assert lb.full_eval_rows(res, None, tmp_path) == ["uniform", "atp"]
+    assert lb.full_eval_rows(res, "atp,uniform,atp", tmp_path) == ["atp", "uniform"]
+    with pytest.raises(SystemExit, match="no row for owl"):
+        lb.full_eval_rows(res, "atp,owl", tmp_path)
