@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ def run(args, allocation: str, work: Path) -> dict:
     wall = time.perf_counter() - t0
     rep = json.loads((save / "report.json").read_text())
     ev = next(iter(rep["eval"].values()))
-    out = {"allocation": allocation, "command": " ".join(cmd[1:]).replace(str(save), "DIR"), "wall_seconds": wall,
+    out = {"allocation": allocation, "command": shlex.join(cmd[1:]).replace(str(save), "DIR"), "wall_seconds": wall,
            "ppl": ev["ppl"], "metric": ev["metric"], "windows": ev["windows"],
            "rates": rep["allocation"]["rates"], "allocation_seconds": rep["allocation"]["seconds"],
            "prune_seconds": rep["prune"]["prune_seconds"], "peak_rss_mib": rep["peak_rss_mib"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def run(args, method: str, work: Path) -> dict:
             "measured_sparsity": ft["measured"]["sparsity"], "ft_tokens": tokens, "ft_train_seconds": train_s,
             "finetune_seconds": ft["seconds"], "wall_seconds": wall, "peak_rss_mib": rep["peak_rss_mib"],
             "train_losses": (ft.get("train") or {}).get("losses"), "ranks": ft.get("ranks"), "steps": steps,
-            "command": " ".join(cmd[1:])}
+            "command": shlex.join(cmd[1:])}
 
 
 def table(paths) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def main() -> None:
                "precision": "float32 forwards and pruning, float32 statistics",
                "memory_budget_mib": model_mib + 2 * act_mib + 1024, "model_mib": model_mib,
                "activations_mib": act_mib, "versions": versions(), "threads": torch.get_num_threads(),
-               "command": " ".join(sys.argv), "runs": []}
+               "command": shlex.join(sys.argv), "runs": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def main() -> None:
                 proc.kill()
                 proc.wait()
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"command": " ".join(cmd), "interval": args.interval,
+        tmp.write_text(json.dumps({"command": shlex.join(cmd), "interval": args.interval,
                                    "returncode": proc.returncode, "peak": peak, "cmdlines": cmdlines,
                                    "samples": samples}) + "\n")
         os.replace(tmp, out)

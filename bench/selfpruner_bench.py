@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ def run(args, backend: str, work: Path) -> dict:
             "evals": s["evals"], "search_seconds": s["search_seconds"], "importance_seconds": s["importance_seconds"],
             "operators": s["operators"], "speed_ratios": run_["speed"]["ratios"]["model fp32"],
             "speed": run_["speed"]["results"], "history": s["history"], "wall_seconds": wall,
-            "peak_rss_mib": run_["peak_rss_mib"], "command": " ".join(cmd[1:])}
+            "peak_rss_mib": run_["peak_rss_mib"], "command": shlex.join(cmd[1:])}
 
 
 def table(paths) -> str:

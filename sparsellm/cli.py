@@ -936,8 +936,10 @@ def cmd_plot_errors(args) -> int:
             p = p / "report.json"
         if p.resolve() == out.resolve():
             raise UsageError(f"--out would overwrite an input: {path}")
+        pruned_nothing = False
         try:
             run = json.loads(p.read_text())
+            pruned_nothing = isinstance(run, dict) and "allocation" in run and "prune" not in run
             rep = run["prune"]
             blocks = rep["blocks"]
             if not isinstance(blocks, list) or not all(isinstance(b, dict) and isinstance(b.get("block"), int)
@@ -946,6 +948,9 @@ def cmd_plot_errors(args) -> int:
         except FileNotFoundError:
             raise UsageError(f"report not found: {path}") from None
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            if pruned_nothing:
+                raise UsageError(f"{path} is a run that pruned nothing (allocate with --eval none and no "
+                                 "--save_model writes only the rates), so it has no per-block errors to plot") from None
             raise UsageError(f"{path} is not a sparsellm prune report (no prune.blocks)") from None
         if not any(b.get("rel_error") is not None or b.get("cum_error") is not None for b in blocks):
             raise UsageError(f"{path} has no reconstruction errors (magnitude without --diag_nsamples?)")

@@ -126,6 +126,8 @@ def test_report_and_plot_errors_guards(capsys, tmp_path, saved_model_dir, calib_
     assert main(["report", str(run)]) == 0  # an allocate-only run: method, allocation and target from its config
     row = [ln for ln in capsys.readouterr().out.splitlines() if str(run) in ln][0]
     assert "| wanda | atp |" in row and "| 0.40 |" in row
+    assert main(["plot-errors", str(run), "--out", str(tmp_path / "e.png")]) == 2  # it pruned nothing
+    assert "pruned nothing" in capsys.readouterr().err and not (tmp_path / "e.png").exists()
     bad = tmp_path / "bad.json"
     for content in ('{"command": "prune", "prune": {"blocks": [1, 2]}}', '{"prune": {"blocks": "x"}}'):
         bad.write_text(content)
