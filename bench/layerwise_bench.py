@@ -41,6 +41,14 @@ def allocate_cmd(args, allocation: str, save: Path, batch_size: int | None = Non
             "--eval_seqlen", "2048", "--save", str(save)] + (["--batch_size", str(batch_size)] if batch_size else [])
 
 
+def recorded(cmd: list[str], names: dict[Path, str]) -> str:
+    """The command line as stored in a row: no executable path, each temporary path replaced by its name."""
+    line = shlex.join(cmd[1:])
+    for path, name in names.items():
+        line = line.replace(str(path), name)
+    return line
+
+
 def run(args, allocation: str, work: Path) -> dict:
     save = work / allocation
     cmd = allocate_cmd(args, allocation, save, args.batch_size)
@@ -55,7 +63,7 @@ def run(args, allocation: str, work: Path) -> dict:
     wall = time.perf_counter() - t0
     rep = json.loads((save / "report.json").read_text())
     ev = next(iter(rep["eval"].values()))
-    out = {"allocation": allocation, "command": shlex.join(cmd[1:]).replace(str(save), "DIR"), "wall_seconds": wall,
+    out = {"allocation": allocation, "command": recorded(cmd, {save: "DIR"}), "wall_seconds": wall,
            "ppl": ev["ppl"], "metric": ev["metric"], "windows": ev["windows"],
            "rates": rep["allocation"]["rates"], "allocation_seconds": rep["allocation"]["seconds"],
            "prune_seconds": rep["prune"]["prune_seconds"], "peak_rss_mib": rep["peak_rss_mib"],
@@ -93,7 +101,7 @@ def full_eval(args, row: dict, work: Path) -> dict:
             "ppl_all_first": math.exp(sum(first) / len(first)), "window_nll_all": ev["window_nll"],
             "batch_size_all": rep["prune"]["options"]["batch_size"],
             "measured_sparsity_all": rep["prune"]["measured"]["sparsity"],
-            "command_all": " ".join(cmd[1:]).replace(str(save), "DIR").replace(str(rates), "RATES.json"),
+            "command_all": recorded(cmd, {save: "DIR", rates: "RATES.json"}),
             "wall_seconds_all": time.perf_counter() - t0}
 
 
