@@ -43,10 +43,11 @@ def allocate_cmd(args, allocation: str, save: Path, batch_size: int | None = Non
 
 def recorded(cmd: list[str], names: dict[Path, str]) -> str:
     """The command line as stored in a row: no executable path, each temporary path replaced by its name."""
-    line = shlex.join(cmd[1:])
-    for path, name in names.items():
-        line = line.replace(str(path), name)
-    return line
+    def swap(arg: str) -> str:
+        for path, name in names.items():
+            arg = arg.replace(str(path), name)
+        return arg
+    return shlex.join(swap(a) for a in cmd[1:])  # swap before quoting, so odd characters in paths do not matter
 
 
 def run(args, allocation: str, work: Path) -> dict:
@@ -126,8 +127,11 @@ def table(files: list[str]) -> str:
     lines = ["| pruner | sparsity | allocation | WikiText-2 ppl | windows | ppl, all windows | β chosen | "
              "allocation s | prune s |", "|---|---|---|---|---|---|---|---|---|"]
     for f in files:
-        res = json.loads(Path(f).read_text())
-        if "runs" not in res:  # e.g. a check's report.json matched by a glob of bench/results/layerwise_*.json
+        try:
+            res = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"--table: cannot read {f}: {e}")
+        if not isinstance(res, dict) or "runs" not in res:  # e.g. a check's report.json matched by a glob of bench/results/layerwise_*.json
             print(f"--table: skipping {f}, not a layerwise_bench result file", file=sys.stderr)
             continue
         for r in res["runs"]:

@@ -947,6 +947,8 @@ def cmd_plot_errors(args) -> int:
                 raise TypeError
         except FileNotFoundError:
             raise UsageError(f"report not found: {path}") from None
+        except OSError as e:  # e.g. a directory named report.json
+            raise UsageError(f"cannot read {p}: {e.strerror}") from None
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             if pruned_nothing:
                 raise UsageError(f"{path} is a run that pruned nothing (allocate with --eval none and no "
@@ -960,6 +962,9 @@ def cmd_plot_errors(args) -> int:
             str(x) for x in (rep.get("method", ""), alloc, "" if target is None else f"{target:.2f}") if x != "")
         if label in runs:
             label = f"{label} ({p.parent.name})"
+        base, n = label, 2
+        while label in runs:  # still taken (same default label and same folder name): number it, never drop a curve
+            label, n = f"{base} #{n}", n + 1
         runs[label] = blocks
     plots.error_curves(runs, out, args.title)
     print(out)

@@ -320,7 +320,7 @@ def test_cli_allocate_bad_input(capsys, tmp_path, saved_model_dir, calib_txt, ex
     assert not (tmp_path / "rep").exists()
 
 
-def test_cli_plot_errors(capsys, tmp_path, saved_model_dir, calib_txt):
+def test_cli_plot_errors(capsys, monkeypatch, tmp_path, saved_model_dir, calib_txt):
     from sparsellm.cli import main
 
     for alloc in ("uniform", "atp"):
@@ -343,6 +343,17 @@ def test_cli_plot_errors(capsys, tmp_path, saved_model_dir, calib_txt):
         err = capsys.readouterr().err
         assert err.startswith("sparsellm: error:") and match in err, err
     assert not (tmp_path / "e.png").exists()
+    (tmp_path / "d" / "report.json").mkdir(parents=True)  # a directory where the report should be
+    assert main(["plot-errors", str(tmp_path / "d"), "--out", str(tmp_path / "e.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err and not (tmp_path / "e.png").exists()
+    for i in (1, 2, 3):  # same default label and same folder name: every curve is kept
+        (tmp_path / f"r{i}" / "x").mkdir(parents=True)
+        (tmp_path / f"r{i}" / "x" / "report.json").write_bytes((tmp_path / "atp" / "report.json").read_bytes())
+    from sparsellm import plots
+    seen = {}
+    monkeypatch.setattr(plots, "error_curves", lambda runs, out, title=None: seen.update(runs))
+    assert main(["plot-errors", *(str(tmp_path / f"r{i}" / "x") for i in (1, 2, 3)), "--out", str(out)]) == 0
+    assert len(seen) == 3
 
 
 def test_rates_file_mean_mismatch_only_when_asked(capsys, tmp_path, saved_model_dir, calib_txt):

@@ -66,6 +66,16 @@ def test_table_skips_files_that_are_not_results(tmp_path, capsys):
     lines = lb.table([str(f), str(check)]).splitlines()
     assert len(lines) == 3 and lines[2] == "| wanda | 60% | rmi | 105.39 | 16 |  |  | 1.0 | 2.0 |"
     assert "skipping" in capsys.readouterr().err
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(SystemExit, match="cannot read .*empty.json"):
+        lb.table([str(f), str(tmp_path / "empty.json")])
+
+
+def test_recorded_command_hides_temporary_paths(tmp_path):
+    work = tmp_path / "it's a dir"
+    cmd = ["/venv/sparsellm", "allocate", "--allocation", f"file:{work / 'r.json'}", "--save", str(work / "owl_all")]
+    assert lb.recorded(cmd, {work / "owl_all": "DIR", work / "r.json": "RATES.json"}) == \
+        "allocate --allocation file:RATES.json --save DIR"
 
 
 @pytest.mark.parametrize("recorded,given,expected", [(16, None, "16"), (16, 8, "8"), (None, 8, "8")])
