@@ -24,12 +24,13 @@ DEMO = ["--model", "smollm2-135m", "--prune_method", "wanda", "--sparsity_ratio"
         "--seqlen", "512", "--eval", "wikitext2", "--eval_seqlen", "2048", "--max_windows", "4", "--eval_dense"]
 
 
-def _add_model_args(p):
+def _add_model_args(p, evaluate_only: bool = False):
     p.add_argument("--model", default="smollm2-135m",
                    help="HF hub id, local HF directory, .gguf file or preset")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the model for calibration forwards, pruning and evaluation "
-                        "(statistics are always accumulated in float32)")
+                   help="dtype of the model for evaluation" if evaluate_only else
+                   "dtype of the model for calibration forwards, pruning and evaluation "
+                   "(statistics are always accumulated in float32)")
 
 
 def _add_eval_args(p, default_eval):
@@ -211,7 +212,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsellm", description="Post-training sparsification of LLMs.")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars or per-block lines (put it before the subcommand)")
+                        help="no progress bars or per-block lines (before or after the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", help="prune a model (no arguments: a demo on the default model, about 10 min on 2 cores)")
@@ -272,15 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
     ep = esub.add_parser("ppl", help="perplexity by the papers' protocol")
-    _add_model_args(ep)
+    _add_model_args(ep, evaluate_only=True)
     ep.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2, c4")
     ep.add_argument("--seqlen", type=int, default=2048, help="window length")
     ep.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
     ep.add_argument("--save", default=None, help="directory to write report.json into")
     ez = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks")
-    _add_model_args(ez)
+    _add_model_args(ez, evaluate_only=True)
     _add_zeroshot_args(ez, "--batch_size")
     ez.add_argument("--save", default=None, help="directory to write report.json into")
+    for leaf in (p, a, f, se, pe, b, rp, ep, ez):  # `sparsellm prune --quiet` works too; SUPPRESS keeps the global one
+        leaf.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="same as sparsellm --quiet")
     return parser
 
 
@@ -446,6 +449,11 @@ def cmd_prune(args) -> int:
         for name, draw in figures.items():
             draw(save / name)
     if args.command == "allocate":
+        if search:
+            s, o = run["search"], run["search"]["objective"]
+            print(f"ATP search: β = {s['best_beta']:.4f} chosen (β_max {s['beta_max']:.4f}); {o['dataset']} ppl on "
+                  f"{o['windows']} windows{' (test-set selection)' if o['test_set_selection'] else ''}: "
+                  + ", ".join(f"{t['beta']:.4f}: {t['objective']:.3f}" for t in s["trials"]))
         print("rates: " + " ".join(f"{r:.4f}" for r in run["allocation"]["rates"]))
     print(summary_table(run))
     return 0
@@ -981,7 +989,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv in (["prune"], ["--quiet", "prune"]):
+    if argv in (["prune"], ["--quiet", "prune"], ["prune", "--quiet"]):
         print("sparsellm: no arguments given, running the demo: sparsellm prune " + " ".join(DEMO), file=sys.stderr)
         argv = argv + DEMO
     try:

@@ -340,6 +340,16 @@ def test_bad_allocation(capsys, cli_env, extra):
     _bad(capsys, cli_env, extra)
 
 
+@pytest.mark.parametrize("argv,quiet", [(["prune"], False), (["--quiet", "prune"], True), (["prune", "--quiet"], True),
+                                        (["--quiet", "eval", "ppl"], True), (["eval", "ppl", "--quiet"], True),
+                                        (["eval", "zeroshot"], False), (["plot-errors", "r.json", "--out", "x.png",
+                                                                         "--quiet"], True)])
+def test_quiet_before_or_after_the_subcommand(argv, quiet):
+    from sparsellm.cli import build_parser
+
+    assert build_parser().parse_args(argv).quiet is quiet
+
+
 def test_help_states_each_default_once():
     """Every option's help shows its default at most once, and a real default (not None/False) at least once."""
     import argparse
@@ -359,7 +369,7 @@ def test_help_states_each_default_once():
         text = p.formatter_class("x")._get_help_string(a) % {"default": a.default}
         assert text.count("default") <= 1, (a.option_strings, text)
         if a.default is not None and a.default is not False and a.default != "" and \
-                isinstance(a.default, (int, float, str)):
+                a.default is not argparse.SUPPRESS and isinstance(a.default, (int, float, str)):
             assert "default" in text, (a.option_strings, text)
             seen += 1
         if a.option_strings == ["--seed"]:  # 0 is a real default, though 0 == False

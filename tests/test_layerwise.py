@@ -255,6 +255,10 @@ def test_cli_allocate_search_writes_rates_plots_and_model(capsys, tmp_path, save
     assert code == 0, capsys.readouterr().err
     rep = json.loads((save / "report.json").read_text())
     assert [t["beta"] for t in rep["search"]["trials"]] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    printed = capsys.readouterr().out  # the chosen β and every trial are printed even under --quiet
+    line = next(ln for ln in printed.splitlines() if ln.startswith("ATP search:"))
+    assert f"β = {rep['search']['best_beta']:.4f} chosen" in line and "(test-set selection)" in line
+    assert line.endswith(", ".join(f"{t['beta']:.4f}: {t['objective']:.3f}" for t in rep["search"]["trials"]))
     rates = json.loads((save / "rates.json").read_text())
     beta = rep["search"]["best_beta"]
     assert rates == pytest.approx([0.5 - beta / 2, 0.5 + beta / 2])
