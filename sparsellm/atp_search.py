@@ -98,6 +98,9 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
             _restore(model, blocks, dense)
     finally:
         _restore(model, blocks, dense)
+    if not any(math.isfinite(t["objective"]) for t in trials):
+        raise UsageError(f"ATP search: every β gave an infinite or NaN objective ({len(trials)} trials): the pruned "
+                         f"model diverges at sparsity {target}, so there is no β to choose")
     best = min(trials, key=lambda t: (t["objective"], t["beta"]))
     return {
         "best_beta": best["beta"], "best_rates": best["rates"], "beta_max": atp.beta_max(L, target), "step": step,

@@ -282,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ez, evaluate_only=True)
     _add_zeroshot_args(ez, "--batch_size")
     ez.add_argument("--save", default=None, help="directory to write report.json into")
-    for leaf in (p, a, f, se, pe, b, rp, ep, ez):  # `sparsellm prune --quiet` works too; SUPPRESS keeps the global one
-        leaf.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="same as sparsellm --quiet")
+    for sp in (p, a, f, se, pe, b, rp, e, ep, ez):  # `sparsellm prune --quiet` works too; SUPPRESS keeps the global one
+        sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or per-block lines (same as sparsellm --quiet)")
     return parser
 
 
@@ -451,9 +452,10 @@ def cmd_prune(args) -> int:
     if args.command == "allocate":
         if search:
             s, o = run["search"], run["search"]["objective"]
-            print(f"ATP search: β = {s['best_beta']:.4f} chosen (β_max {s['beta_max']:.4f}); {o['dataset']} ppl on "
-                  f"{o['windows']} windows{' (test-set selection)' if o['test_set_selection'] else ''}: "
-                  + ", ".join(f"{t['beta']:.4f}: {t['objective']:.3f}" for t in s["trials"]))
+            print(f"ATP search: β = {s['best_beta']:.4f} chosen (β_max {s['beta_max']:.4f}); {o['metric']} on "
+                  f"{o['windows']} window{'s' * (o['windows'] != 1)}"
+                  f"{' (test-set selection)' if o['test_set_selection'] else ''}: "
+                  + ", ".join(f"{t['beta']:.4f}: {t['objective']:.6g}" for t in s["trials"]))
         print("rates: " + " ".join(f"{r:.4f}" for r in run["allocation"]["rates"]))
     print(summary_table(run))
     return 0
@@ -989,7 +991,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv in (["prune"], ["--quiet", "prune"], ["prune", "--quiet"]):
+    if [x for x in argv if x != "--quiet"] == ["prune"]:
         print("sparsellm: no arguments given, running the demo: sparsellm prune " + " ".join(DEMO), file=sys.stderr)
         argv = argv + DEMO
     try:

@@ -343,11 +343,26 @@ def test_bad_allocation(capsys, cli_env, extra):
 @pytest.mark.parametrize("argv,quiet", [(["prune"], False), (["--quiet", "prune"], True), (["prune", "--quiet"], True),
                                         (["--quiet", "eval", "ppl"], True), (["eval", "ppl", "--quiet"], True),
                                         (["eval", "zeroshot"], False), (["plot-errors", "r.json", "--out", "x.png",
-                                                                         "--quiet"], True)])
+                                                                         "--quiet"], True),
+                                        (["eval", "--quiet", "zeroshot"], True),
+                                        (["--quiet", "finetune", "--out", "o", "--quiet"], True)])
 def test_quiet_before_or_after_the_subcommand(argv, quiet):
     from sparsellm.cli import build_parser
 
     assert build_parser().parse_args(argv).quiet is quiet
+
+
+@pytest.mark.parametrize("argv", [["prune"], ["--quiet", "prune"], ["prune", "--quiet"], ["--quiet", "prune", "--quiet"]])
+def test_bare_prune_runs_the_demo(argv, monkeypatch, capsys):
+    import sparsellm.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_prune", lambda args: seen.append(args) or 0)
+    assert cli.main(argv) == 0
+    (args,) = seen
+    assert (args.nsamples, args.seqlen, args.max_windows, args.eval_dense) == (32, 512, 4, True)
+    assert args.quiet is ("--quiet" in argv)
+    assert "running the demo" in capsys.readouterr().err
 
 
 def test_help_states_each_default_once():

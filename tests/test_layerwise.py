@@ -209,6 +209,28 @@ def test_bad_allocation_settings(kwargs, match):
 # ------------------------------------------------------------------ ATP β search
 
 
+def test_search_refuses_to_choose_when_every_trial_diverges(tokenizer, monkeypatch):
+    """All objectives inf or NaN: one clear error instead of a silent choice of β = 0 (and no log-scale plot
+    of nothing)."""
+    import sparsellm.atp_search
+
+    seen = []
+
+    def diverged(*args, **kwargs):
+        seen.append(1)
+        return {"ppl": float("nan") if len(seen) % 2 else float("inf"), "metric": "wikitext2_ppl@32",
+                "total_windows": 1}
+
+    monkeypatch.setattr(sparsellm.atp_search, "perplexity", diverged)
+    model = make_model("llama", num_hidden_layers=3, max_position_embeddings=256)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UsageError, match="every β gave an infinite or NaN objective"):
+        search(model, tokenizer, _ids(), "magnitude", 0.6, step=0.1, objective="wikitext2", objective_windows=1,
+               objective_seqlen=32, progress=False)
+    assert len(seen) == 4  # every β was tried
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_beta_grid():
     g = beta_grid(30, 0.7, 0.002)
     assert g[0] == 0.0 and len(g) == 11 and g[-1] == pytest.approx(0.020)  # β_max = 0.6/29 = 0.02069
@@ -256,9 +278,12 @@ def test_cli_allocate_search_writes_rates_plots_and_model(capsys, tmp_path, save
     rep = json.loads((save / "report.json").read_text())
     assert [t["beta"] for t in rep["search"]["trials"]] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
     printed = capsys.readouterr().out  # the chosen β and every trial are printed even under --quiet
-    line = next(ln for ln in printed.splitlines() if ln.startswith("ATP search:"))
-    assert f"β = {rep['search']['best_beta']:.4f} chosen" in line and "(test-set selection)" in line
-    assert line.endswith(", ".join(f"{t['beta']:.4f}: {t['objective']:.3f}" for t in rep["search"]["trials"]))
+    lines = printed.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("ATP search:"))
+    assert lines[at + 1].startswith("rates: ")
+    assert f"β = {rep['search']['best_beta']:.4f} chosen" in lines[at]
+    assert "wikitext2_ppl@32 on 1 window (test-set selection)" in lines[at]
+    assert lines[at].endswith(", ".join(f"{t['beta']:.4f}: {t['objective']:.6g}" for t in rep["search"]["trials"]))
     rates = json.loads((save / "rates.json").read_text())
     beta = rep["search"]["best_beta"]
     assert rates == pytest.approx([0.5 - beta / 2, 0.5 + beta / 2])

@@ -95,3 +95,13 @@ def test_too_few_tokens_and_bad_max_windows(stream, tokenizer):
         perplexity(model, tokenizer, "wikitext2", 6 * SEQLEN, progress=False)
     with pytest.raises(UsageError):
         perplexity(model, tokenizer, "wikitext2", SEQLEN, max_windows=0, progress=False)
+
+
+def test_diverged_model_gives_infinite_perplexity(stream, tokenizer):
+    """A mean NLL above ~709 nats overflows math.exp; a diverged model scores inf instead of raising."""
+    ids, _ = stream
+    model = make_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e6)  # logits of order 1e6: the NLL of a wrong token is of the same order
+    r = perplexity(model, tokenizer, "wikitext2", SEQLEN, progress=False)
+    assert r["nll"] > 1000 and r["ppl"] == float("inf")

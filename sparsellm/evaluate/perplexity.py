@@ -41,6 +41,10 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
         window_nll.append(window / (seqlen - 1))
         nll += window
         count += seqlen - 1
-    return {"metric": f"{dataset}_ppl@{seqlen}", "ppl": math.exp(nll / count), "nll": nll / count,
+    try:
+        ppl = math.exp(nll / count)
+    except OverflowError:  # mean NLL above ~709 nats: a diverged model
+        ppl = float("inf")
+    return {"metric": f"{dataset}_ppl@{seqlen}", "ppl": ppl, "nll": nll / count,
             "window_nll": window_nll, "windows": windows, "tokens": count, "seqlen": seqlen, "dataset": dataset,
             "max_windows": max_windows, "total_windows": ids.shape[1] // seqlen}
