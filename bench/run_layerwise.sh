@@ -18,6 +18,11 @@ for f in wanda:0.7 sparsegpt:0.7 wanda:0.6 sparsegpt:0.6 wanda:0.5 sparsegpt:0.5
     .venv/bin/python bench/layerwise_bench.py --method "$m" --sparsity "$s" --full_eval \
         --out "bench/results/layerwise_${m}$(python3 -c "print(round($s*100))").json"
 done
+# ATP at the paper's grid step 0.002 for Wanda 70% (11 trials), then that row on all windows.
+.venv/bin/python bench/layerwise_bench.py --method wanda --sparsity 0.7 --allocations atp --atp_step 0.002 \
+    --out bench/results/layerwise_wanda70_step002.json
+.venv/bin/python bench/layerwise_bench.py --method wanda --sparsity 0.7 --full_eval \
+    --out bench/results/layerwise_wanda70_step002.json
 # A row's rates re-pruned with the old micro-batch of 16 windows (8192 tokens), scored on the first 16 windows.
 # The rows quoted in BENCHMARKS.md §5 were pruned with it, so this reproduces them exactly; the re-prunes above
 # (and a fresh run's rows) use the later default of 4 windows, so on a fresh run it shows the micro-batch's effect.
