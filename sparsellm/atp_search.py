@@ -71,7 +71,8 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
     "one_prune_seconds" (the β = 0 trial's prune time)}. The model is left dense (its weights restored).
 
     calib_ids: (nsamples, seqlen) calibration windows. objective: "c4" (validation, default) or
-    "wikitext2" (test-set selection). Raises UsageError for a bad step or window count."""
+    "wikitext2" (test-set selection). Raises UsageError for a bad step or window count, and when every
+    trial's objective is inf or NaN (the model diverges at this sparsity for every β)."""
     if objective_windows < 1:
         raise UsageError(f"--objective_windows must be >= 1, got {objective_windows}")
     blocks = get_blocks(model)
