@@ -339,7 +339,7 @@ def _dtype(name):
 def cmd_prune(args) -> int:
     from . import api
     from .models import check_output_dir, context_length, load_model, resolve_model
-    from .report import markdown, summary_table
+    from .report import markdown, search_line, summary_table
 
     if args.prunen is not None or args.prunem is not None:
         if args.prunen is None or args.prunem is None:
@@ -451,11 +451,7 @@ def cmd_prune(args) -> int:
             draw(save / name)
     if args.command == "allocate":
         if search:
-            s, o = run["search"], run["search"]["objective"]
-            print(f"ATP search: β = {s['best_beta']:.4f} chosen (β_max {s['beta_max']:.4f}); {o['metric']} on "
-                  f"{o['windows']} window{'s' * (o['windows'] != 1)}"
-                  f"{' (test-set selection)' if o['test_set_selection'] else ''}: "
-                  + ", ".join(f"{t['beta']:.4f}: {t['objective']:.6g}" for t in s["trials"]))
+            print(search_line(run["search"]))
         print("rates: " + " ".join(f"{r:.4f}" for r in run["allocation"]["rates"]))
     print(summary_table(run))
     return 0

@@ -81,6 +81,15 @@ def allocation_lines(alloc: dict) -> list[str]:
             "rates: " + " ".join(f"{r:.4f}" for r in alloc["rates"])]
 
 
+def search_line(search: dict) -> str:
+    """The ATP search on one line for the terminal: the chosen β, then every trial's β and objective."""
+    o = search["objective"]
+    return (f"ATP search: β = {search['best_beta']:.4f} chosen (β_max {search['beta_max']:.4f}); {o['metric']} on "
+            f"{o['windows']} window{'s' * (o['windows'] != 1)}"
+            f"{' (test-set selection)' if o['test_set_selection'] else ''}: "
+            + ", ".join(f"{t['beta']:.4f}: {t['objective']:.6g}" for t in search["trials"]))
+
+
 def search_table(search: dict) -> str:
     """One row per ATP trial: β, the objective, seconds; the chosen β is marked."""
     o = search["objective"]
