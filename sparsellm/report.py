@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def _fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
@@ -83,11 +85,17 @@ def allocation_lines(alloc: dict) -> list[str]:
 
 def search_line(search: dict) -> str:
     """The ATP search on one line for the terminal: the chosen β, then every trial's β and objective."""
-    o = search["objective"]
-    return (f"ATP search: β = {search['best_beta']:.4f} chosen (β_max {search['beta_max']:.4f}); {o['metric']} on "
+    o, d = search["objective"], _beta_decimals(search)
+    return (f"ATP search: β = {search['best_beta']:.{d}f} chosen (β_max {search['beta_max']:.{d}f}); {o['metric']} on "
             f"{o['windows']} window{'s' * (o['windows'] != 1)}"
             f"{' (test-set selection)' if o['test_set_selection'] else ''}: "
-            + ", ".join(f"{t['beta']:.4f}: {t['objective']:.6g}" for t in search["trials"]))
+            + ", ".join(f"{t['beta']:.{d}f}: {t['objective']:.6g}" for t in search["trials"]))
+
+
+def _beta_decimals(search: dict) -> int:
+    """Decimals that keep every grid point's β distinct: 4 for steps >= 1e-4, more for finer grids."""
+    step = search.get("step") or 1e-4
+    return max(4, 1 - math.floor(math.log10(step)))
 
 
 def search_table(search: dict) -> str:
@@ -102,7 +110,7 @@ def search_table(search: dict) -> str:
              "| β | objective | prune s | trial s |", "|---|---|---|---|"]
     for t in search["trials"]:
         mark = " ←" if t["beta"] == search["best_beta"] else ""
-        lines.append(f"| {t['beta']:.4f}{mark} | {t['objective']:.3f} | {t['prune_seconds']:.1f} | {t['seconds']:.1f} |")
+        lines.append(f"| {t['beta']:.{_beta_decimals(search)}f}{mark} | {t['objective']:.3f} | {t['prune_seconds']:.1f} | {t['seconds']:.1f} |")
     return "\n".join(lines)
 
 

@@ -437,3 +437,20 @@ def test_objective_also_evaluated_is_flagged(capsys, tmp_path, saved_model_dir, 
     rep = json.loads((tmp_path / "s" / "report.json").read_text())
     assert rep["search"]["objective"]["also_evaluated"] is True
     assert "not held out" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_search_line_keeps_fine_grid_betas_distinct():
+    """A step below 1e-4 (allowed for deep models or targets near 0 or 1) still prints one label per trial."""
+    from sparsellm.report import search_line, search_table
+
+    betas = beta_grid(32, 0.99, 0.00002)
+    rep = {"best_beta": betas[3], "beta_max": atp.beta_max(32, 0.99), "step": 0.00002,
+           "trials": [{"beta": b, "objective": 10.0 + i, "prune_seconds": 1.0, "seconds": 2.0}
+                      for i, b in enumerate(betas)],
+           "objective": {"dataset": "c4", "windows": 4, "metric": "c4_ppl@2048", "test_set_selection": False},
+           "search_seconds": 60.0, "one_prune_seconds": 1.0}
+    labels = [x.split(":")[0] for x in search_line(rep).split(": ", 2)[2].split(", ")]
+    assert len(set(labels)) == len(betas) > 10
+    assert f"β = {betas[3]:.6f} chosen" in search_line(rep)
+    rows = [r for r in search_table(rep).splitlines() if r.startswith("| 0.")]
+    assert len({r.split(" |")[0] for r in rows}) == len(betas)
