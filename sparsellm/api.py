@@ -7,12 +7,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import platform
 import resource
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +21,8 @@ from .allocate import ALLOCATORS, allocate, check_rates, owl, rmi
 from .data import calibration_windows
 from .engine import auto_batch_size, dense_walk, linear_sparsity, prune_blocks
 from .errors import UsageError
-from .models import _umask, atomic_dir_write, block_linears, check_output_dir, context_length, get_blocks
+from .models import block_linears, context_length, get_blocks
+from .outputs import atomic_dir_write, check_output_dir, write_json_atomic, write_text_atomic
 from .prune import PRUNERS, check_sparsity, parse_pattern, wanda
 
 log = logging.getLogger("sparsellm")
@@ -298,26 +296,6 @@ def _blocks_prefix(model) -> str:
     from .models import get_arch
 
     return get_arch(model).blocks
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to `path` atomically (see write_text_atomic)."""
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to `path` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pruned(model, tokenizer, out_dir, report: dict, run_report: dict | None = None, markdown: str = "",

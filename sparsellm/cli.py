@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
+from .outputs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("sparsellm")
 
@@ -338,7 +339,8 @@ def _dtype(name):
 
 def cmd_prune(args) -> int:
     from . import api
-    from .models import check_output_dir, context_length, load_model, resolve_model
+    from .models import context_length, load_model, resolve_model
+    from .outputs import check_output_dir
     from .report import markdown, search_line, summary_table
 
     if args.prunen is not None or args.prunem is not None:
@@ -443,10 +445,10 @@ def cmd_prune(args) -> int:
         log.info("saved pruned model to %s", out)
     if args.save is not None:
         save = Path(args.save)
-        api.write_json_atomic(save / "report.json", run)
-        api.write_text_atomic(save / "report.md", md)
+        write_json_atomic(save / "report.json", run)
+        write_text_atomic(save / "report.md", md)
         if args.command == "allocate":
-            api.write_json_atomic(save / "rates.json", [round(r, 12) for r in run["allocation"]["rates"]])
+            write_json_atomic(save / "rates.json", [round(r, 12) for r in run["allocation"]["rates"]])
         for name, draw in figures.items():
             draw(save / name)
     if args.command == "allocate":
@@ -464,7 +466,8 @@ def cmd_finetune(args) -> int:
     from . import api
     from .adapt.losa import FinetuneConfig, finetune, prune_like_report
     from .adapt.train import finetune_examples
-    from .models import check_output_dir, context_length, load_model, resolve_model
+    from .models import context_length, load_model, resolve_model
+    from .outputs import check_output_dir
     from .report import finetune_comparison, markdown
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -590,8 +593,8 @@ def cmd_finetune(args) -> int:
         del model
     table = finetune_comparison(results)
     if not single:
-        api.write_text_atomic(root / "comparison.md", "# sparsellm finetune\n\n" + table + "\n")
-        api.write_json_atomic(root / "comparison.json", {m: {k: r.get(k) for k in ("finetune", "eval", "config")}
+        write_text_atomic(root / "comparison.md", "# sparsellm finetune\n\n" + table + "\n")
+        write_json_atomic(root / "comparison.json", {m: {k: r.get(k) for k in ("finetune", "eval", "config")}
                                                          for m, r in results.items()})
     print(table)
     return 0
@@ -602,7 +605,8 @@ def cmd_search(args) -> int:
 
     from . import api, plots
     from .data import calibration_windows
-    from .models import atomic_dir_write, check_output_dir, context_length, load_model, resolve_model
+    from .models import context_length, load_model, resolve_model
+    from .outputs import atomic_dir_write, check_output_dir
     from .search import GAOperators, LLMOperators, SearchConfig, local_chat, openai_chat
     from .search.driver import describe, self_prune
     from .structured.io import write_structured
@@ -701,8 +705,8 @@ def cmd_search(args) -> int:
         write_structured(pruned, tmp, {"rates": rep["best_rates"], "metric": args.metric, "gqa": args.gqa})
         rep["weights_mib"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20
         tok.save_pretrained(tmp)
-        api.write_json_atomic(tmp / "report.json", run)
-        api.write_text_atomic(tmp / "report.md", _search_markdown(run))
+        write_json_atomic(tmp / "report.json", run)
+        write_text_atomic(tmp / "report.md", _search_markdown(run))
         if rep["history"]:
             plots.search_progress(rep["history"], tmp / "fitness.png", f"{args.backend} search, mean rate {args.target_rate:g}")
         plots.structured_rates(rep["best_rates"], args.target_rate, tmp / "rates.png")
@@ -761,7 +765,8 @@ def _figures(run) -> dict:
 
 def cmd_eval_ppl(args) -> int:
     from . import api
-    from .models import check_output_dir, context_length, load_model, resolve_model
+    from .models import context_length, load_model, resolve_model
+    from .outputs import check_output_dir
 
     names = ["zeroshot"] if args.eval_command == "zeroshot" else _datasets(args.dataset, zeroshot_ok=False)
     tasks = _zeroshot_tasks(args, names)
@@ -779,7 +784,7 @@ def cmd_eval_ppl(args) -> int:
            "eval": _evaluate(model, tok, names, seqlen, getattr(args, "max_windows", None), not args.quiet, args, tasks)}
     run["versions"] = api.versions()
     if args.save is not None:
-        api.write_json_atomic(Path(args.save) / "report.json", run)
+        write_json_atomic(Path(args.save) / "report.json", run)
     from .report import summary_table
 
     print(summary_table(run))
@@ -826,7 +831,7 @@ def cmd_bench(args) -> int:
             raise UsageError("give the dense model with --baseline")
     resolve_model(baseline)
     if args.save is not None:
-        from .models import check_output_dir
+        from .outputs import check_output_dir
 
         check_output_dir(args.save, True, [], replaces=False)  # only speed.json is added, e.g. to the run dir
     if args.deepsparse:  # a missing runtime environment is reported before any model loads
@@ -851,7 +856,7 @@ def cmd_bench(args) -> int:
         from .evaluate import sparse_runtime
 
         if args.save is not None:  # the PyTorch results survive a DeepSparse failure
-            api.write_json_atomic(Path(args.save) / "speed.json", res)
+            write_json_atomic(Path(args.save) / "speed.json", res)
         kept = f"; the PyTorch results are in {Path(args.save) / 'speed.json'}" if args.save else ""
         try:
             ds = sparse_runtime.compare({"dense": dense, "model": sparse}, "deepsparse", args.deepsparse_python,
@@ -860,7 +865,7 @@ def cmd_bench(args) -> int:
                                         threads=args.threads or torch.get_num_threads(), progress=not args.quiet)
         except sparse_runtime.RuntimeCheckFailed as e:
             if args.save is not None:
-                api.write_json_atomic(Path(args.save) / "speed.json", {**res, "deepsparse_failed_check": e.result})
+                write_json_atomic(Path(args.save) / "speed.json", {**res, "deepsparse_failed_check": e.result})
             raise UsageError(f"{e}{kept}") from None
         except RuntimeError as e:
             raise UsageError(f"{e}{kept}") from None
@@ -876,7 +881,7 @@ def cmd_bench(args) -> int:
                                        for n, r in res["results"].items() if n != "dense bf16"}
     print(res["cuda_2_4"], file=sys.stderr)
     if args.save is not None:
-        api.write_json_atomic(Path(args.save) / "speed.json", res)
+        write_json_atomic(Path(args.save) / "speed.json", res)
     keys = list(res["results"]["dense fp32"])
     lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for n, r in res["results"].items():
@@ -910,7 +915,7 @@ def cmd_report(args) -> int:
             run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
             if run_dir.resolve() == out.resolve():
                 raise UsageError(f"--out would write into a run directory given as input: {path}")
-        api.write_text_atomic(out / "report.md", "# sparsellm runs\n\n" + table + "\n")
+        write_text_atomic(out / "report.md", "# sparsellm runs\n\n" + table + "\n")
         metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
         if metrics:
             plots.ppl_vs_sparsity(rows, metrics[0], out / "ppl_vs_sparsity.png")

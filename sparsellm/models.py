@@ -1,5 +1,4 @@
-"""Loading models from a hub id, a local HF directory, a `.gguf` file or a preset; the architecture table;
-atomic saving.
+"""Loading models from a hub id, a local HF directory, a `.gguf` file or a preset; the architecture table.
 
 The architecture layer is data, not branches: `ARCHITECTURES` maps a `config.model_type` to where the
 decoder blocks live and which linear sublayers each block has. Adding a family is one table entry.
@@ -7,16 +6,13 @@ decoder blocks live and which linear sublayers each block has. Adding a family i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .outputs import umask
 
 log = logging.getLogger("sparsellm")
 
@@ -170,7 +167,7 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, target)
@@ -227,75 +224,3 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     if len(tok) > rows:
         raise UsageError(f"tokenizer of {spec!r} has {len(tok)} tokens but the model embeds only {rows}")
     return model, tok, path
-
-
-# --------------------------------------------------------------------------- atomic saving
-
-
-def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path | None], replaces: bool = True) -> Path:
-    """Validate an output directory before any work. It must not be an input or lie inside an input
-    directory; when it `replaces` (a model directory swapped in whole) it must not contain an input either,
-    since --overwrite would delete it. It must be empty unless `overwrite`; its nearest existing ancestor
-    must be a writable directory. Raises UsageError."""
-    if not str(out).strip():
-        raise UsageError("output directory is an empty string")
-    out = Path(out).expanduser().resolve()
-    for inp in inputs:
-        if inp is None:
-            continue
-        inp = Path(inp).expanduser().resolve()
-        inside_input = inp.is_dir() and inp in out.parents
-        if out == inp or inside_input or (replaces and out in inp.parents):
-            raise UsageError(f"refusing to write to {out}: it overlaps the input {inp}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output directory {out} is not empty (pass --overwrite to replace it)")
-    anc = out
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir() or not os.access(anc, os.W_OK):
-        raise UsageError(f"cannot create {out}: {anc} is not a writable directory")
-    return out
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT/SIGTERM while a directory swap completes, so it is all or nothing."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if main else None
-    try:
-        yield
-    finally:
-        if main:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_dir_write(out: Path, write_fn) -> None:
-    """Call `write_fn(tmp_dir)` on a fresh temporary directory next to `out`, then swap it into place
-    (signals held during the swap). On any failure or interrupt before the swap, the temporary directory
-    is removed and `out` is left as it was."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved model should read like save_pretrained's
-        write_fn(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    with _signals_deferred():
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)

@@ -13,7 +13,7 @@ import torch
 import sparsellm
 from conftest import FAMILIES, make_model
 from sparsellm.api import PruneConfig, prune, save_pruned
-from sparsellm.models import _umask
+from sparsellm.outputs import umask
 from sparsellm.errors import UsageError
 
 LINEAR_NAMES = {
@@ -219,9 +219,9 @@ def test_saved_files_are_world_readable(tokenizer, tmp_path):
     model = make_model("llama")
     report = prune(model, tokenizer, _cfg("magnitude"), calib_ids=_calib(), progress=False)
     out = save_pruned(model, tokenizer, tmp_path / "out", report)
-    assert out.stat().st_mode & 0o055 == 0o055 & ~_umask()
+    assert out.stat().st_mode & 0o055 == 0o055 & ~umask()
     for name in ("sparsity_config.json", "report.json", "report.md"):
-        assert (out / name).stat().st_mode & 0o044 == 0o044 & ~_umask()
+        assert (out / name).stat().st_mode & 0o044 == 0o044 & ~umask()
 
 
 # ------------------------------------------------------------------ atomicity

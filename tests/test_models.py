@@ -7,7 +7,7 @@ import torch
 
 from conftest import MODEL_TYPES, make_model
 from sparsellm.errors import UsageError
-from sparsellm.models import (ARCHITECTURES, block_linears, check_output_dir, context_length, get_arch, get_blocks,
+from sparsellm.models import (ARCHITECTURES, block_linears, context_length, get_arch, get_blocks,
                               resolve_model)
 
 LLAMA_LIKE = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -76,23 +76,3 @@ def test_resolve_model(tmp_path, saved_model_dir):
         resolve_model(str(tmp_path))  # a directory without config.json
 
 
-def test_check_output_dir(tmp_path):
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
-    ok = check_output_dir(tmp_path / "new", False, [model_dir])
-    assert ok == (tmp_path / "new").resolve() and not ok.exists()
-    for bad in (model_dir, model_dir / "sub", tmp_path):
-        with pytest.raises(UsageError):
-            check_output_dir(bad, True, [model_dir])
-    busy = tmp_path / "busy"
-    busy.mkdir()
-    (busy / "f").write_text("x")
-    with pytest.raises(UsageError):
-        check_output_dir(busy, False, [model_dir])
-    assert check_output_dir(busy, True, [model_dir]) == busy.resolve()
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert check_output_dir(empty, False, [None]) == empty.resolve()
-    with pytest.raises(UsageError):
-        check_output_dir(tmp_path / "m" / "config.json", True, [])  # a file

@@ -189,7 +189,7 @@ def examples_sha(examples) -> str:
 def save_checkpoint(path: Path, model, state: dict) -> None:
     """The adapters' full state (merged base weights, factors, masks, ranks) and the run so far, written
     atomically: a temporary directory renamed over the previous checkpoint."""
-    from ..models import atomic_dir_write
+    from ..outputs import atomic_dir_write
 
     tensors = {}
     for n, m in model.named_modules():

@@ -124,7 +124,7 @@ def _set_rng(rng: random.Random, s) -> None:
 
 
 def write_state(path: Path, state: dict) -> None:
-    from ..api import write_json_atomic
+    from ..outputs import write_json_atomic
 
     write_json_atomic(path, state)
 
