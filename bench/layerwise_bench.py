@@ -171,7 +171,7 @@ def main() -> None:
         print(table(args.table))
         return
     from sparsellm import plots
-    from sparsellm.api import versions
+    from sparsellm.provenance import versions
 
     if not args.out:
         ap.error("--out is required (except with --table)")

@@ -34,7 +34,7 @@ def reset_peak() -> None:
 def main():
     import torch  # here, not at the top: memory_parts.py imports status() before torch is loaded
 
-    from sparsellm import api
+    from sparsellm import pipeline as api
     from sparsellm.data import calibration_windows
     from sparsellm.engine import get_blocks
     from sparsellm.models import load_model
@@ -80,8 +80,8 @@ def main():
                       lambda: calibration_windows(tok, "c4", args.nsamples, args.seqlen, 0))
         for i, b in enumerate(get_blocks(model)):
             b.register_forward_pre_hook(lambda m, a, i=i: state.__setitem__("block", i))
-        cfg = api.PruneConfig(prune_method=args.method, sparsity_ratio=args.sparsity, nsamples=args.nsamples,
-                              seqlen=args.seqlen, batch_size=batch)
+        cfg = api.PruneConfig.from_flat(prune_method=args.method, sparsity_ratio=args.sparsity, nsamples=args.nsamples,
+                                        seqlen=args.seqlen, batch_size=batch)
         rep = phase(f"prune, batch {bs}", lambda: api.prune(model, tok, cfg, calib, progress=False))
         runs[bs] = {"batch_size": rep["options"]["batch_size"], "prune_seconds": rep["prune_seconds"],
                     "peak_mib": phases[f"prune, batch {bs}"]["peak_mib"], "measured": rep["measured"]["sparsity"]}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sparsellm.api import versions
+from sparsellm.provenance import versions
 from sparsellm.data import calibration_windows
 from sparsellm.engine import _gather_stats, auto_batch_size, capture_inputs, run_block
 from sparsellm.models import block_linears, get_blocks, load_model

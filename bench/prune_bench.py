@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from sparsellm.api import versions
+    from sparsellm.provenance import versions
     from sparsellm.data import calibration_windows
     from sparsellm.models import load_model
 

@@ -11,7 +11,9 @@ Public API:
 
 __version__ = "0.1.0"
 
-from .api import PruneConfig, prune, resolve_allocation, save_pruned  # noqa: E402
+from .allocate import resolve_allocation  # noqa: E402
+from .pipeline import PruneConfig, prune  # noqa: E402
+from .runs.rundir import save_pruned  # noqa: E402
 from .errors import UsageError  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .models import load_model  # noqa: E402

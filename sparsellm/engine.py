@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models import block_linears, get_blocks
-from .prune import PRUNERS, LayerStats
+from .prune import LayerStats
+from .registry import get
 
 log = logging.getLogger("sparsellm")
 
@@ -115,7 +116,7 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
     input_ids: (nsamples, seqlen) calibration windows, or None with `captured` = (X, kwargs) from
     `capture_inputs` (X is not modified, so one capture serves many runs, as in ATP's β search).
     rates[i]: block i's sparsity, or a dict {linear name: sparsity} (OWL's layer granularity).
-    nm: an N:M pattern or None. options: extra keyword arguments for the pruner (blocksize, percdamp).
+    nm: an N:M pattern or None. options: the pruner's config as keyword arguments (SparseGPT: blocksize, percdamp).
     batch_size: windows per block forward (None: auto). on_block_end(i, X_next) is called after each
     block with its pruned outputs (nsamples, seqlen, hidden).
 
@@ -127,23 +128,23 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
 
     Returns one dict per block: target, measured sparsity, per-module sparsity, rel_error, cum_error
     and seconds."""
-    pruner = PRUNERS[method]
+    pruner = get("pruner", method)
     blocks = get_blocks(model)
     if len(rates) != len(blocks):
         raise ValueError(f"{len(rates)} rates for {len(blocks)} blocks")
     options = options or {}
-    if pruner.STATS == "none" and not diag_nsamples:  # magnitude: no forwards, no reconstruction error
+    if pruner.needs == "none" and not diag_nsamples:  # magnitude: no forwards, no reconstruction error
         return [_log_block(_prune_block(model, i, block, pruner, None, rates[i], nm, options, time.perf_counter()))
                 for i, block in enumerate(blocks)]
     t0 = time.perf_counter()
     if captured is None:
-        if pruner.STATS == "none":
+        if pruner.needs == "none":
             input_ids = input_ids[:diag_nsamples]
         X, kwargs = capture_inputs(model, input_ids)
         log.info("captured block-0 inputs %s in %.1fs", tuple(X.shape), time.perf_counter() - t0)
     else:
         X, kwargs = captured
-        X = X[:diag_nsamples] if pruner.STATS == "none" else X
+        X = X[:diag_nsamples] if pruner.needs == "none" else X
         X = X.clone()
     batch_size = batch_size or auto_batch_size(X.shape[1])
     Y = torch.empty_like(X)
@@ -155,7 +156,7 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
         t0 = time.perf_counter()
         if k:
             run_block(block, D, kwargs[i], Dn, batch_size)  # dense block on dense inputs
-        stats = _gather_stats(block, block_linears(model, block), pruner.STATS,
+        stats = _gather_stats(block, block_linears(model, block), pruner.needs,
                               lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
         res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
                            lambda: run_block(block, X, kwargs[i], Y, batch_size, compare=True))  # Y = pruned
@@ -234,7 +235,7 @@ def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=N
         W = lin.weight.data
         r = (rate[name] if isinstance(rate, dict) else rate) if nm is None else nm.sparsity
         if r > 0 or nm is not None:
-            W.copy_(pruner.prune(W.float(), stats and stats[name], r, nm, **options).to(W.dtype))
+            W.copy_(pruner.fn(W.float(), stats and stats[name], r, nm, **options).to(W.dtype))
         modules[name] = {"target": r, "measured": float((W == 0).sum()) / W.numel()}
     total = sum(lin.weight.numel() for lin in linears.values())
     target = sum(modules[n]["target"] * lin.weight.numel() for n, lin in linears.items()) / total

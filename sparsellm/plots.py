@@ -150,3 +150,61 @@ def structured_rates(rates: list[float], target: float, path, title: str = "") -
     _integer_x(ax)
     ax.legend()
     return _save(fig, path)
+
+
+def plot_reports(reports, out, labels=None, title: str = "") -> Path:
+    """`sparsellm plot-errors`: the per-block reconstruction errors of several prune reports (report.json
+    files or their directories) on one PNG `out`; `labels`: one legend label per report (default: method,
+    allocation and target; repeated labels get the folder name, then a number). Raises UsageError for a
+    report without per-block errors, bad labels, or an `out` that is not a .png file or is an input."""
+    import json
+
+    from .errors import UsageError
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must be a .png file, got {out}")
+    if out.is_dir():
+        raise UsageError(f"--out is a directory: {out}")
+    if labels is not None and len(labels) != len(reports):
+        raise UsageError(f"{len(labels)} labels for {len(reports)} reports")
+    if labels is not None and len(set(labels)) != len(labels):
+        raise UsageError("--labels must be distinct")
+    runs = {}
+    for k, path in enumerate(reports):
+        p = Path(path)
+        if p.is_dir():
+            p = p / "report.json"
+        if p.resolve() == out.resolve():
+            raise UsageError(f"--out would overwrite an input: {path}")
+        pruned_nothing = False
+        try:
+            run = json.loads(p.read_text())
+            pruned_nothing = isinstance(run, dict) and "allocation" in run and "prune" not in run
+            rep = run["prune"]
+            blocks = rep["blocks"]
+            if not isinstance(blocks, list) or not all(isinstance(b, dict) and isinstance(b.get("block"), int)
+                                                       for b in blocks):
+                raise TypeError
+        except FileNotFoundError:
+            raise UsageError(f"report not found: {path}") from None
+        except OSError as e:  # e.g. a directory named report.json
+            raise UsageError(f"cannot read {p}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            if pruned_nothing:
+                raise UsageError(f"{path} is a run that pruned nothing (allocate with --eval none and no "
+                                 "--save_model writes only the rates), so it has no per-block errors to plot") from None
+            raise UsageError(f"{path} is not a sparsellm prune report (no prune.blocks)") from None
+        if not any(b.get("rel_error") is not None or b.get("cum_error") is not None for b in blocks):
+            raise UsageError(f"{path} has no reconstruction errors (magnitude without --diag_nsamples?)")
+        alloc = (rep.get("allocation") or {}).get("name", "")
+        target = rep.get("target_sparsity")
+        label = labels[k] if labels else " ".join(
+            str(x) for x in (rep.get("method", ""), alloc, "" if target is None else f"{target:.2f}") if x != "")
+        if label in runs:
+            label = f"{label} ({p.parent.name})"
+        base, n = label, 2
+        while label in runs:  # still taken (same default label and same folder name): number it, never drop a curve
+            label, n = f"{base} #{n}", n + 1
+        runs[label] = blocks
+    return error_curves(runs, out, title)

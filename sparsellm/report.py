@@ -114,6 +114,67 @@ def search_table(search: dict) -> str:
     return "\n".join(lines)
 
 
+def terminal(run: dict) -> str:
+    """What a run prints when it ends: for `allocate`, the ATP search line and the rates; then the summary."""
+    lines = []
+    if run.get("command") == "allocate":
+        if run.get("search"):
+            lines.append(search_line(run["search"]))
+        lines.append("rates: " + " ".join(f"{r:.4f}" for r in run["allocation"]["rates"]))
+    return "\n".join(lines + [summary_table(run)])
+
+
+def speed_table(res: dict) -> str:
+    """`sparsellm bench`'s table: tokens/s per run and measurement with the ratio to dense fp32, the ratios
+    to dense bf16 and, with DeepSparse, its own ratios and its logit check."""
+    keys = list(res["results"]["dense fp32"])
+    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for n, r in res["results"].items():
+        ratio = res["ratios"].get(n, {})
+        lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f" ({ratio[k]:.2f}×)" if ratio else "")
+                                              for k in keys) + " |")
+    for n, r in res.get("ratios_vs_dense_bf16", {}).items():
+        if n != "dense fp32":
+            lines.append(f"{n} vs dense bf16: " + ", ".join(f"{k} {v:.2f}×" for k, v in r.items()))
+    if res.get("deepsparse"):
+        ds = res["deepsparse"]
+        lines.append("DeepSparse model vs DeepSparse dense: " + ", ".join(
+            f"{k} {v:.2f}×" for k, v in ds["ratios"]["model"].items()))
+        lines.append("DeepSparse vs PyTorch logits on a fixed prompt: " + ", ".join(
+            f"{n} max |Δ| {c['max_abs_logit_diff']:.2e}, greedy agreement {c['greedy_agreement']:.2f}"
+            for n, c in ds["check"].items()))
+    return "\n".join(lines)
+
+
+def search_markdown(run: dict) -> str:
+    """report.md of a Self-Pruner search run."""
+    r = run["search"]
+    ops = r.get("operators") or {}
+    lines = [f"# sparsellm search: {run['model']}", "",
+             f"backend **{r['backend']}**, metric {r['metric']}, GQA mode {r['gqa']}, mean rate {r['target_rate']:g} "
+             f"(each block in [0, {r['max_rate']:g}])",
+             f"parameters {r['params_dense']:,} → {r['params_pruned']:,} ({r['params_pruned'] / r['params_dense']:.3f} of dense)"
+             + (f", weights on disk {r['weights_mib']:.1f} MiB" if "weights_mib" in r else ""),
+             f"{r['evals']} fitness evaluations over {r['generations']} generations in {r['search_seconds']:.1f} s "
+             f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
+             f"{r['fitness']['windows']} windows) {r['best_fitness']:.4f}"]
+    if ops:
+        lines.append(f"LLM calls {ops.get('calls', 0)}, invalid replies {ops.get('invalid_replies', 0)}, "
+                     f"GA fallbacks {ops.get('fallbacks', {})}")
+    lines += ["", "rates: " + " ".join(f"{x:.3f}" for x in r["best_rates"])]
+    for k, f in enumerate(r["final"]):
+        ev = " ".join(f"{m} {v['ppl']:.3f}" for m, v in (f.get("eval") or {}).items())
+        lines.append(f"candidate {k}: fitness {f['fitness']:.4f} {ev}")
+    for m, v in run.get("eval", {}).items():
+        if m != "zeroshot":
+            lines.append(f"{m}: {v['ppl']:.3f} ({v['windows']} windows)")
+        else:
+            lines.append(f"zero-shot mean acc {v['mean_acc']:.4f}")
+    if run.get("speed"):
+        lines.append("speed vs dense (fp32): " + ", ".join(f"{k} {v:.2f}×" for k, v in run["speed"]["ratios"]["model fp32"].items()))
+    return "\n".join(lines) + "\n"
+
+
 def markdown(run: dict) -> str:
     out = [f"# sparsellm run: {run.get('model', '')}", "", summary_table(run)]
     alloc = run.get("allocation") or (run.get("prune") or {}).get("allocation")
@@ -233,6 +294,35 @@ def run_row(run: dict, directory) -> dict:
         "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
         "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
     }
+
+
+def compare_runs(paths, out=None) -> str:
+    """`sparsellm report`: the runs at `paths` (directories or report.json files) side by side. With `out`,
+    also write report.md, ppl_vs_sparsity.png and rates.png there. Returns the markdown table. Raises
+    UsageError for an unreadable run, or an `out` that is a file or one of the run directories."""
+    from pathlib import Path
+
+    from . import plots
+    from .errors import UsageError
+    from .outputs import write_text_atomic
+
+    rows = [run_row(*load_run(path)) for path in paths]
+    table = runs_table(rows)
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out is a file: {out}")
+        for path in paths:
+            run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+            if run_dir.resolve() == out.resolve():
+                raise UsageError(f"--out would write into a run directory given as input: {path}")
+        write_text_atomic(out / "report.md", "# sparsellm runs\n\n" + table + "\n")
+        metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
+        if metrics:
+            plots.ppl_vs_sparsity(rows, metrics[0], out / "ppl_vs_sparsity.png")
+        if any(r["rates"] for r in rows):
+            plots.block_rates(rows, out / "rates.png")
+    return table
 
 
 def runs_table(rows: list[dict]) -> str:

@@ -9,9 +9,21 @@ import pytest
 import torch
 
 from conftest import make_model
-from sparsellm.allocate import allocate, atp, check_rates
-from sparsellm.api import PruneConfig, prune
+from sparsellm.allocate import atp, check_rates
+from sparsellm.allocate.from_file import FileConfig
 from sparsellm.errors import UsageError
+from sparsellm.pipeline import PruneConfig, prune
+from sparsellm.registry import get
+
+
+def allocate(name, L, S, **options):
+    """The registered allocator `name` ("atp" or "file:PATH") on a tiny model with L decoder blocks."""
+    model = make_model("llama", num_hidden_layers=L)
+    if name.startswith("file:"):
+        cfg = FileConfig(path=name[5:], allow_mean_mismatch=options.get("mean_tolerance", 1e-6) is None)
+        return get("allocator", "file").fn(model, None, S, cfg)[0]
+    method = get("allocator", name)
+    return method.fn(model, None, S, method.config(**options))[0]
 
 
 @pytest.mark.parametrize("L", [2, 7, 30, 80])
@@ -72,7 +84,7 @@ def test_check_rates_and_unknown_allocator():
     with pytest.raises(UsageError):
         check_rates([0.5], 0, 0.5)
     with pytest.raises(UsageError, match="unknown allocation"):
-        allocate("owl-typo", 3, 0.5)
+        PruneConfig(allocation="owl-typo").validate()
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -82,16 +94,17 @@ def test_measured_block_sparsity_equals_allocated_rate(method, allocation, token
     model = make_model("llama")
     L = len(model.model.layers)
     kwargs = {}
+    blocksize = {"blocksize": 16} if method == "sparsegpt" else {}
     if allocation == "atp":
-        cfg = PruneConfig(prune_method=method, sparsity_ratio=0.5, nsamples=2, seqlen=16, allocation="atp",
-                          atp_beta=0.2, blocksize=16)
+        cfg = PruneConfig.from_flat(prune_method=method, sparsity_ratio=0.5, nsamples=2, seqlen=16, allocation="atp",
+                                    atp_beta=0.2, **blocksize)
         expected = [0.5 - 0.2 * (L - 1) / 2 + 0.2 * i for i in range(L)]
     else:
         expected = [0.25, 0.75][:L]
         f = tmp_path / "r.json"
         f.write_text(json.dumps(expected))
-        cfg = PruneConfig(prune_method=method, sparsity_ratio=0.5, nsamples=2, seqlen=16,
-                          allocation=f"file:{f}", blocksize=16)
+        cfg = PruneConfig.from_flat(prune_method=method, sparsity_ratio=0.5, nsamples=2, seqlen=16,
+                                    allocation=f"file:{f}", **blocksize)
     report = prune(model, tokenizer, cfg, calib_ids=torch.randint(0, 100, (2, 16)), progress=False, **kwargs)
     assert report["allocation"]["rates"] == pytest.approx(expected)
     for i, block in enumerate(model.model.layers):

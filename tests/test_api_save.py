@@ -12,7 +12,8 @@ import torch
 
 import sparsellm
 from conftest import FAMILIES, make_model
-from sparsellm.api import PruneConfig, prune, save_pruned
+from sparsellm.pipeline import PruneConfig, prune
+from sparsellm.runs.rundir import save_pruned
 from sparsellm.outputs import umask
 from sparsellm.errors import UsageError
 
@@ -38,9 +39,10 @@ def _calib(n=2, seqlen=32, seed=0):
 
 
 def _cfg(method, **kw):
-    base = dict(prune_method=method, sparsity_ratio=0.5, nsamples=2, seqlen=32, blocksize=16)
+    base = dict(prune_method=method, sparsity_ratio=0.5, nsamples=2, seqlen=32,
+                **({"blocksize": 16} if method == "sparsegpt" else {}))
     base.update(kw)
-    return PruneConfig(**base)
+    return PruneConfig.from_flat(**base)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -266,7 +268,7 @@ def test_failed_save_leaves_nothing(what, existing, tokenizer, tmp_path, monkeyp
 
         monkeypatch.setattr(tok, "save_pretrained", failing)
     else:
-        monkeypatch.setattr(sparsellm.api, "sparsity_sidecar", lambda *a, **k: (_ for _ in ()).throw(Boom("x")))
+        monkeypatch.setattr(sparsellm.pipeline, "sparsity_sidecar", lambda *a, **k: (_ for _ in ()).throw(Boom("x")))
 
     with pytest.raises(Boom):
         save_pruned(model, tok, out, report, overwrite=existing)

@@ -357,7 +357,7 @@ def test_bare_prune_runs_the_demo(argv, monkeypatch, capsys):
     import sparsellm.cli as cli
 
     seen = []
-    monkeypatch.setattr(cli, "cmd_prune", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(cli.prune, "run", lambda args: seen.append(args) or 0)
     assert cli.main(argv) == 0
     (args,) = seen
     assert (args.nsamples, args.seqlen, args.max_windows, args.eval_dense) == (32, 512, 4, True)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_model, sentences
 from sparsellm.adapt import add_masked_lora, merge
 from sparsellm.adapt.train import PROMPT, instruction_examples, lr_at, text_examples, train
-from sparsellm.api import PruneConfig, prune
+from sparsellm.pipeline import PruneConfig, prune
 from sparsellm.errors import UsageError
 
 
@@ -54,7 +54,7 @@ def test_masked_lora_finetune_lowers_loss_and_merges_sparse(tmp_path, tokenizer,
     calib = tmp_path / "c.txt"
     calib.write_text("\n".join(sentences(200)))
     model = make_model("llama")
-    prune(model, tokenizer, PruneConfig(prune_method="wanda", sparsity_ratio=0.6, nsamples=2, seqlen=16,
+    prune(model, tokenizer, PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.6, nsamples=2, seqlen=16,
                                         calib_dataset=str(calib), diag_nsamples=0), progress=False)
     zeros = {n: (p == 0) for n, p in model.named_parameters() if p.dim() == 2}
     add_masked_lora(model, r=4, alpha=8, dropout=0.0)

@@ -13,8 +13,9 @@ import torch
 
 from conftest import FAMILIES, make_model
 from sparsellm.allocate import atp
-from sparsellm.api import PruneConfig, prune, resolve_allocation
-from sparsellm.atp_search import beta_grid, search
+from sparsellm.allocate import resolve_allocation
+from sparsellm.pipeline import PruneConfig, prune
+from sparsellm.allocate.atp_search import beta_grid, search
 from sparsellm.engine import prune_blocks
 from sparsellm.errors import UsageError
 from sparsellm.evaluate import perplexity
@@ -124,7 +125,7 @@ def test_owl_outlier_ratios_from_the_dense_model(granularity, tokenizer):
     model = make_model("llama", num_hidden_layers=3)
     ids = _ids()
     norms = _input_sq_norms(model, ids)
-    cfg = PruneConfig(prune_method="wanda", sparsity_ratio=0.5, allocation="owl", owl_m=2.0, owl_lambda=0.1,
+    cfg = PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.5, allocation="owl", owl_m=2.0, owl_lambda=0.1,
                       owl_granularity=granularity, nsamples=NS, seqlen=SL)
     before = copy.deepcopy(model.state_dict())
     rates, info = resolve_allocation(model, cfg, ids, progress=False)
@@ -163,7 +164,7 @@ def test_rmi_cka_from_the_dense_model(tokenizer):
 
     G = [centred_gram(x) for x in hs]
     want = np.array([[np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b) for b in G] for a in G])
-    cfg = PruneConfig(prune_method="wanda", sparsity_ratio=0.6, allocation="rmi", rmi_nsamples=6, nsamples=NS,
+    cfg = PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.6, allocation="rmi", rmi_nsamples=6, nsamples=NS,
                       seqlen=SL)
     rates, info = resolve_allocation(model, cfg, ids, progress=False)
     np.testing.assert_allclose(np.array(info["cka"]), want, atol=1e-5)
@@ -177,9 +178,9 @@ def test_rmi_cka_from_the_dense_model(tokenizer):
 @pytest.mark.parametrize("allocation", ["uniform", "atp", "owl", "rmi"])
 def test_every_allocator_with_every_pruner(method, allocation, tokenizer):
     model = make_model("qwen2", num_hidden_layers=3)
-    cfg = PruneConfig(prune_method=method, sparsity_ratio=0.6, nsamples=NS, seqlen=SL, allocation=allocation,
+    cfg = PruneConfig.from_flat(prune_method=method, sparsity_ratio=0.6, nsamples=NS, seqlen=SL, allocation=allocation,
                       atp_beta=0.05 if allocation == "atp" else 0.0, owl_m=2.0 if allocation == "owl" else 5.0,
-                      blocksize=16, diag_nsamples=2)
+                      diag_nsamples=2, **({"blocksize": 16} if method == "sparsegpt" else {}))
     report = prune(model, tokenizer, cfg, calib_ids=_ids(), progress=False)
     rates = report["allocation"]["rates"]
     assert sum(rates) / 3 == pytest.approx(0.6, abs=1e-9)
@@ -203,7 +204,7 @@ def test_bad_allocation_settings(kwargs, match):
     cfg = dict(prune_method="wanda", sparsity_ratio=0.5)
     cfg.update(kwargs)
     with pytest.raises(UsageError, match=match):
-        PruneConfig(**cfg).validate()
+        PruneConfig.from_flat(**cfg).validate()
 
 
 # ------------------------------------------------------------------ ATP β search
@@ -212,7 +213,7 @@ def test_bad_allocation_settings(kwargs, match):
 def test_search_refuses_to_choose_when_every_trial_diverges(tokenizer, monkeypatch):
     """All objectives inf or NaN: one clear error instead of a silent choice of β = 0 (and no log-scale plot
     of nothing)."""
-    import sparsellm.atp_search
+    import sparsellm.allocate.atp_search
 
     seen = []
 
@@ -221,7 +222,7 @@ def test_search_refuses_to_choose_when_every_trial_diverges(tokenizer, monkeypat
         return {"ppl": float("nan") if len(seen) % 2 else float("inf"), "metric": "wikitext2_ppl@32",
                 "total_windows": 1}
 
-    monkeypatch.setattr(sparsellm.atp_search, "perplexity", diverged)
+    monkeypatch.setattr(sparsellm.allocate.atp_search, "perplexity", diverged)
     model = make_model("llama", num_hidden_layers=3, max_position_embeddings=256)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(UsageError, match="every β gave an infinite or NaN objective"):
@@ -254,7 +255,7 @@ def test_search_scores_every_beta_and_restores_the_model(tokenizer):
     # each trial's objective equals an independent prune of a fresh copy with that β, scored the same way
     for t in rep["trials"][::3]:
         m = copy.deepcopy(model)
-        prune(m, tokenizer, PruneConfig(prune_method="wanda", sparsity_ratio=0.6, allocation="atp",
+        prune(m, tokenizer, PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.6, allocation="atp",
                                         atp_beta=t["beta"], nsamples=NS, seqlen=SL, diag_nsamples=0),
               calib_ids=ids, progress=False)
         ppl = perplexity(m, tokenizer, "wikitext2", 32, 2, progress=False)["ppl"]
@@ -310,10 +311,10 @@ def test_cli_search_counts_trials_on_the_models_depth(capsys, tmp_path, tokenize
     """The trial cap is checked against the real number of blocks, not a placeholder depth: with the cap at 10,
     step 0.05 gives 4 trials for 6 blocks at 50% (β_max = 1/5 is left out) and runs; step 0.015 (14 trials) and
     steps so small that the count overflows an int are refused with one line, before any dense evaluation."""
-    import sparsellm.atp_search
+    import sparsellm.allocate.atp_search
     from sparsellm.cli import main
 
-    monkeypatch.setattr(sparsellm.atp_search, "MAX_TRIALS", 10)
+    monkeypatch.setattr(sparsellm.allocate.atp_search, "MAX_TRIALS", 10)
     d = tmp_path / "deep"
     make_model("llama", num_hidden_layers=6).save_pretrained(d)
     tokenizer.save_pretrained(d)
@@ -410,8 +411,8 @@ def test_atp_step_degenerate(step, match):
 @pytest.mark.parametrize("kwargs", [dict(owl_lambda=0.05), dict(owl_granularity="layer"), dict(rmi_delta=0.01),
                                     dict(rmi_nsamples=8)])
 def test_allocator_flags_need_their_allocator(kwargs):
-    with pytest.raises(UsageError, match="apply only"):
-        PruneConfig(prune_method="wanda", sparsity_ratio=0.5, allocation="atp", **kwargs).validate()
+    with pytest.raises(UsageError, match="appl(y|ies) only"):
+        PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.5, allocation="atp", **kwargs).validate()
 
 
 def test_save_may_not_overwrite_the_rates_file(capsys, tmp_path, saved_model_dir, calib_txt):

@@ -18,7 +18,7 @@ from sparsellm.adapt.losa import FinetuneConfig, data_slices, finetune, normalis
 from sparsellm.adapt.masked_lora import MaskedLoraLinear, lora_layers, remove_adapters, unwrapped
 from sparsellm.adapt.schedule import cubic_schedule
 from sparsellm.adapt.train import text_examples
-from sparsellm.api import PruneConfig, prune
+from sparsellm.pipeline import PruneConfig, prune
 from sparsellm.cli import main
 from sparsellm.engine import linear_sparsity
 from sparsellm.errors import UsageError
@@ -69,7 +69,7 @@ def test_reprune_of_merged_weights_is_kept_exactly(method, tokenizer, corpus):
     must give back exactly the pruner's output (SparseGPT's weight updates kept), and the base weight
     must be zero wherever the pruner put a zero."""
     model = make_model("llama")
-    prune(model, tokenizer, PruneConfig(prune_method="wanda", sparsity_ratio=0.3, nsamples=4, seqlen=32,
+    prune(model, tokenizer, PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.3, nsamples=4, seqlen=32,
                                         calib_dataset=str(corpus), diag_nsamples=0), progress=False)
     add_masked_lora(model, r=4, alpha=8, dropout=0.0, r_max=8)
     torch.manual_seed(1)
@@ -77,7 +77,7 @@ def test_reprune_of_merged_weights_is_kept_exactly(method, tokenizer, corpus):
         m.lora_B.data.normal_(0, 0.05)
     merge(model)
     with unwrapped(model):
-        prune(model, tokenizer, PruneConfig(prune_method=method, sparsity_ratio=0.6, nsamples=4, seqlen=32,
+        prune(model, tokenizer, PruneConfig.from_flat(prune_method=method, sparsity_ratio=0.6, nsamples=4, seqlen=32,
                                             calib_dataset=str(corpus), diag_nsamples=0), progress=False)
         pruned = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     for m in lora_layers(model):
@@ -173,7 +173,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpus, monkeyp
 def test_baselines(tokenizer, corpus):
     ex = text_examples(tokenizer, str(corpus), 8, 32, seed=1)
     ref = make_model("llama")
-    prune(ref, tokenizer, PruneConfig(prune_method="wanda", sparsity_ratio=0.5, nsamples=4, seqlen=32,
+    prune(ref, tokenizer, PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.5, nsamples=4, seqlen=32,
                                       calib_dataset=str(corpus), diag_nsamples=0), progress=False)
     none = make_model("llama")
     finetune(none, tokenizer, cfg(corpus, method="none"), ex, progress=False)
@@ -198,7 +198,7 @@ def test_adapter_round_trip_and_peft_layout(tmp_path, tokenizer, corpus):
     from peft import PeftModel
 
     model = make_model("llama")
-    prune(model, tokenizer, PruneConfig(prune_method="wanda", sparsity_ratio=0.5, nsamples=4, seqlen=32,
+    prune(model, tokenizer, PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.5, nsamples=4, seqlen=32,
                                         calib_dataset=str(corpus), diag_nsamples=0), progress=False)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     add_masked_lora(model, r=4, alpha=8, dropout=0.0, r_max=8)

@@ -10,13 +10,13 @@ import torch
 from conftest import FAMILIES, make_model
 from sparsellm.adapt import (MaskedLoraLinear, add_masked_lora, allocate_ranks, cubic_schedule, lora_layers, merge,
                              set_ranks, unmerge)
-from sparsellm.api import PruneConfig, prune
+from sparsellm.pipeline import PruneConfig, prune
 from sparsellm.errors import UsageError
 
 
 def _sparse_model(family, tokenizer, pattern="unstructured"):
     model = make_model(family)
-    cfg = PruneConfig(prune_method="wanda", sparsity_ratio=None if pattern != "unstructured" else 0.6,
+    cfg = PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=None if pattern != "unstructured" else 0.6,
                       sparsity_type=pattern, nsamples=2, seqlen=16, diag_nsamples=0)
     prune(model, tokenizer, cfg, calib_ids=torch.randint(3, 100, (2, 16)), progress=False)
     return model

@@ -140,7 +140,7 @@ def test_owl_lambda_errors(S, lam, match):
 
 
 def test_owl_missing_or_bad_lod():
-    with pytest.raises(UsageError, match="outlier ratios; use sparsellm.api.prune"):
+    with pytest.raises(UsageError, match=r"outlier ratios; use sparsellm.prune \(the whole-model run\)"):
         owl.allocate(4, 0.5)
     with pytest.raises(UsageError, match="3 outlier ratios for 4"):
         owl.allocate(4, 0.5, owl_lod=[1.0, 2.0, 3.0])

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from sparsellm.prune import PRUNERS, LayerStats, magnitude, sparsegpt, wanda
+from sparsellm.prune import LayerStats, magnitude, sparsegpt, wanda
+from sparsellm.registry import get, names
+
+PRUNERS = {n: get("pruner", n) for n in names("pruner")}
 from sparsellm.errors import UsageError
 from sparsellm.prune.masks import NM
 
@@ -50,7 +53,7 @@ def test_layer_stats_accumulate():
 
 def test_pruner_table():
     assert set(PRUNERS) == {"magnitude", "wanda", "sparsegpt"}
-    assert (magnitude.STATS, wanda.STATS, sparsegpt.STATS) == ("none", "norm", "hessian")
+    assert tuple(PRUNERS[n].needs for n in ("magnitude", "wanda", "sparsegpt")) == ("none", "norm", "hessian")
 
 
 # ------------------------------------------------------------------ Wanda vs. brute force
@@ -135,14 +138,14 @@ def test_sparsegpt_unstructured_exact(s):
 
 
 def _stats_for(method, X):
-    return _stats(X, PRUNERS[method].STATS)
+    return _stats(X, PRUNERS[method].needs)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
 def test_nm_pattern_every_group(method, n, m):
     W, X = _layer(seed=9)
-    out = PRUNERS[method].prune(W.clone(), _stats_for(method, X), 1 - n / m, NM(n, m), blocksize=32)
+    out = PRUNERS[method].fn(W.clone(), _stats_for(method, X), 1 - n / m, NM(n, m), blocksize=32)
     zeros = (out == 0).reshape(ROWS, COLS // m, m).sum(-1)
     assert (zeros >= m - n).all(), f"{method} {n}:{m}: a group keeps more than {n}"
     if method != "sparsegpt":  # no weight update: exactly M-N per group
@@ -156,9 +159,9 @@ def test_nm_indivisible_raises(method):
 
     W, X = _layer(seed=9, cols=36)
     if method == "sparsegpt":
-        pytest.raises(Exception, PRUNERS[method].prune, W, _stats_for(method, X), 0.75, NM(2, 8))
+        pytest.raises(RuntimeError, PRUNERS[method].fn, W, _stats_for(method, X), 0.75, NM(2, 8))
     else:
-        pytest.raises(UsageError, PRUNERS[method].prune, W, _stats_for(method, X), 0.75, NM(2, 8))
+        pytest.raises(UsageError, PRUNERS[method].fn, W, _stats_for(method, X), 0.75, NM(2, 8))
 
 
 # ------------------------------------------------------------------ SparseGPT

@@ -64,7 +64,7 @@ def test_cli_bench_and_report(capsys, tmp_path, saved_model_dir, calib_txt):
         extra = ["--atp_beta", "0.2"] if alloc == "atp" else []
         assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
                      "--nsamples", "2", "--seqlen", "16", "--prune_method", method, "--sparsity_ratio", ratio,
-                     "--allocation", alloc, *extra, "--blocksize", "16", "--eval", "wikitext2", "--eval_seqlen",
+                     "--allocation", alloc, *extra, *(["--blocksize", "16"] if method == "sparsegpt" else []), "--eval", "wikitext2", "--eval_seqlen",
                      "32", "--max_windows", "2", "--save_model", str(d)]) == 0
         runs.append(d)
     capsys.readouterr()

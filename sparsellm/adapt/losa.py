@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import api
+from .. import pipeline as api
+from ..allocate import resolve_allocation
 from ..data import calibration_windows
 from ..engine import auto_batch_size, capture_inputs, linear_sparsity, prune_blocks, run_block
 from ..errors import UsageError
@@ -129,11 +130,12 @@ class FinetuneConfig:
         return self
 
     def prune_config(self, rate: float | None, allocation: str = "uniform") -> api.PruneConfig:
-        return api.PruneConfig(prune_method=self.prune_method, sparsity_ratio=rate, sparsity_type=self.sparsity_type,
-                               nsamples=self.nsamples, seqlen=self.seqlen, calib_dataset=self.calib_dataset,
-                               seed=self.seed, allocation=allocation, blocksize=self.blocksize, percdamp=self.percdamp,
-                               batch_size=self.batch_size, diag_nsamples=0,
-                               rmi_nsamples=self.rmi_nsamples if allocation == "rmi" else 64)
+        extra = {"rmi_nsamples": self.rmi_nsamples} if allocation == "rmi" else {}
+        options = {"blocksize": self.blocksize, "percdamp": self.percdamp} if self.prune_method == "sparsegpt" else {}
+        return api.PruneConfig.from_flat(prune_method=self.prune_method, sparsity_ratio=rate,
+                                         sparsity_type=self.sparsity_type, nsamples=self.nsamples, seqlen=self.seqlen,
+                                         calib_dataset=self.calib_dataset, seed=self.seed, allocation=allocation,
+                                         batch_size=self.batch_size, diag_nsamples=0, **options, **extra)
 
     def mean_rank(self, t: int) -> float:
         """r̄_t for step t = 1..T, linear from rank_start to rank_end (T = 1: rank_end)."""
@@ -365,7 +367,7 @@ def _losa(model, tok, config, examples, calib, wiki_ids, checkpoint_dir, resume,
             errors[i] = normalised_error(dense[i], X[:k])
 
         with unwrapped(model):
-            rates, alloc = api.resolve_allocation(model, pc, calib, progress)
+            rates, alloc = resolve_allocation(model, pc, calib, progress)
             t1 = time.perf_counter()
             blocks = prune_blocks(model, calib, config.prune_method, rates, None,
                                   options={"blocksize": config.blocksize, "percdamp": config.percdamp},

@@ -1,30 +1,21 @@
-"""Layer-wise sparsity allocation: one rate per decoder block whose mean is the target.
+"""Layer-wise sparsity allocation: one rate per decoder block whose mean is the target S.
 
-Every allocator has the shape `rates = allocate(num_blocks, target, **what_it_needs) -> list[float]`.
-Uniform, ATP (fixed β) and user files need nothing else. OWL and RMI need statistics of the dense model
-(outlier ratios `owl_lod`, a block CKA matrix `rmi_cka`), which `sparsellm.api.resolve_allocation`
-gathers in a dense pre-pass and hands to the same function.
+Every allocator is one file that registers, under kind "allocator", a config dataclass with only its own
+fields and one function
+
+    rates, info = rates_for_model(model, calib_ids, target, config, prune_method=..., batch_size=..., progress=...)
+
+`uniform`, `atp` (fixed β) and `file` read only the model's depth (`calib_ids` may be None); `owl` and
+`rmi` (`needs="data"`) walk the dense model over the calibration windows first. `resolve_allocation` runs
+the chosen one and checks its rates. ATP's search for β is `atp_search.py`. Adding an allocator is one
+file plus one import line below.
 """
 
 from __future__ import annotations
 
+import time
+
 from ..errors import UsageError
-from . import atp, owl, rmi, uniform
-from .from_file import read_rates
-
-ALLOCATORS = {"uniform": uniform.allocate, "atp": atp.allocate, "owl": owl.allocate, "rmi": rmi.allocate}
-
-
-def allocate(name: str, num_blocks: int, target: float, **options) -> list[float]:
-    """Rates for `num_blocks` blocks from allocator `name` ("uniform", "atp" or "file:PATH"), validated by
-    `check_rates` (a user file whose mean misses the target is accepted only with mean_tolerance=None)."""
-    if name.startswith("file:"):
-        rates = read_rates(name[len("file:"):], num_blocks)
-        tol = options.get("mean_tolerance", 1e-6)
-        return check_rates(rates, num_blocks, target, tol=float("inf") if tol is None else tol)
-    if name not in ALLOCATORS:
-        raise UsageError(f"unknown allocation {name!r}; choose from {', '.join(ALLOCATORS)} or file:PATH")
-    return check_rates(ALLOCATORS[name](num_blocks, target, **options), num_blocks, target)
 
 
 def check_rates(rates: list[float], num_blocks: int, target: float, tol: float = 1e-6) -> list[float]:
@@ -42,3 +33,45 @@ def check_rates(rates: list[float], num_blocks: int, target: float, tol: float =
     if abs(mean - target) > tol:
         raise UsageError(f"allocated rates have mean {mean:.6f}, not the target {target:.6f}")
     return rates
+
+
+def resolve_allocation(model, config, calib_ids=None, progress: bool = True) -> tuple[list, dict]:
+    """Per-block rates for a `PruneConfig`'s allocation, and the report entry describing them.
+
+    calib_ids: (nsamples, seqlen) calibration windows; only allocators with `needs="data"` read them.
+    Returns (rates, info): rates[i] is a float, or for OWL's layer granularity a dict {linear name: rate};
+    info has the allocation's name, its own settings and statistics, the per-block rates (parameter-weighted
+    for dicts), `layer_rates` for dicts, and `seconds`. Raises UsageError for invalid rates."""
+    from ..models import block_linears, get_blocks
+    from ..registry import get
+
+    t0 = time.perf_counter()
+    blocks = get_blocks(model)
+    method = get("allocator", config.allocation_name)
+    rates, extra = method.fn(model, calib_ids, config.sparsity_ratio, config.allocator,
+                             prune_method=config.prune_method, batch_size=config.calibration.batch_size,
+                             progress=progress)
+
+    def block_rate(block, rate) -> float:
+        if not isinstance(rate, dict):
+            return float(rate)
+        linears = block_linears(model, block)
+        return sum(rate[n] * lin.weight.numel() for n, lin in linears.items()) / sum(
+            lin.weight.numel() for lin in linears.values())
+
+    block_rates = [block_rate(b, r) for b, r in zip(blocks, rates)]
+    info = {"name": config.allocation, **extra, "rates": block_rates}
+    if any(isinstance(r, dict) for r in rates):
+        check_rates(block_rates, len(blocks), config.sparsity_ratio, tol=1e-4)
+        info["layer_rates"] = rates
+    info["seconds"] = time.perf_counter() - t0
+    return rates, info
+
+
+from . import uniform  # noqa: E402, I001  (each import registers an allocator, in this order)
+from . import atp  # noqa: E402
+from . import owl  # noqa: E402
+from . import rmi  # noqa: E402
+from . import from_file  # noqa: E402
+
+__all__ = ["check_rates", "resolve_allocation", "atp", "owl", "rmi", "uniform", "from_file"]

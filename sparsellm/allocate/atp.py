@@ -5,13 +5,29 @@ Perspective", ICML 2025, §3.3, Eq. 9; algorithms.md §7).
     s_i = S − β(L−1)/2 + β(i−1),  i = 1..L        (mean exactly S, rising with depth)
     0 <= β <= β_max = min(2S/(L−1), 2(1−S)/(L−1))  (keeps s_1 >= 0 and s_L <= 1)
 
-β is the common difference. The search over β (paper grid step 0.002) comes in a later change; here β is
-given (`--atp_beta`).
+β is the common difference: given here (`--atp_beta`), or chosen by the search in `atp_search.py`
+(paper grid step 0.002).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..config import setting
 from ..errors import UsageError
+from ..registry import register
+
+
+@dataclass
+class ATPConfig:
+    """ATP's common difference β (0: uniform)."""
+
+    atp_beta: float = setting(0.0, "ATP's common difference β: block i gets S − β(L−1)/2 + β·i")
+
+    def validate(self, target: float) -> "ATPConfig":
+        if not self.atp_beta >= 0:
+            raise UsageError(f"ATP common difference β must be >= 0, got {self.atp_beta}")
+        return self
 
 
 def beta_max(num_blocks: int, target: float) -> float:
@@ -34,3 +50,13 @@ def allocate(num_blocks: int, target: float, atp_beta: float = 0.0, **_) -> list
         raise UsageError(f"ATP β = {atp_beta} gives the last block sparsity 1; at sparsity {target} β must be "
                          f"below {bmax:.6f}")
     return rates
+
+
+@register("allocator", "atp", ATPConfig)
+def rates_for_model(model, calib_ids, target: float, config: ATPConfig, **_):
+    """ATP rates for `model`'s decoder blocks; info records β."""
+    from ..models import get_blocks
+    from . import check_rates
+
+    L = len(get_blocks(model))
+    return check_rates(allocate(L, target, config.atp_beta), L, target), {"atp_beta": config.atp_beta}

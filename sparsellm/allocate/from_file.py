@@ -4,9 +4,26 @@ block, or a dict from block index (as a string or number) to rate covering every
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import setting
 from ..errors import UsageError
+from ..registry import register
+
+
+@dataclass
+class FileConfig:
+    """A rates file (`--allocation file:PATH` sets `path`) and whether its mean may miss the target."""
+
+    path: str = setting("", "the rates file (set by --allocation file:PATH)", flag="")
+    allow_mean_mismatch: bool = setting(False, "accept a rates file whose mean is not --sparsity_ratio (the measured "
+                                               "sparsity will differ)")
+
+    def validate(self, target: float) -> "FileConfig":
+        if not Path(self.path).expanduser().is_file():
+            raise UsageError(f"allocation file not found: {self.path}")
+        return self
 
 
 def read_rates(path: str | Path, num_blocks: int) -> list[float]:
@@ -32,3 +49,15 @@ def read_rates(path: str | Path, num_blocks: int) -> list[float]:
     if len(data) != num_blocks:
         raise UsageError(f"{path}: {len(data)} rates for {num_blocks} decoder blocks")
     return [float(r) for r in data]
+
+
+@register("allocator", "file", FileConfig)
+def rates_for_model(model, calib_ids, target: float, config: FileConfig, **_):
+    """The file's rates for `model`'s decoder blocks, checked: each in [0, 1), mean the target within 1e-6
+    unless `allow_mean_mismatch`."""
+    from ..models import get_blocks
+    from . import check_rates
+
+    L = len(get_blocks(model))
+    tol = float("inf") if config.allow_mean_mismatch else 1e-6
+    return check_rates(read_rates(config.path, L), L, target, tol=tol), {}

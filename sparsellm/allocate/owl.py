@@ -4,18 +4,41 @@ Sparsity (OWL)", ICML 2024, §3 "Layerwise Outlier Distribution"; algorithms.md 
     LOD_l = 100 · mean(A_l > M · mean(A_l))       A_l: Wanda scores |W|·‖X‖ of every Linear in block l
     s_l   = clip(S + λ − 2λ·norm_l + c, S − λ, S + λ),  norm_l = min-max normalised LOD_l ∈ [0, 1]
 
-more outliers ⇒ lower sparsity; the shift c makes the (weighted) mean exactly S. Pure functions: the engine
-computes the scores from the dense model and passes the ratios in as `owl_lod`.
+more outliers ⇒ lower sparsity; the shift c makes the (weighted) mean exactly S. `rates_for_model` takes
+the scores from a dense pre-pass over the calibration windows (the engine's `dense_walk`); the rest are
+pure functions of the outlier ratios.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..config import setting
 from ..errors import UsageError
+from ..registry import register
+
+
+@dataclass
+class OWLConfig:
+    """OWL's M (outliers are scores above M × the mean), λ (rates stay within S ± λ) and granularity
+    ("block": one rate per decoder block; "layer": one per linear, parameter-weighted mean S)."""
+
+    owl_m: float = setting(5.0, "OWL's M: outliers are scores > M × the mean")
+    owl_lambda: float = setting(0.08, "OWL's λ: rates stay within S ± λ")
+    owl_granularity: str = setting("block", "OWL: one rate per decoder block, or one per linear layer",
+                                   choices=("block", "layer"))
+
+    def validate(self, target: float) -> "OWLConfig":
+        if self.owl_granularity not in ("block", "layer"):
+            raise UsageError(f"--owl_granularity must be block or layer, got {self.owl_granularity!r}")
+        if not self.owl_m > 0:
+            raise UsageError(f"--owl_m must be > 0, got {self.owl_m}")
+        check_lambda(target, self.owl_lambda)
+        return self
 
 
 def _chunks(scores, chunk: int = 1 << 22):
@@ -86,9 +109,41 @@ def allocate(num_blocks: int, target: float, owl_lod: Sequence[float] | None = N
     """OWL rates for `num_blocks` blocks at mean `target` from the dense model's per-block outlier ratios.
     Raises UsageError if `owl_lod` is missing or has the wrong length, or λ is out of range."""
     if owl_lod is None:
-        raise UsageError("OWL needs the dense model's outlier ratios; use sparsellm.api.prune or compute "
+        raise UsageError("OWL needs the dense model's outlier ratios; use sparsellm.prune (the whole-model run) or compute "
                          "them with sparsellm.allocate.owl.outlier_ratio")
     if len(owl_lod) != num_blocks:
         raise UsageError(f"OWL got {len(owl_lod)} outlier ratios for {num_blocks} decoder blocks")
     check_lambda(target, owl_lambda)
     return rates_from_lod(owl_lod, target, owl_lambda)
+
+
+@register("allocator", "owl", OWLConfig, needs="data")
+@torch.no_grad()
+def rates_for_model(model, calib_ids, target: float, config: OWLConfig, *, batch_size=None, progress=True, **_):
+    """OWL rates from one dense pass over `calib_ids` (nsamples, seqlen): every block's (or linear's) outlier
+    ratio of its Wanda scores |W|·‖X‖. Returns (rates, info): rates[i] is a float, or with layer
+    granularity a dict {linear name: rate}; info has the settings and the outlier ratios."""
+    from ..engine import dense_walk
+    from ..models import block_linears
+    from ..prune import wanda
+    from . import check_rates
+
+    units, weights, names = [], [], []
+    for i, block, _, stats in dense_walk(model, calib_ids, need="norm", batch_size=batch_size, progress=progress):
+        scores = {n: wanda.scores(lin.weight.float(), stats[n]) for n, lin in block_linears(model, block).items()}
+        if config.owl_granularity == "block":
+            units.append(outlier_ratio(list(scores.values()), config.owl_m))
+            continue
+        for n, sc in scores.items():
+            units.append(outlier_ratio(sc, config.owl_m))
+            weights.append(sc.numel())
+            names.append((i, n))
+    flat = rates_from_lod(units, target, config.owl_lambda, weights or None)
+    info = {"owl_m": config.owl_m, "owl_lambda": config.owl_lambda, "owl_granularity": config.owl_granularity,
+            "outlier_ratio": units}
+    if config.owl_granularity == "block":
+        return check_rates(flat, len(flat), target), info
+    rates = [{} for _ in range(max(i for i, _ in names) + 1)]
+    for (i, n), r in zip(names, flat):
+        rates[i][n] = r
+    return rates, info

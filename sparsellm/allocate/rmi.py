@@ -6,19 +6,43 @@ Adaptation for Large Language Models", ICLR 2025; the official code's linear-CKA
     r_i = Σ_{j≠i} CKA(i, j) / Σ_k r_k,   I_i = exp(−β r_i)
     min Σ_i x_i I_i  s.t.  mean(x) = S,  x_i ∈ [S − δ, S + δ]
 
-Only n × n Grams are kept (the reference holds every block's features). Pure functions: the engine runs the
-model and feeds block inputs to `GramStream`, then passes `GramStream.cka()` in as `rmi_cka`.
+Only n × n Grams are kept (the reference holds every block's features). `rates_for_model` streams the block
+inputs of a dense pre-pass (the engine's `dense_walk`) into `GramStream`; the rest are pure functions.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linprog
 
+from ..config import setting
 from ..errors import UsageError
+from ..registry import register
+
+log = logging.getLogger("sparsellm")
+
+
+@dataclass
+class RMIConfig:
+    """RMI's settings: windows for the block CKA, the importance exp(−β·redundancy) (None: the reference's
+    1 for Wanda, 100 for SparseGPT) and the half-width δ of the rates (None: `delta_for(S)`)."""
+
+    rmi_nsamples: int = setting(64, "RMI: calibration windows for the block CKA")
+    rmi_beta: float | None = setting(None, "RMI importance exp(−β·redundancy) (default when left out: 1 for wanda, "
+                                           "100 for sparsegpt)")
+    rmi_delta: float | None = setting(None, "RMI: rates stay within S ± δ (default when left out: 0.01/0.02/0.03 "
+                                            "for S <= 0.5/0.6/larger)")
+
+    def validate(self, target: float) -> "RMIConfig":
+        if int(self.rmi_nsamples) < 1:
+            raise UsageError(f"--rmi_nsamples must be >= 1, got {self.rmi_nsamples}")
+        check_delta(target, self.rmi_delta)
+        return self
 
 
 def gram(X: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -108,7 +132,7 @@ def allocate(num_blocks: int, target: float, rmi_cka=None, rmi_beta: float = 1.0
     """RMI rates for `num_blocks` blocks at mean `target` from the (L, L) CKA of the current model's block
     inputs. Raises UsageError if `rmi_cka` is missing or not (num_blocks, num_blocks), or as `rates_from_cka`."""
     if rmi_cka is None:
-        raise UsageError("RMI needs the CKA matrix of the block inputs; use sparsellm.api.prune or compute it "
+        raise UsageError("RMI needs the CKA matrix of the block inputs; use sparsellm.prune (the whole-model run) or compute it "
                          "with sparsellm.allocate.rmi.GramStream")
     shape = np.shape(rmi_cka)
     if shape != (num_blocks, num_blocks):
@@ -122,3 +146,30 @@ def check_delta(target: float, rmi_delta: float | None) -> None:
         return
     if not (rmi_delta >= 0 and target - rmi_delta >= 0 and target + rmi_delta < 1):
         raise UsageError(f"RMI δ = {rmi_delta} must satisfy 0 <= δ, S − δ >= 0 and S + δ < 1 at sparsity {target}")
+
+
+@register("allocator", "rmi", RMIConfig, needs="data")
+@torch.no_grad()
+def rates_for_model(model, calib_ids, target: float, config: RMIConfig, *, prune_method: str = "wanda",
+                    batch_size=None, progress=True, **_):
+    """RMI rates from the (n, n) Gram matrices of every block's inputs over the first `rmi_nsamples`
+    calibration windows. Returns (rates, info with the settings used and the CKA matrix). Raises
+    UsageError for fewer than 3 windows (two centred Grams of two samples are always proportional)."""
+    from ..engine import dense_walk
+    from . import check_rates
+
+    n = min(config.rmi_nsamples, calib_ids.shape[0])
+    if n < 3:
+        raise UsageError(f"RMI needs at least 3 calibration windows for its CKA, got {n}")
+    if n < 16:
+        log.warning("RMI's CKA from only %d windows is noisy (the reference uses 64)", n)
+    grams = GramStream()
+    for _, _, X, _ in dense_walk(model, calib_ids[:n], batch_size=batch_size, progress=progress):
+        grams.add(X)
+    cka = grams.cka()
+    beta = config.rmi_beta if config.rmi_beta is not None else (100.0 if prune_method == "sparsegpt" else 1.0)
+    rates = rates_from_cka(cka, target, beta, config.rmi_delta)
+    info = {"rmi_nsamples": n, "rmi_beta": beta,
+            "rmi_delta": config.rmi_delta if config.rmi_delta is not None else delta_for(target),
+            "cka": [[round(float(v), 6) for v in row] for row in cka]}
+    return check_rates(rates, len(rates), target), info

@@ -80,7 +80,8 @@ def _offline_env() -> None:
         "SPARSELLM_CACHE", Path.home() / ".cache" / "sparsellm")) / "datasets"))
 
 
-def _lm_eval():
+def require_lm_eval():
+    """lm-eval, imported offline. Raises UsageError when the [zeroshot] extra is not installed."""
     _offline_env()
     try:
         import lm_eval
@@ -139,7 +140,7 @@ def _check_hellaswag(path: Path) -> None:
 def task_config(task: str, hellaswag_file: str | None = None) -> dict:
     """lm-eval's built-in config of `task` (installed YAML, includes and !function resolved), reading the
     bundled local file instead of the hub."""
-    lm_eval = _lm_eval()
+    lm_eval = require_lm_eval()
     from lm_eval.tasks._yaml_loader import load_yaml
 
     yaml_rel, data_rel = FILES[task]
@@ -162,7 +163,7 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
     "n"}}, "mean_acc", "mean_acc_norm" (over the tasks that have it), "settings": {...}}.
     Raises UsageError for an unknown task, a missing file, or limit <= 0."""
     tasks = check_tasks(tasks, hellaswag_file, limit)
-    _lm_eval()
+    require_lm_eval()
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -1,10 +1,12 @@
-"""Pruners: one module each, one interface.
+"""Pruners: one module each, one interface, registered in `sparsellm.registry` under kind "pruner".
 
-    new_weight = prune(weight, stats, sparsity, nm, **options)
+    new_weight = prune(weight, stats, sparsity, nm, **asdict(config))
 
 `weight` is a (C_out, C_in) fp32 tensor (a copy; the caller writes the result back), `stats` the layer's
 calibration statistics (`LayerStats`), `sparsity` a fraction in [0, 1), `nm` an `NM` pattern or None for
-unstructured. Each module's `STATS` says which statistics it needs ("none", "norm" or "hessian").
+unstructured, `config` the pruner's own config dataclass (SparseGPT: blocksize, percdamp). The registry's
+`needs` says which statistics a pruner reads ("none", "norm" or "hessian"). Adding a pruner is one file
+that calls `register("pruner", name, Config, needs=...)` and one import line below.
 """
 
 from __future__ import annotations
@@ -13,10 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import magnitude, sparsegpt, wanda
 from .masks import NM, check_sparsity, parse_pattern
-
-PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
 
 
 @dataclass
@@ -46,4 +45,8 @@ class LayerStats:
             self.hessian = h if self.hessian is None else self.hessian.add_(h)
 
 
-__all__ = ["PRUNERS", "LayerStats", "NM", "parse_pattern", "check_sparsity"]
+from . import magnitude  # noqa: E402, I001  (each import registers a pruner, in this order)
+from . import wanda  # noqa: E402
+from . import sparsegpt  # noqa: E402
+
+__all__ = ["LayerStats", "NM", "parse_pattern", "check_sparsity", "magnitude", "wanda", "sparsegpt"]

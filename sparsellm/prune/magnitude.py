@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import register
 from .masks import NM, layer_mask, nm_mask
 
-STATS = "none"
 
-
+@register("pruner", "magnitude", needs="none")
 def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None, **_) -> torch.Tensor:
     """Zero the lowest-|W| entries of weight (C_out, C_in): floor(numel · sparsity) of them, or M−N per group."""
     score = weight.abs()

@@ -10,14 +10,32 @@ over the remaining columns through the upper Cholesky factor of H⁻¹.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from ..config import setting
 from ..errors import UsageError
+from ..registry import register
 from .masks import NM
 
-STATS = "hessian"
 log = logging.getLogger("sparsellm")
+
+
+@dataclass
+class SparseGPTConfig:
+    """SparseGPT's own settings: the column block size B_s of Algorithm 1 and the Hessian dampening
+    λ = percdamp · mean(diag H)."""
+
+    blocksize: int = setting(128, "SparseGPT column block size")
+    percdamp: float = setting(0.01, "SparseGPT dampening, fraction of mean diag(H)")
+
+    def validate(self, *_) -> "SparseGPTConfig":
+        if int(self.blocksize) < 1:
+            raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
+        if not 0 < self.percdamp < 1e6:
+            raise UsageError(f"--percdamp must be > 0, got {self.percdamp}")
+        return self
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torch.Tensor:
@@ -37,6 +55,7 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torc
                      f"the damping (percdamp {percdamp}); use a larger --percdamp or more calibration data")
 
 
+@register("pruner", "sparsegpt", SparseGPTConfig, needs="hessian")
 def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
           blocksize: int = 128, percdamp: float = 0.01, **_) -> torch.Tensor:
     """Prune weight (C_out, C_in) with SparseGPT and return the updated weight. Unstructured: in each

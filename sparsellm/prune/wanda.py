@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import register
 from .masks import NM, nm_mask, row_mask
-
-STATS = "norm"
 
 
 def scores(weight: torch.Tensor, stats) -> torch.Tensor:
@@ -15,6 +14,7 @@ def scores(weight: torch.Tensor, stats) -> torch.Tensor:
     return weight.abs() * stats.sq_norm.sqrt().reshape(1, -1)
 
 
+@register("pruner", "wanda", needs="norm")
 def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None, **_) -> torch.Tensor:
     """Zero floor(C_in · sparsity) lowest-score entries per row, or M−N per group of M inputs."""
     score = scores(weight, stats)

@@ -22,15 +22,43 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .allocate import atp
-from .engine import capture_inputs, prune_blocks
-from .data import eval_tokens
-from .errors import UsageError
-from .evaluate import perplexity
-from .models import block_linears, get_blocks
+from dataclasses import dataclass
+
+from ..config import setting
+from ..data import eval_tokens
+from ..engine import capture_inputs, prune_blocks
+from ..errors import UsageError
+from ..evaluate import perplexity
+from ..models import block_linears, get_blocks
+from . import atp
 
 log = logging.getLogger("sparsellm")
 MAX_TRIALS = 200
+
+
+@dataclass
+class ATPSearchConfig:
+    """The β search: grid step, objective ("c4" validation, held out; "wikitext2" is test-set selection, as
+    ATP's released code does), windows scored per β and their length (None: the evaluation's)."""
+
+    atp_step: float = setting(0.002, "ATP search grid step (paper: 0.002)")
+    objective: str = setting("c4", "search objective: c4 validation windows (held out), or wikitext2 test windows "
+                                   "(what ATP's released code does; flagged as test-set selection in the report)",
+                             choices=("c4", "wikitext2"))
+    objective_windows: int = setting(8, "windows scored per β")
+    objective_seqlen: int | None = setting(None, "window length of the objective (default: --eval_seqlen)")
+
+    def validate(self) -> "ATPSearchConfig":
+        """Raises UsageError for a bad step, objective or window count (the trial count needs the model's
+        depth: `beta_grid` checks it)."""
+        check_step(self.atp_step)
+        if self.objective not in ("c4", "wikitext2"):
+            raise UsageError(f"--objective must be c4 or wikitext2, got {self.objective!r}")
+        if self.objective_windows < 1:
+            raise UsageError(f"--objective_windows must be >= 1, got {self.objective_windows}")
+        if self.objective_seqlen is not None and self.objective_seqlen < 2:
+            raise UsageError(f"--objective_seqlen must be >= 2, got {self.objective_seqlen}")
+        return self
 
 
 def check_step(step: float) -> None:

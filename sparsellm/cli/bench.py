@@ -1,0 +1,26 @@
+"""`sparsellm bench`: measured inference speed of a model against its dense baseline, in one process."""
+
+from __future__ import annotations
+
+import sys
+
+from ..runs.bench import BenchRun
+from .common import add_config, add_quiet, config_from
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measured inference speed of a model against its dense baseline, in one process")
+    add_config(p, BenchRun(), required=("model",))
+    add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..report import speed_table
+    from ..runs.bench import run_bench
+
+    record = run_bench(config_from(args, BenchRun), progress=not args.quiet)
+    res = record.details["speed"]
+    print(res["cuda_2_4"], file=sys.stderr)
+    print(speed_table(res))
+    return 0

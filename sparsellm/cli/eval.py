@@ -1,0 +1,41 @@
+"""`sparsellm eval ppl` and `sparsellm eval zeroshot`: evaluate one model."""
+
+from __future__ import annotations
+
+from ..config import Evaluation, ModelSource
+from .common import Parser, add_config, add_quiet, config_from
+
+ZEROSHOT = ("tasks", "limit", "zeroshot_batch_size", "hellaswag_file")
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a model")
+    add_quiet(e)
+    esub = e.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
+    ppl = esub.add_parser("ppl", help="perplexity by the papers' protocol")
+    add_config(ppl.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"})
+    group = ppl.add_argument_group("evaluation")
+    group.add_argument("--dataset", dest="eval", default="wikitext2", help="comma-separated: wikitext2, c4")
+    add_config(group, Evaluation(), skip=("eval", "eval_dense", *ZEROSHOT))
+    ppl.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval_seqlen")
+    ppl.add_argument_group("output").add_argument("--save", default=None, help="directory to write report.json into")
+    zs = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks")
+    add_config(zs.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"})
+    group = zs.add_argument_group("evaluation")
+    add_config(group, Evaluation(), skip=("eval", "eval_seqlen", "max_windows", "eval_dense", "zeroshot_batch_size"))
+    group.add_argument("--batch_size", dest="zeroshot_batch_size", type=int, default=8, metavar="N",
+                       help="zero-shot batch size")
+    zs.add_argument_group("output").add_argument("--save", default=None, help="directory to write report.json into")
+    for p in (ppl, zs):
+        add_quiet(p)
+        p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..runs.eval import EvalRun, run_eval
+
+    evaluation = config_from(args, Evaluation)
+    record = run_eval(EvalRun(config_from(args, ModelSource), evaluation, args.eval_command, args.save),
+                      progress=not args.quiet)
+    print(record.summary())
+    return 0

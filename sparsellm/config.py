@@ -1,0 +1,144 @@
+"""Settings shared by every run, as small dataclasses that runs compose (never copy): which model,
+the calibration windows, the evaluation and the outputs.
+
+Each field is declared with `setting(default, help, ...)`, and the command line builds its flags from these
+fields (`sparsellm.cli.common.add_config`), so a default is written once, here or in a method's own config
+(`prune/*.py`, `allocate/*.py`, ...). Every config has `validate()`, which raises UsageError for bad values
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+EVAL_SEQLEN = 2048  # the papers' perplexity window, capped at the model's context
+
+
+def setting(default=None, help: str = "", *, aliases: tuple[str, ...] = (), choices=None, flag: str | None = None,
+            metavar: str | None = None):
+    """A config field with what its command-line flag needs: help text, extra spellings (`aliases`),
+    allowed values (`choices`) and the flag's name when it is not `--<field name>`."""
+    meta = {"help": help, "aliases": tuple(aliases), "choices": choices, "flag": flag, "metavar": metavar}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def replace(config, **changes):
+    """A copy of `config` with `changes` (dataclasses.replace, for readability at call sites)."""
+    return dataclasses.replace(config, **changes)
+
+
+def at_least(config, names: tuple[str, ...], least: int = 1) -> None:
+    """UsageError unless every field in `names` that is not None is >= `least`."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and int(value) < least:
+            raise UsageError(f"--{name} must be >= {least}, got {value}")
+
+
+@dataclass
+class ModelSource:
+    """The input model and the precision its forwards run in."""
+
+    model: str = setting("smollm2-135m", "HF hub id, local HF directory, .gguf file or preset")
+    dtype: str = setting("float32", "dtype of the model's forwards (statistics are always accumulated in float32)",
+                         choices=("float32", "bfloat16"))
+
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def validate(self) -> "ModelSource":
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UsageError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        return self
+
+
+@dataclass
+class Calibration:
+    """`nsamples` windows of `seqlen` tokens drawn with `seed` from `calib_dataset`; `batch_size` windows
+    go through a block per forward (None: about 2048 tokens per forward, at least one window)."""
+
+    nsamples: int = setting(128, "calibration windows")
+    seqlen: int = setting(2048, "tokens per calibration window (capped at the model's context)",
+                          aliases=("--calib_seqlen",))
+    calib_dataset: str = setting("c4", "c4 (bundled) or a local .txt / .jsonl / .json.gz / .jsonl.gz file with a "
+                                       "'text' field")
+    seed: int = setting(0, "seed for drawing calibration windows")
+    batch_size: int | None = setting(None, "calibration windows per block forward (default: about 2048 tokens per "
+                                           "forward, at least one window)")
+
+    def validate(self, check_file: bool = False) -> "Calibration":
+        """Raises UsageError for counts below 1 (seqlen below 2) and, with `check_file`, an unusable file."""
+        at_least(self, ("nsamples", "batch_size"))
+        at_least(self, ("seqlen",), 2)
+        if check_file and self.calib_dataset != "c4":
+            from .data import load_documents
+
+            load_documents(self.calib_dataset)
+        return self
+
+
+@dataclass
+class Evaluation:
+    """What is scored after a run: perplexity datasets and/or zero-shot tasks (`eval`, comma-separated or
+    "none"), with windows of `eval_seqlen` tokens (the papers' 2048, capped at the model's context)."""
+
+    eval: str = setting("wikitext2", "comma-separated: wikitext2, c4 (perplexity), zeroshot (lm-eval, see --tasks), "
+                                     "or none")
+    eval_seqlen: int = setting(EVAL_SEQLEN, "window length for perplexity (capped at the model's context)")
+    max_windows: int | None = setting(None, "score only the first N windows")
+    eval_dense: bool = setting(False, "also evaluate the input model first")
+    tasks: str = setting("boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa",
+                         "zero-shot tasks, comma-separated, from: boolq, rte, winogrande, arc_easy, arc_challenge, "
+                         "openbookqa, piqa, hellaswag")
+    limit: int | None = setting(None, "zero-shot: first N documents of each task")
+    zeroshot_batch_size: int = setting(8, "zero-shot batch size", metavar="N")
+    hellaswag_file: str | None = setting(None, "local hellaswag_val.jsonl (HellaSwag is not bundled: its data could "
+                                               "not be obtained)")
+
+    def names(self, zeroshot_ok: bool = True) -> list[str]:
+        """The evaluations asked for, in order. Raises UsageError for an unknown one."""
+        from .data import EVAL_SOURCES
+
+        allowed = EVAL_SOURCES + (("zeroshot",) if zeroshot_ok else ())
+        names = [] if self.eval.strip().lower() == "none" else [s.strip() for s in self.eval.split(",") if s.strip()]
+        for n in names:
+            if n not in allowed:
+                raise UsageError(f"unknown evaluation {n!r}; choose from {', '.join(allowed)} or none")
+        return names
+
+    def zeroshot_tasks(self) -> list[str]:
+        """The zero-shot tasks when zero-shot is asked for (validated, lm-eval installed), else []."""
+        if "zeroshot" not in self.names():
+            return []
+        from .evaluate.zeroshot import check_tasks, require_lm_eval
+
+        if self.zeroshot_batch_size < 1:
+            raise UsageError(f"zero-shot batch size must be >= 1, got {self.zeroshot_batch_size}")
+        tasks = check_tasks([t.strip() for t in self.tasks.split(",") if t.strip()], self.hellaswag_file, self.limit)
+        require_lm_eval()
+        return tasks
+
+    def validate(self) -> "Evaluation":
+        self.names()
+        self.zeroshot_tasks()
+        at_least(self, ("max_windows",))
+        at_least(self, ("eval_seqlen",), 2)
+        return self
+
+
+@dataclass
+class Output:
+    """Where a run writes: `out` (the model directory with its reports), `save` (reports only), and
+    whether a non-empty `out` may be replaced."""
+
+    out: str | None = setting(None, "output directory: the model, report.json, report.md and figures",
+                              aliases=("--save_model",))
+    save: str | None = setting(None, "directory to write report.json and report.md into (no model)")
+    overwrite: bool = setting(False, "replace a non-empty --out directory")

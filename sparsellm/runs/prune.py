@@ -1,0 +1,143 @@
+"""`run_prune`: one whole pruning run (what `sparsellm prune` and `sparsellm allocate` do), config in,
+run record out.
+
+    load the model ─► calibration windows ─► [dense evaluation] ─► [ATP β search] ─► layer-wise rates
+        ─► prune (engine) ─► evaluation ─► the run directory (model, sidecar, report.json/.md, figures)
+
+Everything is validated before the model is loaded, and again against the model before any calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..allocate import resolve_allocation
+from ..allocate.atp_search import ATPSearchConfig
+from ..config import Evaluation, ModelSource, Output
+from ..errors import UsageError
+from ..pipeline import PruneConfig, prune, validate_for_model
+from .record import Run, block_rows, evaluate
+from .rundir import RunDir, pruned_model
+
+log = logging.getLogger("sparsellm")
+
+REPORT_FILES = ("report.json", "report.md", "rates.json", "errors.png", "atp_search.png")
+
+
+@dataclass
+class PruneRun:
+    """A pruning run. command "allocate" also writes rates.json into `output.save` and prunes only when
+    something is evaluated or saved; `search` (allocate only) chooses ATP's β first."""
+
+    source: ModelSource = field(default_factory=ModelSource)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    output: Output = field(default_factory=Output)
+    search: ATPSearchConfig | None = None
+    command: str = "prune"
+
+    def validate(self) -> "PruneRun":
+        """Every check that needs no model. Raises UsageError."""
+        self.source.validate()
+        self.prune.validate()
+        if self.search is not None:
+            if self.command != "allocate":
+                raise UsageError("ATP's β search runs under `sparsellm allocate --search`")
+            if self.prune.allocation != "atp":
+                raise UsageError("--search is ATP's β search: use it with --allocation atp")
+            if self.prune.allocator.atp_beta:
+                raise UsageError("--search chooses β itself: leave out --atp_beta")
+            self.search.validate()
+        self.evaluation.validate()
+        self.prune.calibration.validate(check_file=True)
+        return self
+
+    def inputs(self) -> list:
+        c = self.prune.calibration
+        return [Path(c.calib_dataset) if c.calib_dataset != "c4" else None,
+                Path(self.prune.allocation[5:]) if self.prune.allocation.startswith("file:") else None]
+
+
+def _figures(run: dict) -> dict:
+    """PNG files to write next to a report: {file name: function(path)}."""
+    from .. import plots
+
+    figs = {}
+    if run.get("prune") and any(b.get("rel_error") is not None for b in run["prune"]["blocks"]):
+        label = f"{run['prune']['method']} {run['allocation']['name']}"
+        figs["errors.png"] = lambda path: plots.error_curves({label: run["prune"]["blocks"]}, path)
+    if run.get("search"):
+        figs["atp_search.png"] = lambda path: plots.beta_search(run["search"], path)
+    return figs
+
+
+def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
+    """Run `cfg` and return its record; the pruned model and reports are written where `cfg.output` says.
+    Raises UsageError for bad input, before anything is written."""
+    from ..allocate.atp_search import beta_grid, search
+    from ..data import calibration_windows
+    from ..models import context_length, get_blocks, load_model, resolve_model
+
+    cfg.validate()
+    pc, ev, out = cfg.prune, cfg.evaluation, cfg.output
+    names, tasks = ev.names(), ev.zeroshot_tasks()
+    _, src = resolve_model(cfg.source.model)
+    if src is not None and (Path(src) / "structure.json").is_file():
+        raise UsageError(f"{cfg.source.model} is a structured model with per-block widths; pruning it again is "
+                         "not supported")
+    inputs = [src, *cfg.inputs()]
+    model_dir_out = RunDir.prepare(out.out, inputs, out.overwrite)
+    save = RunDir.prepare(out.save, inputs + [model_dir_out and model_dir_out.path], replaces=False)
+    if save is not None:
+        save.refuse_overwriting(REPORT_FILES, cfg.inputs())
+    model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    for rd in (model_dir_out, save):
+        if rd is not None:
+            rd.check_input(model_dir)
+    seqlen = validate_for_model(model, pc)
+    if cfg.search is not None:
+        beta_grid(len(get_blocks(model)), pc.sparsity_ratio, cfg.search.atp_step)  # before any calibration
+    c = pc.calibration
+    calib = calibration_windows(tok, c.calib_dataset, c.nsamples, seqlen, c.seed)
+    eval_seqlen = min(ev.eval_seqlen, context_length(model))
+    local = model_dir or src
+    details: dict = {"eval_seqlen": eval_seqlen}
+    record = Run(cfg.command, cfg.source.model, str(local) if local else None, pc.to_dict(), details=details)
+    if ev.eval_dense and names:
+        record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
+    if cfg.search is not None:
+        s = cfg.search
+        details["search"] = search(model, tok, calib, pc.prune_method, pc.sparsity_ratio, s.atp_step, s.objective,
+                                   s.objective_windows, min(s.objective_seqlen or eval_seqlen, context_length(model)),
+                                   options=pc.options(), batch_size=c.batch_size, progress=progress)
+        details["search"]["objective"]["also_evaluated"] = s.objective in names  # then not held out from it
+        pc.allocator.atp_beta = details["search"]["best_beta"]
+        record.config["atp_beta"] = pc.allocator.atp_beta
+        record.timings["search"] = details["search"]["search_seconds"]
+    rates = resolve_allocation(model, pc, calib, progress)
+    details["allocation"] = rates[1]
+    record.timings["allocation"] = rates[1]["seconds"]
+    if cfg.command == "prune" or names or model_dir_out is not None:
+        t0 = time.perf_counter()
+        details["prune"] = prune(model, tok, pc, calib_ids=calib, progress=progress, rates=rates)
+        record.timings["prune"] = time.perf_counter() - t0
+        record.calibration = details["prune"]["calibration"]
+        record.blocks = block_rows(details["prune"])
+        if names:
+            t0 = time.perf_counter()
+            record.metrics = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
+            record.timings["eval"] = time.perf_counter() - t0
+    record.finish()
+    run = record.to_dict()
+    md, figures = record.markdown(), _figures(run)
+    if model_dir_out is not None:
+        model_dir_out.write(run, md, model_writer=pruned_model(model, tok, details["prune"]), figures=figures)
+        log.info("saved pruned model to %s", model_dir_out.path)
+    if save is not None:
+        rates_json = {"rates.json": [round(r, 12) for r in details["allocation"]["rates"]]} \
+            if cfg.command == "allocate" else {}
+        save.write(run, md, json_files=rates_json, figures=figures)
+    return record

@@ -1,0 +1,98 @@
+"""The run record: one shape for every kind of run (prune, allocate, finetune, search, eval, bench).
+
+    record = run_prune(cfg)           # or run_finetune / run_search / run_eval / run_bench
+    record.metrics                    # {"wikitext2_ppl@2048": {"ppl", "windows", "tokens", ...}, "zeroshot": {...}}
+    record.to_dict()                  # what report.json holds; `sparsellm report` and plot-errors read it
+
+`to_dict` keeps the method-specific sections (`prune`, `allocation`, `search`, `finetune`, `speed`) at the
+top level, where report readers have always found them, next to the common fields.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..provenance import peak_rss_mib, versions
+
+log = logging.getLogger("sparsellm")
+
+
+@dataclass
+class Run:
+    """One run. command: "prune", "allocate", "finetune", "search", "eval ppl", "eval zeroshot", "bench".
+    model / model_path: the model as given and the local directory it resolved to (None for a hub id).
+    config: the flat settings. calibration: dataset, nsamples, seqlen, seed, token hash (None when no
+    calibration was drawn). metrics / metrics_dense: evaluation results after the run / of the input model.
+    blocks: the per-block table (target, measured sparsity, local and cumulative error, seconds).
+    timings: seconds by phase. peak_rss_mib: the process's peak memory. details: the method's own sections."""
+
+    command: str
+    model: str
+    model_path: str | None = None
+    config: dict = field(default_factory=dict)
+    calibration: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    metrics_dense: dict = field(default_factory=dict)
+    blocks: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+    versions: dict = field(default_factory=versions)
+    details: dict = field(default_factory=dict)
+
+    def finish(self) -> "Run":
+        """Record the peak memory at the end of the run."""
+        self.peak_rss_mib = peak_rss_mib()
+        return self
+
+    def to_dict(self) -> dict:
+        out = {"command": self.command, "model": self.model, "model_path": self.model_path, "config": self.config,
+               **self.details}
+        if self.metrics_dense:
+            out["eval_dense"] = self.metrics_dense
+        if self.metrics or self.command.startswith("eval"):
+            out["eval"] = self.metrics
+        out.update(calibration=self.calibration, blocks=self.blocks, timings=self.timings,
+                   peak_rss_mib=self.peak_rss_mib, versions=self.versions)
+        return out
+
+    def summary(self) -> str:
+        """The terminal summary (report.summary_table)."""
+        from ..report import summary_table
+
+        return summary_table(self.to_dict())
+
+    def markdown(self) -> str:
+        """report.md (report.markdown)."""
+        from ..report import markdown
+
+        return markdown(self.to_dict())
+
+
+def block_rows(prune_report: dict | None) -> list[dict]:
+    """The per-block table of a prune report, without the per-module detail."""
+    keys = ("block", "target", "measured", "rel_error", "cum_error", "seconds")
+    return [{k: b.get(k) for k in keys} for b in (prune_report or {}).get("blocks", [])]
+
+
+def evaluate(model, tokenizer, evaluation, seqlen: int | None, progress: bool = True, tasks=None,
+             names: list[str] | None = None) -> dict:
+    """Score `model` on `evaluation.names()` (or `names`): perplexity at `seqlen` tokens per window on
+    the first `max_windows` windows, and zero-shot accuracy on `tasks` (validated zero-shot tasks).
+    Returns {metric name: result}."""
+    from ..evaluate import perplexity
+
+    out = {}
+    for name in evaluation.names() if names is None else names:
+        if name == "zeroshot":
+            from ..evaluate.zeroshot import zeroshot
+
+            r = zeroshot(model, tokenizer, list(tasks or evaluation.zeroshot_tasks()), evaluation.limit,
+                         evaluation.zeroshot_batch_size, evaluation.hellaswag_file)
+            log.info("zero-shot mean acc = %.4f over %s", r["mean_acc"], ", ".join(r["tasks"]))
+            out["zeroshot"] = r
+            continue
+        r = perplexity(model, tokenizer, name, seqlen, evaluation.max_windows, progress=progress)
+        log.info("%s = %.3f (%d windows, %d tokens)", r["metric"], r["ppl"], r["windows"], r["tokens"])
+        out[r["metric"]] = r
+    return out

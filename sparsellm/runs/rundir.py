@@ -1,0 +1,101 @@
+"""The run-directory writer: the one place that checks an output directory and writes a run into it.
+
+    rd = RunDir.prepare("out/w50", inputs=[model_dir, calib_file], overwrite=False)   # before any work
+    rd.write(record.to_dict(), markdown, model_writer=pruned_model(model, tok, prune_report), figures=...)
+
+A model directory (`replaces=True`) is written whole into a temporary directory and swapped into place
+(`outputs.atomic_dir_write`), so an interrupted run leaves the old directory or the new one, never a mix.
+A reports directory (`replaces=False`, e.g. `--save`) is added to: each file is written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UsageError
+from ..outputs import atomic_dir_write, check_output_dir, write_json_atomic, write_text_atomic
+
+
+@dataclass
+class RunDir:
+    """An output directory checked before any work. `replaces`: a model directory replaced whole (must be
+    empty unless `overwrite`); otherwise a reports directory whose listed files are replaced."""
+
+    path: Path
+    overwrite: bool = False
+    replaces: bool = True
+
+    @classmethod
+    def prepare(cls, path, inputs=(), overwrite: bool = False, replaces: bool = True) -> "RunDir | None":
+        """Check `path` (None: no directory) against the `inputs` (paths read by the run, or None): not an
+        input, not inside one, not containing one when it replaces; empty unless `overwrite`; writable.
+        Raises UsageError."""
+        if path is None:
+            return None
+        out = check_output_dir(path, overwrite or not replaces, list(inputs), replaces=replaces)
+        return cls(out, overwrite, replaces)
+
+    def check_input(self, model_dir) -> None:
+        """Check again against the directory the model was actually loaded from (known after loading)."""
+        if model_dir is not None:
+            check_output_dir(self.path, self.overwrite or not self.replaces, [model_dir], replaces=self.replaces)
+
+    def refuse_overwriting(self, names, inputs) -> None:
+        """UsageError if writing `names` into a reports directory would replace one of the input files."""
+        written = {(self.path / n).resolve() for n in names}
+        for p in inputs:
+            if p is not None and Path(p).expanduser().resolve() in written:
+                raise UsageError(f"--save {self.path} would overwrite the input file {p}")
+
+    def write(self, record: dict | None = None, markdown: str | None = None, *,
+              model_writer: Callable[[Path], None] | None = None, json_files: dict | None = None,
+              figures: dict | None = None, files: dict | None = None) -> Path:
+        """Write `report.json` (`record`), `report.md`, other JSON files {name: object}, `figures` and other
+        `files` ({name: function(path)}), and for a model directory first the model (`model_writer(dir)`)."""
+
+        def fill(d: Path):
+            if model_writer is not None:
+                model_writer(d)
+            if record is not None:
+                write_json_atomic(d / "report.json", record)
+            if markdown is not None:
+                write_text_atomic(d / "report.md", markdown)
+            for name, obj in (json_files or {}).items():
+                write_json_atomic(d / name, obj)
+            for name, draw in {**(figures or {}), **(files or {})}.items():
+                draw(d / name)
+
+        if self.replaces:
+            atomic_dir_write(self.path, fill)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fill(self.path)
+        return self.path
+
+
+def pruned_model(model, tokenizer, prune_report: dict) -> Callable[[Path], None]:
+    """A model writer: the HF directory (safetensors with exact zeros, config, tokenizer) plus the
+    `sparsity_config.json` sidecar."""
+    from ..pipeline import sparsity_sidecar
+
+    def write(d: Path):
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_json_atomic(d / "sparsity_config.json", sparsity_sidecar(model, prune_report))
+
+    return write
+
+
+def save_pruned(model, tokenizer, out_dir, report: dict, run_report: dict | None = None, markdown: str = "",
+                overwrite: bool = False, figures: dict | None = None, files: dict | None = None) -> Path:
+    """Write an HF directory (safetensors, exact zeros, tokenizer) plus `sparsity_config.json` (from the
+    prune `report`), `report.json` (`run_report`, default `report`), `report.md`, `figures` and `files`
+    ({file name: function(path)}) atomically: a temporary directory renamed into place at the end, so a
+    failure never leaves a partial model. Raises UsageError if `out_dir` overlaps the model's own
+    directory, or is non-empty and not `overwrite`."""
+    source = Path(str(getattr(model, "name_or_path", "") or ""))
+    rd = RunDir.prepare(out_dir, [source if str(source) and source.exists() else None], overwrite)
+    return rd.write(run_report or report, markdown, model_writer=pruned_model(model, tokenizer, report),
+                    figures=figures, files=files)
