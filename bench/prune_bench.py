@@ -1,9 +1,10 @@
 """Pruning benchmark: sparsellm vs llmcompressor on identical jobs, written to bench/results/*.json.
 
-Each pruning run is its own process (so peak RSS is per run): `sparsellm prune ... --save DIR` for us,
-`bench/llmc_prune.py` in its own venv (make bench-env) for llmcompressor, fed the exact same calibration
-token windows, and then `sparsellm eval ppl` on its saved model. Speed is reported as a ratio of the
-two pruning wall times measured in the same benchmark run.
+Each pruning run is its own process (so peak RSS is per run): a spawned child that calls the library's
+`sparsellm.runs.run_prune` (what `sparsellm prune ... --save DIR` runs) for us, `bench/llmc_prune.py` in its
+own venv (make bench-env) for llmcompressor, fed the exact same calibration token windows, and then
+`sparsellm eval ppl` on its saved model. Speed is reported as a ratio of the two pruning wall times
+measured in the same benchmark run.
 
     python bench/prune_bench.py --jobs wanda:0.5,sparsegpt:0.5 --nsamples 64 --seqlen 512 \
         --eval_windows 16 --llmc --out bench/results/llmc_64x512.json
@@ -33,6 +34,35 @@ def sh(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     print("+", " ".join(map(str, cmd)), flush=True)
     subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def _prune_child(model: str, method: str, flat: dict, max_windows, save: str) -> None:
+    """In a fresh process: one library run, as `sparsellm --quiet prune ... --eval wikitext2 --eval_seqlen 2048
+    --save DIR` would do it."""
+    import logging
+
+    from sparsellm.config import Evaluation, ModelSource, Output
+    from sparsellm.pipeline import PruneConfig
+    from sparsellm.runs import PruneRun, run_prune
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = PruneRun(ModelSource(model), PruneConfig.from_flat(prune_method=method, **flat),
+                   Evaluation(eval="wikitext2", eval_seqlen=2048, max_windows=max_windows), Output(save=save))
+    run_prune(cfg, progress=False)
+
+
+def library_run(model: str, method: str, flat: dict, max_windows, save: Path) -> float:
+    """Run `_prune_child` in a spawned process, fail loudly, return its wall time in seconds."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    print("+ run_prune", model, method, flat, f"max_windows={max_windows}", save, flush=True)
+    proc = mp.get_context("spawn").Process(target=_prune_child, args=(model, method, flat, max_windows, str(save)))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise SystemExit(f"the pruning run failed (exit {proc.exitcode})")
     return time.perf_counter() - t0
 
 
@@ -96,9 +126,9 @@ def main() -> None:
     for job in filter(None, args.jobs.split(",")):
         method, flags, mask_structure = parse_job(job)
         d = work / f"ours-{job.replace(':', '_')}"
-        wall = sh(sparsellm + ["prune", "--model", args.model, "--prune_method", method, *flags,
-                               "--nsamples", args.nsamples, "--seqlen", args.seqlen, "--seed", args.seed,
-                               "--eval", "wikitext2", "--eval_seqlen", "2048", *windows, "--save", d])
+        flat = {flags[0][2:]: float(flags[1]) if flags[0] == "--sparsity_ratio" else flags[1],
+                "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+        wall = library_run(args.model, method, flat, args.eval_windows or None, d)
         rep = json.loads((d / "report.json").read_text())
         run = {"job": job, "tool": "sparsellm", "prune_seconds": rep["prune"]["prune_seconds"],
                "process_seconds": wall, "peak_rss_mib": rep["prune"]["peak_rss_mib"],
