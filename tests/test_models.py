@@ -1,4 +1,4 @@
-"""The architecture table, model resolution and output-directory checks."""
+"""The architecture table's accessors, model resolution, and no import of `structured` from `models`."""
 
 from __future__ import annotations
 
@@ -76,3 +76,51 @@ def test_resolve_model(tmp_path, saved_model_dir):
         resolve_model(str(tmp_path))  # a directory without config.json
 
 
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """{module: sparsellm modules it imports}, from every import statement in sparsellm's source (module level
+    and inside functions), relative imports resolved."""
+    import ast
+    from pathlib import Path
+
+    import sparsellm
+
+    root = Path(sparsellm.__file__).parent
+    files = {}
+    for f in root.rglob("*.py"):
+        parts = ("sparsellm",) + f.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for mod, f in files.items():
+        package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                edges.add(target)
+                edges |= {f"{target}.{a.name}" for a in node.names}  # `from . import shrink`
+        graph[mod] = {e for e in edges if e in files}
+    return graph
+
+
+def test_models_never_imports_structured():
+    graph = _import_graph()
+    assert "sparsellm.models.arch" in graph["sparsellm.structured.io"]  # the walk sees real imports
+    assert "sparsellm.errors" in graph["sparsellm.structured"]  # ... function-level ones too (prune_structured)
+    starts = [m for m in graph if m == "sparsellm.models" or m.startswith("sparsellm.models.")]
+    assert starts
+    path = {m: [m] for m in starts}  # breadth-first over everything models reaches
+    todo = list(starts)
+    while todo:
+        mod = todo.pop(0)
+        for dep in sorted(graph[mod]):
+            if dep not in path:
+                path[dep] = path[mod] + [dep]
+                todo.append(dep)
+    bad = [" -> ".join(p) for m, p in path.items()
+           if m == "sparsellm.structured" or m.startswith("sparsellm.structured.")]
+    assert not bad, bad

@@ -13,9 +13,9 @@ import torch
 from conftest import make_model, sentences
 from sparsellm.data import calibration_windows
 from sparsellm.errors import UsageError
-from sparsellm.models import get_blocks, load_model
+from sparsellm.models import get_blocks, load_model, load_structured
 from sparsellm.structured import geometry, importance, plan_block, prune_structured, struct_spec
-from sparsellm.structured.io import load_structured, write_structured
+from sparsellm.structured.io import write_structured
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
 
@@ -176,7 +176,7 @@ def test_save_reload_identical_logits(tmp_path, tokenizer, calib, rates, vanilla
         with torch.no_grad():
             torch.testing.assert_close(plain(x).logits, want, atol=1e-6, rtol=0)
     else:
-        with pytest.raises(Exception):
+        with pytest.raises(RuntimeError, match="mismatch"):
             AutoModelForCausalLM.from_pretrained(d)  # widths differ from config.json: loud, never silent
 
 

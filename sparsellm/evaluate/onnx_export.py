@@ -15,8 +15,9 @@ needs (it compiles an engine per input shape). Both graphs use eager attention a
 mask built inside the graph, which avoids transformers' mask helpers (pitfalls: ../shared/docs/
 cpu-sparse-speed.md). Opset 17 with the TorchScript exporter (DeepSparse 1.8 reads opset ≤ 17).
 
-Only full-causal-attention families are exported (LLaMA, Mistral without a sliding window shorter than the
-context, Qwen2): Gemma 3's sliding layers and OPT's learned positions are refused with a UsageError.
+Only full-causal-attention families are exported: those whose entry in the architecture table
+(`sparsellm.models.arch.ARCHITECTURES`) has `onnx=True` (LLaMA, Mistral without a sliding window shorter than
+the context, Qwen2); Gemma 3's sliding layers and OPT's learned positions are refused with a UsageError.
 Pruned zeros are kept as exact zeros in the dense initializers, where DeepSparse finds them.
 """
 
@@ -29,21 +30,22 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import UsageError
-from .speed import _cache_kw
+from ..models.arch import ARCHITECTURES, families, get_blocks
+from .speed import cache_kwarg
 
 OPSET = 17
-SUPPORTED = ("llama", "mistral", "qwen2")
 
 
 def check_exportable(model, max_tokens: int = 0) -> None:
     """Raises UsageError for an architecture whose attention is not plain full-causal over sequences of up to
     `max_tokens` tokens (a sliding window shorter than that would make the full causal mask wrong)."""
     cfg = model.config
-    if cfg.model_type not in SUPPORTED:
-        raise UsageError(f"ONNX export for sparse runtimes supports {', '.join(SUPPORTED)} models, "
+    arch = ARCHITECTURES.get(cfg.model_type)
+    if arch is None or not arch.onnx:
+        raise UsageError(f"ONNX export for sparse runtimes supports {', '.join(families('onnx'))} models, "
                          f"not {cfg.model_type!r}")
     _, _, kvh, _, hd = kv_shape(model, 1, 1)
-    widths = {layer.self_attn.k_proj.out_features for layer in model.model.layers}
+    widths = {block.get_submodule(arch.roles["k"]).out_features for block in get_blocks(model)}
     if widths != {kvh * hd}:
         raise UsageError("a structurally pruned model with per-block attention widths cannot be exported with one "
                          "stacked KV cache; measure it natively with `sparsellm bench` (it is simply smaller)")
@@ -66,7 +68,7 @@ class Prefill(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.kw = _cache_kw(model)
+        self.kw = cache_kwarg(model)
 
     def forward(self, input_ids):
         b, t = input_ids.shape
@@ -84,7 +86,7 @@ class DecodeStep(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.kw = _cache_kw(model)
+        self.kw = cache_kwarg(model)
 
     def forward(self, input_ids, position_ids, attention_mask, past_keys, past_values):
         cache = DynamicCache(config=self.model.config)

@@ -35,8 +35,10 @@ def prefill_seconds(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _cache_kw(model) -> str:
-    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns)."""
+def cache_kwarg(model) -> str:
+    """The name of the keyword argument that passes a KV cache to `model.forward`: "cache" where the forward
+    has it (transformers 5.24 renamed `past_key_values` to `cache`; the old name warns), else
+    "past_key_values"."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -48,7 +50,7 @@ def _cache(out):
 @torch.no_grad()
 def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     """Wall time of `new_tokens` greedy decode steps with a KV cache, after a prefill of `ids` (not timed)."""
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     out = model(ids, use_cache=True)
     past, nxt = _cache(out), out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()

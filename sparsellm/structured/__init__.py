@@ -1,10 +1,12 @@
 """Structured pruning: importance of heads and MLP channels (`importance`), physically shrinking blocks
-with GQA respected (`shrink`), and saving/loading models with per-block widths (`io`). The entry point is
-`prune_structured(model, rates, importance, ...)`; Self-Pruner's search of the rates is in `sparsellm.search`."""
+with GQA respected (`shrink`), and saving models with per-block widths (`io`; loading them is
+`sparsellm.models.load_structured`). The entry point is `prune_structured(model, rates, importance, ...)`;
+Self-Pruner's search of the rates is in `sparsellm.search`. Supported families and projection roles come
+from the architecture table in `sparsellm.models.arch`."""
 
 from __future__ import annotations
 
-from ..models import get_blocks
+from ..models.arch import get_blocks
 from .importance import METRICS, block_scores, check_metric, collect_stats
 from .shrink import GQA_MODES, count_params, geometry, plan_block, shrink_block, struct_spec
 

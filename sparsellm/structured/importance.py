@@ -17,11 +17,14 @@ import torch
 
 from ..engine import dense_walk
 from ..errors import UsageError
+from ..models.arch import struct_spec
+from .shrink import geometry
 
 METRICS = ("wanda-sp", "flap", "magnitude-sp")
 
 
 def check_metric(metric: str) -> None:
+    """Raises UsageError for a metric not in `METRICS`."""
     if metric not in METRICS:
         raise UsageError(f"unknown importance metric {metric!r}; choose from {', '.join(METRICS)}")
 
@@ -31,8 +34,6 @@ def collect_stats(model, calib_ids: torch.Tensor, batch_size: int | None = None,
     """Run the dense model block by block over calibration windows (nsamples, seqlen) and keep, for every
     block, the input moments (Σx, Σx², tokens) of its attention output and MLP down projections:
     [{"o": LayerStats, "down": LayerStats}] per block (C_in-sized vectors, fp64)."""
-    from .shrink import struct_spec
-
     spec = struct_spec(model)
     out = []
     for _, block, _, stats in dense_walk(model, calib_ids, need="moments", batch_size=batch_size, progress=progress):
@@ -58,8 +59,6 @@ def channel_scores(weight: torch.Tensor, stats, metric: str) -> torch.Tensor:
 
 def block_scores(model, block, stats: dict | None, metric: str) -> dict:
     """{"heads": (n_q,) query-head scores, "channels": (intermediate,) MLP channel scores} of one block."""
-    from .shrink import geometry, struct_spec
-
     spec = struct_spec(model)
     n_q, _, hd = geometry(model, block)
     o = channel_scores(block.get_submodule(spec.o).weight, stats and stats["o"], metric)

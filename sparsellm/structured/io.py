@@ -9,9 +9,8 @@ A vanilla config cannot express per-block widths, so the directory holds:
     structure.json       per-block num_attention_heads, num_key_value_heads, head_dim, intermediate_size,
                          and whether vanilla transformers can load the directory
 
-`load_structured(dir)` (used by `models.load_model` whenever structure.json is present) builds the model
-from config.json, replaces every block's projections by linears of the recorded shapes (a bias wherever
-the checkpoint has one) and loads the weights strictly.
+Loading such a directory is `sparsellm.models.load_structured` (which `load_model` uses whenever
+structure.json is present): loading lives with the other loaders, so `models` never imports `structured`.
 """
 
 from __future__ import annotations
@@ -23,14 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..models import get_blocks
-from .shrink import block_structure, struct_spec
-
-STRUCTURE = "structure.json"
+from ..models import STRUCTURE  # the file name load_structured reads
+from ..models.arch import get_blocks, struct_spec
+from .shrink import block_structure
 
 
 def structure(model) -> list[dict]:
+    """Per-block widths of `model` (one `block_structure` dict per decoder block)."""
     return [block_structure(model, b) for b in get_blocks(model)]
 
 
@@ -90,59 +88,3 @@ def write_structured(model, tmp: Path, extra: dict | None = None) -> dict:
             "vanilla_loadable": cfg is not None, "why_not_vanilla": why, **(extra or {})}
     (Path(tmp) / STRUCTURE).write_text(json.dumps(info, indent=1) + "\n")
     return info
-
-
-def load_structured(path, dtype=torch.float32):
-    """Build the model saved by `write_structured` at `path`. Raises UsageError for a malformed directory."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    try:
-        info = json.loads((path / STRUCTURE).read_text())
-        blocks = info["blocks"]
-        config = AutoConfig.from_pretrained(path)
-        files = sorted(path.glob("*.safetensors"))
-        keys = set()
-        for f in files:
-            with safe_open(str(f), "pt") as fh:
-                keys |= set(fh.keys())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path} is not a readable structured model: {e}") from None
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    spec = struct_spec(model)
-    layers = get_blocks(model)
-    if len(blocks) != len(layers):
-        raise UsageError(f"{path}/{STRUCTURE} lists {len(blocks)} blocks, the config has {len(layers)}")
-    prefix = {id(b): n for n, b in model.named_modules()}
-    hidden = model.config.hidden_size
-    hd0 = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    for block, b in zip(layers, blocks):
-        q, kv, hd, inter = b["num_attention_heads"], b["num_key_value_heads"], b["head_dim"], b["intermediate_size"]
-        if hd != hd0 or not (isinstance(q, int) and isinstance(kv, int) and kv >= 1 and q >= kv and q % kv == 0):
-            raise UsageError(f"{path}/{STRUCTURE}: block widths are inconsistent (heads {q}, KV heads {kv}, "
-                             f"head_dim {hd}; the model's head_dim is {hd0})")
-        shapes = {spec.q: (hidden, q * hd), spec.k: (hidden, kv * hd), spec.v: (hidden, kv * hd),
-                  spec.o: (q * hd, hidden), spec.down: (inter, hidden), **{n: (hidden, inter) for n in spec.up}}
-        for name, (fan_in, fan_out) in shapes.items():
-            has_bias = f"{prefix[id(block)]}.{name}.bias" in keys
-            parent, _, attr = name.rpartition(".")
-            setattr(block.get_submodule(parent), attr, nn.Linear(fan_in, fan_out, bias=has_bias, dtype=dtype))
-        attn = block.get_submodule(spec.attn)
-        attn.head_dim = hd
-        attn.num_key_value_groups = q // kv
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise UsageError(f"{path}: weights do not match {STRUCTURE}: {str(e).splitlines()[-1].strip()}") from None
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise UsageError(f"{path}: weights do not match {STRUCTURE} (missing {sorted(set(missing) - tied)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]})")
-    model.tie_weights()
-    return model.eval()

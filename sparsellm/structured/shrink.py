@@ -12,44 +12,22 @@ Without GQA (n_kv = n_q) both remove single heads with their K/V. At least one h
 stay. The lowest-scoring heads, groups and channels go (scores from `importance`). With FLAP's bias
 compensation, a removed input channel j of o_proj / down_proj adds W[:, j] · mean(x_j) to that layer's
 bias (An et al., AAAI 2024, §3.3), creating the bias if the layer has none.
+
+Which projections play which role, and which families are supported at all, comes from the architecture
+table (`sparsellm.models.arch`: `struct_spec`, from each family's roles and its `structured` flag).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..models.arch import Spec, struct_spec  # noqa: F401  (the table's view for structured pruning; re-exported)
 
-
-@dataclass(frozen=True)
-class Spec:
-    """Where the attention and MLP projections of one decoder block are."""
-
-    attn: str
-    q: str
-    k: str
-    v: str
-    o: str
-    up: tuple[str, ...]  # read the block's input, one row per intermediate channel
-    down: str
-
-
-_LLAMA = Spec("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
-SPECS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma3_text": _LLAMA}
 GQA_MODES = ("query", "group")
-
-
-def struct_spec(model) -> Spec:
-    """Raises UsageError for a family without structured support (OPT: its head size is tied to the width)."""
-    mt = getattr(model.config, "model_type", None)
-    if mt not in SPECS:
-        raise UsageError(f"structured pruning supports {', '.join(sorted(SPECS))}; not {mt!r}")
-    return SPECS[mt]
 
 
 def geometry(model, block) -> tuple[int, int, int]:

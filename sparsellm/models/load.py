@@ -1,54 +1,37 @@
-"""Loading models from a hub id, a local HF directory, a `.gguf` file or a preset; the architecture table.
+"""Loading models from a hub id, a local HF directory, a `.gguf` file or a preset, and loading structurally
+pruned directories (per-block widths, recorded in structure.json).
 
-The architecture layer is data, not branches: `ARCHITECTURES` maps a `config.model_type` to where the
-decoder blocks live and which linear sublayers each block has. Adding a family is one table entry.
+A structurally pruned directory holds the weights at their real shapes, config.json and `STRUCTURE`
+(structure.json: per-block num_attention_heads, num_key_value_heads, head_dim, intermediate_size; written
+by `sparsellm.structured.io.write_structured`). `load_structured(dir)` (used by `load_model` whenever
+structure.json is present) builds the model from config.json, replaces every block's projections by linears
+of the recorded shapes (a bias wherever the checkpoint has one) and loads the weights strictly.
+
+This module reads the architecture table (`arch`) and never imports `sparsellm.structured`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .outputs import umask
+from ..errors import UsageError
+from ..outputs import umask
+from .arch import check_supported, get_blocks, struct_spec
 
 log = logging.getLogger("sparsellm")
 
-_LLAMA_LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Where one model family keeps its decoder blocks (`blocks`, a dotted attribute path from the
-    `*ForCausalLM` model) and the names of the linear sublayers inside each block."""
-
-    blocks: str
-    linears: tuple[str, ...]
-
-
-ARCHITECTURES: dict[str, Arch] = {
-    "llama": Arch("model.layers", _LLAMA_LINEARS),
-    "mistral": Arch("model.layers", _LLAMA_LINEARS),
-    "qwen2": Arch("model.layers", _LLAMA_LINEARS),
-    "gemma3_text": Arch("model.layers", _LLAMA_LINEARS),
-    "opt": Arch(
-        "model.decoder.layers",
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
-    ),
-}
+STRUCTURE = "structure.json"  # per-block widths of a structurally pruned model
 
 # Presets: name -> (PyPI package holding the file, file name inside it, install hint).
 PRESETS: dict[str, tuple[str, str, str]] = {
@@ -62,49 +45,8 @@ DEFAULT_MODEL = "smollm2-135m"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def get_arch(model: nn.Module) -> Arch:
-    """The `Arch` entry for `model`. Raises UsageError for a family that is not in `ARCHITECTURES`."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UsageError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    return ARCHITECTURES[model_type]
-
-
-def get_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of `model`, in order."""
-    obj = model
-    for part in get_arch(model).blocks.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def block_linears(model: nn.Module, block: nn.Module) -> dict[str, nn.Linear]:
-    """The prunable linear sublayers of one decoder block, by their name inside the block.
-    Raises UsageError if the block does not have the linears its architecture entry names."""
-    out = {}
-    for name in get_arch(model).linears:
-        try:
-            mod = block.get_submodule(name)
-        except AttributeError:
-            mod = None
-        if not isinstance(mod, nn.Linear):
-            raise UsageError(f"decoder block has no linear {name!r} (model_type {model.config.model_type!r})")
-        out[name] = mod
-    return out
-
-
-def context_length(model: nn.Module) -> int:
-    """The longest sequence the model was trained for, from its config (never used as a default seqlen)."""
-    cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
-
-
-# --------------------------------------------------------------------------- resolving and loading
-
-
 def cache_dir() -> Path:
+    """Where converted GGUF models are cached: $SPARSELLM_CACHE, else ~/.cache/sparsellm."""
     return Path(os.environ.get("SPARSELLM_CACHE", Path.home() / ".cache" / "sparsellm"))
 
 
@@ -201,14 +143,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"could not load the config of {spec!r} (no such model, an unknown model type, "
                          f"or the hub is unreachable): {_one_line(e)}") from None
-    if config.model_type not in ARCHITECTURES:
-        raise UsageError(
-            f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+    check_supported(config.model_type)
     try:
-        if path is not None and (Path(path) / "structure.json").is_file():  # per-block widths (structured pruning)
-            from .structured.io import load_structured
-
+        if path is not None and (Path(path) / STRUCTURE).is_file():  # per-block widths (structured pruning)
             model = load_structured(path, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -224,3 +161,60 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     if len(tok) > rows:
         raise UsageError(f"tokenizer of {spec!r} has {len(tok)} tokens but the model embeds only {rows}")
     return model, tok, path
+
+
+def load_structured(path, dtype=torch.float32):
+    """Build the model saved by `sparsellm.structured.io.write_structured` at `path` (see the module doc).
+    Raises UsageError for a malformed directory or a family without structured support."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    try:
+        info = json.loads((path / STRUCTURE).read_text())
+        blocks = info["blocks"]
+        config = AutoConfig.from_pretrained(path)
+        files = sorted(path.glob("*.safetensors"))
+        keys = set()
+        for f in files:
+            with safe_open(str(f), "pt") as fh:
+                keys |= set(fh.keys())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is not a readable structured model: {e}") from None
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = struct_spec(model)
+    layers = get_blocks(model)
+    if len(blocks) != len(layers):
+        raise UsageError(f"{path}/{STRUCTURE} lists {len(blocks)} blocks, the config has {len(layers)}")
+    prefix = {id(b): n for n, b in model.named_modules()}
+    hidden = model.config.hidden_size
+    hd0 = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for block, b in zip(layers, blocks):
+        q, kv, hd, inter = b["num_attention_heads"], b["num_key_value_heads"], b["head_dim"], b["intermediate_size"]
+        if hd != hd0 or not (isinstance(q, int) and isinstance(kv, int) and kv >= 1 and q >= kv and q % kv == 0):
+            raise UsageError(f"{path}/{STRUCTURE}: block widths are inconsistent (heads {q}, KV heads {kv}, "
+                             f"head_dim {hd}; the model's head_dim is {hd0})")
+        shapes = {spec.q: (hidden, q * hd), spec.k: (hidden, kv * hd), spec.v: (hidden, kv * hd),
+                  spec.o: (q * hd, hidden), spec.down: (inter, hidden), **{n: (hidden, inter) for n in spec.up}}
+        for name, (fan_in, fan_out) in shapes.items():
+            has_bias = f"{prefix[id(block)]}.{name}.bias" in keys
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent), attr, nn.Linear(fan_in, fan_out, bias=has_bias, dtype=dtype))
+        attn = block.get_submodule(spec.attn)
+        attn.head_dim = hd
+        attn.num_key_value_groups = q // kv
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise UsageError(f"{path}: weights do not match {STRUCTURE}: {str(e).splitlines()[-1].strip()}") from None
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise UsageError(f"{path}: weights do not match {STRUCTURE} (missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return model.eval()

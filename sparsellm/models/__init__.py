@@ -1,0 +1,18 @@
+"""Model families and model loading.
+
+`arch`: the architecture table (`ARCHITECTURES`: where each family keeps its decoder blocks, the role of
+every linear, its attention layout, and whether structured pruning and ONNX export support it) and its
+accessors. `load`: presets, resolving `--model`, loading (GGUF conversion, structurally pruned directories).
+Everything is re-exported here, so `from sparsellm.models import X` works for both.
+"""
+
+from __future__ import annotations
+
+from .arch import (ARCHITECTURES, ROLES, Arch, Attention, Spec, block_linears, check_supported, context_length,
+                   families, get_arch, get_blocks, struct_spec)
+from .load import (DEFAULT_MODEL, PRESETS, STRUCTURE, _gguf_to_hf_dir, cache_dir, load_model, load_structured,
+                   preset_gguf, resolve_model)
+
+__all__ = ["ARCHITECTURES", "ROLES", "Arch", "Attention", "Spec", "block_linears", "check_supported",
+           "context_length", "families", "get_arch", "get_blocks", "struct_spec", "DEFAULT_MODEL", "PRESETS",
+           "STRUCTURE", "cache_dir", "load_model", "load_structured", "preset_gguf", "resolve_model"]
