@@ -28,7 +28,8 @@ def run(args, backend: str, work: Path) -> dict:
     cmd = [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "search", "--model", args.model, "--backend", backend,
            "--target_rate", str(args.rate), "--max_rate", str(args.max_rate), "--metric", args.metric,
            "--population", str(args.population), "--generations", str(args.generations),
-           "--crossover", str(args.children), "--mutation", str(args.children), "--llm_retries", str(args.llm_retries),
+           "--crossover", str(args.children), "--mutation", str(args.children),
+           *(["--llm_retries", str(args.llm_retries)] if backend in ("llm", "openai", "local") else []),  # theirs only
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--fitness_windows", str(args.fitness_windows),
            "--fitness_seqlen", str(args.fitness_seqlen), "--final_k", "1", "--eval", "wikitext2", "--eval_seqlen", "2048",
            "--max_windows", str(args.eval_windows), "--bench", "--out", str(out)]

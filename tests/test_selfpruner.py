@@ -1,7 +1,8 @@
-"""Self-Pruner's search (issue 6): repair always yields feasible vectors, the loop finds a known optimum,
-resume continues exactly, the LLM operators validate replies and fall back to the GA (counted, logged),
-the openai backend speaks the protocol to a loopback stub and names an unreachable URL, and
-`sparsellm search` runs end to end and rejects bad input."""
+"""Self-Pruner (`sparsellm.selfpruner`, issue 6): repair always yields feasible vectors, the loop finds a
+known optimum, resume continues exactly, the LLM operators validate replies and fall back to the GA
+(counted, logged), the openai backend speaks the protocol to a loopback stub and names an unreachable URL,
+the backends are registered with their own configs (another backend's setting is refused, `--backend llm`
+resolves), and `sparsellm search` runs end to end and rejects bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from sparsellm.cli import main
 from sparsellm.errors import UsageError
-from sparsellm.search import GAOperators, LLMOperators, SearchConfig, feasible, openai_chat, repair, run_search
+from sparsellm.selfpruner import GAOperators, LLMOperators, SearchConfig, evolve, feasible, openai_chat, repair
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -58,7 +59,7 @@ def test_ga_search_approaches_a_known_optimum_and_caches():
     opt = [0.1, 0.2, 0.3, 0.4, 0.5]  # mean 0.3: feasible
     f, calls = _quadratic(opt)
     cfg = SearchConfig(target_rate=0.3, max_rate=0.8, population=8, generations=15, crossover=4, mutation=4, seed=1)
-    state = run_search(f, 5, cfg, GAOperators())
+    state = evolve(f, 5, cfg, GAOperators())
     best = state["population"][0]
     assert feasible(best["rates"], 0.3, 0.8)
     assert best["fitness"] < 0.2 * state["history"][0]["best"]  # far better than the best initial vector
@@ -103,7 +104,7 @@ def test_resume_continues_exactly(tmp_path, backend):
         return GAOperators() if backend == "ga" else LLMOperators(_scripted_chat(bad_every=4), "a model", None, 1)
 
     f, _ = _quadratic(opt)
-    full = run_search(f, 4, cfg, ops(), tmp_path / "a.json")
+    full = evolve(f, 4, cfg, ops(), tmp_path / "a.json")
     n = [0]
 
     def dying(rates):
@@ -113,12 +114,12 @@ def test_resume_continues_exactly(tmp_path, backend):
         return f(rates)
 
     with pytest.raises(_Interrupt):
-        run_search(dying, 4, cfg, ops(), tmp_path / "b.json")
+        evolve(dying, 4, cfg, ops(), tmp_path / "b.json")
     stopped = json.loads((tmp_path / "b.json").read_text())
     assert 0 <= stopped["generation"] < 5
     with pytest.raises(UsageError, match=r"other settings \(mutation\)"):
-        run_search(f, 4, SearchConfig(**{**vars(cfg), "mutation": 2}), ops(), tmp_path / "b.json", resume=True)
-    resumed = run_search(f, 4, cfg, ops(), tmp_path / "b.json", resume=True)
+        evolve(f, 4, SearchConfig(**{**vars(cfg), "mutation": 2}), ops(), tmp_path / "b.json", resume=True)
+    resumed = evolve(f, 4, cfg, ops(), tmp_path / "b.json", resume=True)
     assert resumed["population"] == full["population"]
     assert [h["best"] for h in resumed["history"]] == [h["best"] for h in full["history"]]
     assert resumed["operators"] == full["operators"]
@@ -129,7 +130,7 @@ def test_llm_operators_validate_fall_back_count_and_log(tmp_path):
     ops = LLMOperators(_scripted_chat(prompts, bad_every=2), "The model is tiny.", tmp_path / "log.jsonl", retries=0)
     f, _ = _quadratic([0.3] * 6)
     cfg = SearchConfig(target_rate=0.3, max_rate=0.8, population=5, generations=3, crossover=2, mutation=2)
-    state = run_search(f, 6, cfg, ops)
+    state = evolve(f, 6, cfg, ops)
     st = ops.stats()
     assert st["calls"] == 1 + 3 * 3 and st["invalid_replies"] == sum(st["fallbacks"].values()) >= 1
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -143,7 +144,7 @@ def test_llm_operators_validate_fall_back_count_and_log(tmp_path):
         return "no json here"
 
     ops = LLMOperators(never, "m", None, retries=1)
-    run_search(f, 6, cfg, ops)  # a reply that never parses: GA fallback, no crash
+    evolve(f, 6, cfg, ops)  # a reply that never parses: GA fallback, no crash
     assert ops.stats()["fallbacks"] == {"init": 1, "select": 3, "crossover": 3, "mutation": 3}
     assert ops.stats()["calls"] == 2 * 10
 
@@ -192,7 +193,7 @@ def test_openai_backend_against_a_loopback_stub(stub_url, tmp_path, monkeypatch)
     ops = LLMOperators(chat, "m", tmp_path / "log.jsonl", retries=0)
     f, _ = _quadratic([0.2] * 4)
     cfg = SearchConfig(target_rate=0.2, max_rate=0.6, population=4, generations=2, crossover=2, mutation=2)
-    run_search(f, 4, cfg, ops, tmp_path / "state.json")
+    evolve(f, 4, cfg, ops, tmp_path / "state.json")
     assert ops.stats()["invalid_replies"] == 0 and ops.stats()["calls"] == 1 + 2 * 3
     path, body = _Stub.requests[0]
     assert path == "/v1/chat/completions" and body["model"] == "stub-model" and body["temperature"] == 0.5
@@ -201,10 +202,10 @@ def test_openai_backend_against_a_loopback_stub(stub_url, tmp_path, monkeypatch)
     _Stub.requests, _Stub.die_after = [], 4  # init + generation 1 (3 calls), then nothing
     cfg2 = SearchConfig(**{**vars(cfg), "generations": 3})
     with pytest.raises(UsageError, match=re.escape(url)):
-        run_search(f, 4, cfg2, LLMOperators(chat, "m", None, 0), tmp_path / "s2.json")
+        evolve(f, 4, cfg2, LLMOperators(chat, "m", None, 0), tmp_path / "s2.json")
     assert json.loads((tmp_path / "s2.json").read_text())["generation"] == 1
     _Stub.die_after = None
-    state = run_search(f, 4, cfg2, LLMOperators(chat, "m", None, 0), tmp_path / "s2.json", resume=True)
+    state = evolve(f, 4, cfg2, LLMOperators(chat, "m", None, 0), tmp_path / "s2.json", resume=True)
     assert state["generation"] == 3
 
 
@@ -234,14 +235,20 @@ def test_cli_search_end_to_end(tmp_path, saved_model_dir):
     model, _, _ = load_model(str(out))
     assert sum(p.numel() for p in model.parameters()) <= rep["params_pruned"] + model.lm_head.weight.numel()
     assert not (tmp_path / "s.search").exists()
+    config = json.loads((out / "report.json").read_text())["config"]  # the flat settings, the chosen backend's only
+    assert config["backend"] == "ga" and config["nsamples"] == 2 and config["fitness_seqlen"] == 32
+    assert "llm_temperature" not in config and "quiet" not in config
     assert _search(saved_model_dir, tmp_path / "u", "--backend", "uniform") == 0
     assert json.loads((tmp_path / "u" / "report.json").read_text())["search"]["best_rates"] == pytest.approx([0.3, 0.3])
 
 
 @pytest.mark.parametrize("extra,match", [
     (["--target_rate", "1.0"], "target_rate"), (["--max_rate", "0.2"], "max_rate"), (["--population", "1"], "population"),
-    (["--backend", "openai"], "llm_base_url"), (["--resume"], "no search state"), (["--llm_retries", "-1"], "llm_retries"),
-    (["--eval_seqlen", "0"], "eval_seqlen"), (["--llm_temperature", "nan"], "llm_temperature"),
+    (["--backend", "openai"], "llm_base_url"), (["--resume"], "no search state"),
+    (["--backend", "local", "--llm_retries", "-1"], "--llm_retries must be >= 0"),
+    (["--eval_seqlen", "0"], "eval_seqlen"),
+    (["--backend", "local", "--llm_temperature", "nan"], "--llm_temperature must be a finite number"),
+    (["--fitness_seqlen", "1"], "--fitness_seqlen must be >= 2"), (["--resume", "--backend", "uniform"], "uniform"),
 ])
 def test_cli_search_bad_input(tmp_path, saved_model_dir, capsys, extra, match):
     assert _search(saved_model_dir, tmp_path / "s", *extra) == 2
@@ -254,3 +261,102 @@ def test_cli_search_unreachable_endpoint(tmp_path, saved_model_dir, capsys):
                    "--llm_model", "x") == 2
     assert url in capsys.readouterr().err and not (tmp_path / "s").exists()
     assert not (tmp_path / "s.search").exists()  # it failed before any generation: nothing to resume
+
+
+# ------------------------------------------------------------------------- backends and their configs
+
+
+def test_each_backend_is_registered_with_its_own_config():
+    import dataclasses
+
+    from sparsellm import registry
+    from sparsellm.selfpruner import LLMConfig, LocalConfig, OpenAIConfig
+    from sparsellm.selfpruner.backends import flat_defaults
+
+    assert registry.names("search_backend") == ["ga", "openai", "local", "uniform"]
+    configs = {n: registry.get("search_backend", n).config for n in registry.names("search_backend")}
+    assert configs == {"ga": registry.NoConfig, "openai": OpenAIConfig, "local": LocalConfig,
+                       "uniform": registry.NoConfig}
+    assert flat_defaults(OpenAIConfig) == {"llm_base_url": None, "llm_model": None, "llm_api_key_env": "OPENAI_API_KEY",
+                                           "llm_temperature": 0.7, "llm_retries": 2}
+    assert flat_defaults(LocalConfig) == {"local_model": "smollm2-135m", "llm_temperature": 0.7, "llm_retries": 2}
+    # the shared sampling settings are declared once, in LLMConfig, which both LLM backends compose
+    for cls in (OpenAIConfig, LocalConfig):
+        assert {f.name for f in dataclasses.fields(cls)} & {"llm_temperature", "llm_retries"} == set()
+        assert cls().llm == LLMConfig()
+    ops = registry.get("search_backend", "ga").fn(registry.NoConfig(), describe="m")
+    assert isinstance(ops, GAOperators)
+    assert registry.get("search_backend", "uniform").fn(registry.NoConfig(), describe="m") is None
+
+
+@pytest.mark.parametrize("backend,flags,message", [
+    ("ga", {"llm_model": "x"}, "--llm_model applies only to --backend openai"),
+    ("uniform", {"llm_temperature": 0.5}, "--llm_temperature applies only to --backend openai or local"),
+    ("openai", {"llm_base_url": "u", "llm_model": "m", "local_model": "other"},
+     "--local_model applies only to --backend local"),
+    ("local", {"llm_base_url": None, "llm_api_key_env": "K", "llm_model": "m"},
+     "--llm_api_key_env, --llm_model apply only to --backend openai"),
+])
+def test_a_setting_of_an_unchosen_backend_is_refused(backend, flags, message):
+    from sparsellm.selfpruner.backends import backend_config
+
+    with pytest.raises(UsageError) as e:
+        backend_config(backend, flags)
+    assert type(e.value) is UsageError and str(e.value) == message
+    # at its default the same setting is no error (the command line passes every backend's flags)
+    assert backend_config("ga", {"llm_retries": 2, "local_model": "smollm2-135m", "llm_base_url": None})
+
+
+def test_cli_unchosen_backend_setting_is_one_line_exit_2(tmp_path, saved_model_dir, capsys):
+    from test_cli import _assert_one_line_error
+
+    capsys.readouterr()
+    code = _search(saved_model_dir, tmp_path / "s", "--backend", "ga", "--llm_retries", "0")
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err, allow_progress_bars=False)
+    assert code == 2 and err.strip() == "sparsellm: error: --llm_retries applies only to --backend openai or local"
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.search").exists()
+
+
+def test_cli_search_help_shows_the_groups(capsys):
+    assert main(["search", "--help"]) == 0
+    text = capsys.readouterr().out
+    titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == ["options", "model", "calibration", "search", "backend", "fitness", "evaluation", "output"]
+    sections = dict(zip(titles, re.split(r"^\w[\w ]*:$", text, flags=re.M)[1:]))
+    expected = {"calibration": ["--nsamples", "--seqlen", "--calib_dataset", "--seed"],
+                "search": ["--target_rate", "--max_rate", "--population", "--generations", "--crossover",
+                           "--mutation", "--metric", "--gqa"],
+                "backend": ["--backend", "--llm_base_url", "--llm_model", "--llm_api_key_env", "--llm_temperature",
+                            "--llm_retries", "--local_model"],
+                "fitness": ["--fitness_windows", "--fitness_seqlen", "--final_k"],
+                "evaluation": ["--eval", "--eval_seqlen", "--max_windows", "--tasks", "--bench"],
+                "output": ["--out", "--overwrite", "--resume", "--keep_state"]}
+    for group, flags in expected.items():
+        for flag in flags:
+            assert re.search(rf"^  {flag}\b", sections[group], re.M), (group, flag)
+            assert len(re.findall(rf"^  {flag}\b", text, re.M)) == 1, flag  # declared once, in one group
+    assert "(default: 32)" in sections["calibration"] and "(default: 512)" in sections["calibration"]
+
+
+@pytest.mark.parametrize("extra,backend", [([], "local"), (["--llm_base_url", "http://h/v1", "--llm_model", "m"],
+                                                            "openai"), (["--llm_model", "m"], "local")])
+def test_backend_llm_resolves_to_openai_with_a_url_else_local(extra, backend, tmp_path):
+    from sparsellm.cli import build_parser
+    from sparsellm.cli.search import search_run
+    from sparsellm.runs.search import SearchRun
+    from sparsellm.selfpruner import LocalConfig, OpenAIConfig
+
+    args = build_parser().parse_args(["search", "--backend", "llm", "--out", str(tmp_path / "o"), *extra])
+    if extra == ["--llm_model", "m"]:  # local, then --llm_model is another backend's setting
+        with pytest.raises(UsageError, match="--llm_model applies only to --backend openai"):
+            search_run(args)
+        return
+    cfg = search_run(args)
+    assert cfg.backend == backend
+    assert type(cfg.backend_config) is {"local": LocalConfig, "openai": OpenAIConfig}[backend]
+    assert cfg.validate().to_dict()["backend"] == backend
+    # the library resolves the alias the same way, from the config it is given
+    run = SearchRun(backend="llm", backend_config=OpenAIConfig("http://h/v1", "m"))
+    run.output.out = str(tmp_path / "o")
+    assert run.validate().backend == "openai"

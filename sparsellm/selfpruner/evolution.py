@@ -9,8 +9,8 @@ algorithms.md §9.2), with explicit constraints, a fitness cache, elitist surviv
         P = best N of P ∪ children                       (elitist; duplicates dropped)
         write the state (JSON) so that `resume` continues exactly here
 
-The operators come from a backend (`ga.GAOperators`, or `llm.LLMOperators` with its GA fallback). Fitness
-is a perplexity (lower is better) on held-out text.
+The operators come from a registered search backend (`backends.py`: `ga.GAOperators`, or
+`llm.LLMOperators` with its GA fallback). Fitness is a perplexity (lower is better) on held-out text.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import setting
 from ..errors import UsageError
 
 log = logging.getLogger("sparsellm")
@@ -30,17 +31,18 @@ log = logging.getLogger("sparsellm")
 
 @dataclass
 class SearchConfig:
-    """target_rate: the mean structured rate; max_rate: per-block upper bound (lower bound 0).
-    population N, generations G, crossover / mutation: children per generation from each operator.
-    decimals: rate vectors equal after rounding to this many decimals share one fitness evaluation."""
+    """The evolution's settings: target_rate, the mean structured rate; max_rate, the per-block upper
+    bound (lower bound 0); population N; generations G; crossover / mutation: children per generation
+    from each operator; seed of the search's RNG. decimals (no flag): rate vectors equal after rounding
+    to this many decimals share one fitness evaluation."""
 
-    target_rate: float
-    max_rate: float = 0.8
-    population: int = 30
-    generations: int = 20
-    crossover: int = 10
-    mutation: int = 10
-    seed: int = 0
+    target_rate: float = setting(0.3, "mean structured rate over the blocks, in [0, 1)")
+    max_rate: float = setting(0.8, "largest rate of one block")
+    population: int = setting(30, "population size N")
+    generations: int = setting(20, "generations G (0: the initial population only)")
+    crossover: int = setting(10, "children from crossover per generation")
+    mutation: int = setting(10, "children from mutation per generation")
+    seed: int = setting(0, "seed of the calibration windows and of the search")
     decimals: int = 3
 
     def validate(self) -> "SearchConfig":
@@ -129,7 +131,7 @@ def write_state(path: Path, state: dict) -> None:
     write_json_atomic(path, state)
 
 
-def run_search(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, resume: bool = False,
+def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, resume: bool = False,
                settings: dict | None = None) -> dict:
     """Evolve rate vectors of length `n_blocks`; `fitness(rates) -> float` (lower is better). `ops` has
     init(n, ctx), select(pop, n, ctx), crossover(pairs, ctx), mutate(parents, ctx) returning rate vectors

@@ -1,0 +1,228 @@
+"""`run_search`: one whole Self-Pruner run (what `sparsellm search` does; Huang et al., 2025), config in,
+run record out.
+
+    load the model ─► calibration windows ─► importance of heads and channels ─► evolutionary search of
+        layer-wise rates (the backend's operators, fitness on held-out C4) ─► the best k re-scored with the
+        evaluation ─► [speed against dense] ─► the structured model directory with its reports
+
+The search state lives in `OUT.search/` (state.json after every generation, llm_log.jsonl), so an
+interrupted search continues with `resume`; it is copied into OUT (search_state.json, llm_log.jsonl) and
+removed at the end unless `keep_state`. Everything is validated before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Calibration, Evaluation, ModelSource, Output, setting
+from ..errors import UsageError
+from ..registry import get, names
+from ..selfpruner import Fitness, SearchConfig, Structure
+from ..selfpruner.backends import ALIAS, all_settings, flat, resolve_alias
+from .record import Run, evaluate
+from .rundir import RunDir
+
+log = logging.getLogger("sparsellm")
+
+BACKEND_HELP = ("search operators: ga (classical), openai (any OpenAI-compatible endpoint), local (a chat model "
+                "in-process), llm (openai when --llm_base_url is given, else local), uniform (no search: the target "
+                "rate everywhere)")
+
+
+@dataclass
+class SearchRun:
+    """A Self-Pruner run: the model (`source`), the evolution (`search`), what a rate removes
+    (`structure`), the fitness, the importance's calibration windows (32 × 512 tokens unless set), the
+    search backend ("ga", "openai", "local", "uniform"; "llm" is resolved by `validate`) with its own
+    config (None: its defaults), the final evaluation, and the output directory `output.out` (with
+    `output.overwrite`). `resume` continues an interrupted search from OUT.search/, `keep_state` keeps that
+    directory after success, `bench` measures prefill / decode speed against the dense model at the end."""
+
+    source: ModelSource = field(default_factory=ModelSource)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    structure: Structure = field(default_factory=Structure)
+    fitness: Fitness = field(default_factory=Fitness)
+    calibration: Calibration = field(default_factory=lambda: Calibration(nsamples=32, seqlen=512))
+    backend: str = setting("ga", BACKEND_HELP, choices=(*names("search_backend"), ALIAS))
+    backend_config: object = None
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    output: Output = field(default_factory=Output)
+    resume: bool = setting(False, "continue an interrupted search from OUT.search/")
+    keep_state: bool = setting(False, "keep OUT.search/ after a successful run")
+    bench: bool = setting(False, "measure prefill / decode speed against dense at the end")
+
+    def validate(self) -> "SearchRun":
+        """Every check that needs no model; resolves the "llm" alias and fills the backend's default
+        config. Raises UsageError."""
+        self.source.validate()
+        self.search.validate()
+        self.structure.validate()
+        self.fitness.validate()
+        self.calibration.validate()
+        self.backend = resolve_alias(self.backend, getattr(self.backend_config, "llm_base_url", None))
+        method = get("search_backend", self.backend)
+        if self.backend_config is None:
+            self.backend_config = method.config()
+        if not isinstance(self.backend_config, method.config):
+            raise UsageError(f"a {type(self.backend_config).__name__} is not the config of --backend {self.backend} "
+                             f"({method.config.__name__})")
+        self.backend_config.validate()
+        if not self.output.out:
+            raise UsageError("search writes a model directory: give --out")
+        if self.output.save is not None:
+            raise UsageError("search writes its reports into --out; --save is not supported")
+        if self.resume and self.output.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other")
+        if self.resume and self.backend == "uniform":
+            raise UsageError("--resume continues a search; --backend uniform does not search")
+        if self.evaluation.eval_dense:
+            raise UsageError("search does not evaluate the dense model (--eval_dense)")
+        self.evaluation.validate()
+        self.calibration.validate(check_file=True)
+        return self
+
+    def inputs(self, src) -> list:
+        """The paths the run reads: the model's directory or file, and a calibration file."""
+        c = self.calibration.calib_dataset
+        return [src, Path(c) if c != "c4" else None]
+
+    def to_dict(self) -> dict:
+        """Flat settings, as the command line's flags name them (what report.json records as `config`).
+        Only the chosen backend's settings are listed; `calib_seed` only when it differs from the seed."""
+        asdict = dataclasses.asdict
+        calib = asdict(self.calibration)
+        out = {**asdict(self.source), **asdict(self.search), **asdict(self.structure), **asdict(self.fitness),
+               **{k: v for k, v in calib.items() if k != "seed"}, "backend": self.backend}
+        if calib["seed"] != self.search.seed:
+            out["calib_seed"] = calib["seed"]
+        out.update(flat(self.backend_config) if dataclasses.is_dataclass(self.backend_config) else {})
+        out.update({k: v for k, v in asdict(self.evaluation).items() if k != "eval_dense"})
+        out.update(out=self.output.out, overwrite=self.output.overwrite, resume=self.resume,
+                   keep_state=self.keep_state, bench=self.bench)
+        return out
+
+
+def _state_dir(cfg: SearchRun, out: RunDir, inputs: list) -> Path:
+    """OUT.search/, checked: an interrupted search there needs `resume` (or `overwrite`); `resume` needs one."""
+    state_dir = RunDir.prepare(f"{out.path}.search", inputs, overwrite=True).path
+    has_state = (state_dir / "state.json").is_file()
+    if has_state and not (cfg.resume or cfg.output.overwrite):
+        raise UsageError(f"an interrupted search is at {state_dir}: add --resume to continue it, or --overwrite "
+                         "to start again")
+    if cfg.resume and not has_state:
+        raise UsageError(f"--resume: no search state at {state_dir}")
+    return state_dir
+
+
+def _state_settings(cfg: SearchRun, model_path: str, seqlen: int, digest: str | None) -> dict:
+    """What a resumed search must share with the interrupted one besides the evolution's settings (the same
+    list as before the backends had configs: the unchosen backends' settings at their defaults)."""
+    c = cfg.calibration
+    llm = {**{k: d for k, (d, _) in all_settings().items()}, **flat(cfg.backend_config)}
+    return {"model": model_path, "backend": cfg.backend, "dtype": cfg.source.dtype,
+            "calibration": [c.calib_dataset, c.nsamples, seqlen, c.seed, digest],
+            "llm": [llm[k] for k in ("llm_base_url", "llm_model", "local_model", "llm_temperature", "llm_retries")]}
+
+
+def run_search(cfg: SearchRun, progress: bool = True) -> Run:
+    """Run `cfg` and return its record; the structured model, structure.json, the tokenizer, report.json,
+    report.md, fitness.png, rates.png, search_state.json and llm_log.jsonl are written into `cfg.output.out`.
+    Raises UsageError for bad input, before anything is written."""
+    from ..data import calibration_windows
+    from ..models import context_length, load_model, resolve_model
+    from ..selfpruner.driver import describe, self_prune
+    from ..structured import struct_spec
+
+    cfg.validate()
+    ev, c = cfg.evaluation, cfg.calibration
+    evals, tasks = ev.names(), ev.zeroshot_tasks()
+    _, src = resolve_model(cfg.source.model)
+    inputs = cfg.inputs(src)
+    out = RunDir.prepare(cfg.output.out, inputs, cfg.output.overwrite)
+    state_dir = _state_dir(cfg, out, inputs)
+    model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    out.check_input(model_dir)
+    struct_spec(model)
+    if cfg.output.overwrite and state_dir.exists():
+        shutil.rmtree(state_dir)
+    ops = get("search_backend", cfg.backend).fn(cfg.backend_config, describe=describe(model, cfg.source.model),
+                                               log_path=state_dir / "llm_log.jsonl")
+    seqlen = min(c.seqlen, context_length(model))
+    calib = None if cfg.structure.metric == "magnitude-sp" else calibration_windows(tok, c.calib_dataset, c.nsamples,
+                                                                                    seqlen, c.seed)
+    digest = None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+    eval_seqlen = min(ev.eval_seqlen, context_length(model))
+    ppl_names = [n for n in evals if n != "zeroshot"]
+    final_eval = (lambda m: evaluate(m, tok, ev, eval_seqlen, False, names=ppl_names)) if ppl_names else None
+    local = model_dir or src
+    model_path = str(local) if local else None
+    t0 = time.perf_counter()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        pruned, rep = self_prune(model, tok, cfg.search, ops, calib, cfg.structure, cfg.fitness,
+                                 state_dir / "state.json", cfg.resume, final_eval,
+                                 _state_settings(cfg, str(local or cfg.source.model), seqlen, digest), progress,
+                                 batch_size=c.batch_size)
+    except BaseException:
+        if not (state_dir / "state.json").is_file() and not (state_dir / "llm_log.jsonl").is_file():
+            shutil.rmtree(state_dir, ignore_errors=True)  # nothing to resume from
+        raise
+    details: dict = {"search": rep}
+    record = Run("search", cfg.source.model, model_path, cfg.to_dict(), details=details)
+    if calib is not None:
+        record.calibration = {"dataset": c.calib_dataset, "nsamples": int(calib.shape[0]),
+                              "seqlen": int(calib.shape[1]), "seed": c.seed,
+                              "tokens_sha256": digest, "used": True}
+    if evals:  # the best candidate's perplexities were just computed among the final k
+        rest = [n for n in evals if n == "zeroshot"]
+        record.metrics = {**(rep["final"][0].get("eval") or {}),
+                          **(evaluate(pruned, tok, ev, eval_seqlen, progress, tasks, names=rest) if rest else {})}
+    if cfg.bench:
+        from ..evaluate.speed import compare
+
+        details["speed"] = compare({"dense fp32": model, "model fp32": pruned}, (128, 512), (1,), repeats=3,
+                                   progress=progress)
+    details["seconds"] = time.perf_counter() - t0
+    record.timings = {"importance": rep["importance_seconds"], "search": rep["search_seconds"],
+                      "total": details["seconds"]}
+    record.finish()
+    _write(cfg, out, record, pruned, tok, state_dir)
+    if not cfg.keep_state:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    log.info("saved the pruned model to %s", out.path)
+    return record
+
+
+def _write(cfg: SearchRun, out: RunDir, record: Run, pruned, tok, state_dir: Path) -> None:
+    """The model directory: the structured model, structure.json and tokenizer, then report.json, report.md
+    (after the model, so they include the weights' size on disk), the figures and the search's state files."""
+    from .. import plots
+    from ..outputs import write_text_atomic
+    from ..report import search_markdown
+    from ..structured.io import write_structured
+
+    run = record.to_dict()
+    rep = run["search"]
+    s = cfg.search
+
+    def model_writer(d: Path):
+        write_structured(pruned, d, {"rates": rep["best_rates"], "metric": cfg.structure.metric,
+                                     "gqa": cfg.structure.gqa})
+        rep["weights_mib"] = sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20
+        tok.save_pretrained(d)
+
+    figures = {"rates.png": lambda p: plots.structured_rates(rep["best_rates"], s.target_rate, p)}
+    if rep["history"]:
+        figures["fitness.png"] = lambda p: plots.search_progress(rep["history"], p,
+                                                                 f"{cfg.backend} search, mean rate {s.target_rate:g}")
+    files = {"report.md": lambda p: write_text_atomic(p, search_markdown(run))}
+    for name, copy_as in (("state.json", "search_state.json"), ("llm_log.jsonl", "llm_log.jsonl")):
+        if (state_dir / name).is_file():
+            files[copy_as] = lambda p, f=state_dir / name: shutil.copy(f, p)
+    out.write(run, None, model_writer=model_writer, figures=figures, files=files)
