@@ -1,7 +1,7 @@
 """Structured pruning: importance of heads and MLP channels (`importance`), physically shrinking blocks
 with GQA respected (`shrink`), and saving models with per-block widths (`io`; loading them is
 `sparsellm.models.load_structured`). The entry point is `prune_structured(model, rates, importance, ...)`;
-Self-Pruner's search of the rates is in `sparsellm.search`. Supported families and projection roles come
+Self-Pruner's search of the rates is in `sparsellm.selfpruner`. Supported families and projection roles come
 from the architecture table in `sparsellm.models.arch`."""
 
 from __future__ import annotations
