@@ -119,3 +119,62 @@ def saved_model_dir(tmp_path, tokenizer):
     make_model("llama").save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+# ------------------------------------------------------------------ optional extras and markers
+
+
+def require(module: str):
+    """Import an optional extra (lm_eval, onnx, onnxruntime, psutil, ...) for a test module or test.
+    Outside CI a missing module skips, like `pytest.importorskip`; under CI (the environment variable CI
+    set to a non-empty value) it fails instead, so a broken CI environment cannot pass by skipping."""
+    if os.environ.get("CI"):
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            why = str(e)
+        pytest.fail(f"optional dependency {module!r} is missing under CI (CI={os.environ['CI']!r}): {why}; "
+                    f"install the extra that provides it", pytrace=False)
+    return pytest.importorskip(module)
+
+
+# Tests that took ~1 s or more in repeated `pytest --durations=40` runs on the 2-core dev machine (file::name,
+# or file::name[params] for one parametrization); marked `slow`, so `pytest -m "not slow"` skips them. Not
+# listed: a file's first test when its time is one-time imports (test_allocate's first ATP case).
+SLOW = {
+    "test_selfpruner.py::test_cli_search_end_to_end",
+    "test_selfpruner.py::test_cli_search_unreachable_endpoint",
+    "test_selfpruner.py::test_openai_backend_against_a_loopback_stub",
+    "test_zeroshot.py::test_oracle_with_the_raw_answer_key_scores_one",
+    "test_zeroshot.py::test_cli_prune_with_zeroshot_eval",
+    "test_layerwise.py::test_objective_also_evaluated_is_flagged",
+    "test_layerwise.py::test_cli_allocate_search_writes_rates_plots_and_model",
+    "test_layerwise.py::test_search_scores_every_beta_and_restores_the_model",
+    "test_report_speed.py::test_cli_bench_and_report",
+    "test_onnx_speed.py::test_models_with_different_kv_shapes_and_a_full_context_cache",
+    "test_onnx_speed.py::test_compare_reports_ratios_and_checks_against_pytorch",
+    "test_onnx_speed.py::test_runner_failure_keeps_the_pytorch_results",
+    "test_cli.py::test_happy_path_writes_complete_directory",
+    "test_cli.py::test_reports_dir_may_contain_the_model",
+    "test_layerwise.py::test_cli_search_counts_trials_on_the_models_depth",
+    "test_zeroshot.py::test_tiny_model_runs_every_task",
+    "test_zeroshot.py::test_bundled_task_loads_with_all_documents[boolq]",
+    "test_onnx_speed.py::test_a_wrong_graph_is_caught_by_the_logits_check",
+    "test_onnx_speed.py::test_exported_prefill_and_kv_decode_match_pytorch",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by place and name: `cli` for tests/test_cli.py and for tests named with a `cli` word
+    (test_cli_..., ..._cli_...; not "clipped"), `zeroshot` for tests/test_zeroshot.py, `slow` from SLOW."""
+    for item in items:
+        fname = item.path.name
+        words = (getattr(item, "originalname", None) or item.name).split("_")
+        if fname == "test_cli.py" or "cli" in words:
+            item.add_marker(pytest.mark.cli)
+        if fname == "test_zeroshot.py":
+            item.add_marker(pytest.mark.zeroshot)
+        if f"{fname}::{item.name}" in SLOW or f"{fname}::{getattr(item, 'originalname', item.name)}" in SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -10,9 +10,11 @@ import math
 
 import pytest
 
-pytest.importorskip("lm_eval")
+from conftest import make_model, require
 
-from conftest import make_model  # noqa: E402
+pytestmark = pytest.mark.zeroshot
+require("lm_eval")  # a skip outside CI, an error under CI
+
 from sparsellm.errors import UsageError  # noqa: E402
 from sparsellm.evaluate.zeroshot import DATA, PAPER_TASKS, check_tasks, task_config, zeroshot  # noqa: E402
 
