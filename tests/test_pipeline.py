@@ -1,4 +1,4 @@
-"""api.prune on whole tiny models (what must and must not change), save_pruned round trips through vanilla
+"""pipeline.prune on whole tiny models (what must and must not change), save_pruned round trips through vanilla
 transformers, the sidecar's contents, and atomicity of saving."""
 
 from __future__ import annotations
