@@ -197,6 +197,21 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
         X, Y = Y, X
 
 
+@torch.no_grad()
+def block_outputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int | None = None, progress: bool = True):
+    """Run the dense model block by block on calibration windows and yield (i, Y_i) for every block: Y_i
+    (nsamples, seqlen, hidden) are block i's outputs (the next block's inputs). LoSA's reference outputs.
+    Y_i is reused: consume (or copy) it before asking for the next block."""
+    X, kwargs = capture_inputs(model, input_ids)
+    batch_size = batch_size or auto_batch_size(X.shape[1])
+    Y = torch.empty_like(X)
+    for i, block in enumerate(tqdm(get_blocks(model), desc="dense outputs", unit="block", disable=not progress,
+                                   leave=False)):
+        run_block(block, X, kwargs[i], Y, batch_size)
+        yield i, Y
+        X, Y = Y, X
+
+
 def _gather_stats(block, linears: dict, need: str, forward) -> dict:
     """Run `forward()` with hooks that accumulate each linear's input statistics (fp32). Linears that read
     the very same tensor (q/k/v, gate/up) share one LayerStats, gathered once."""

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_model, sentences
-from sparsellm.adapt import add_masked_lora, merge, set_ranks, unmerge
-from sparsellm.adapt import losa
+from sparsellm.adapt import FinetuneConfig, add_masked_lora, finetune, merge, set_ranks, unmerge
+from sparsellm.adapt import driver
 from sparsellm.adapt.adapter_io import load_adapter, save_adapter
-from sparsellm.adapt.losa import FinetuneConfig, data_slices, finetune, normalised_error
+from sparsellm.adapt.losa import data_slices, normalised_error
 from sparsellm.adapt.masked_lora import MaskedLoraLinear, lora_layers, remove_adapters, unwrapped
 from sparsellm.adapt.schedule import cubic_schedule
 from sparsellm.adapt.train import text_examples
@@ -22,7 +22,7 @@ from sparsellm.pipeline import PruneConfig, prune
 from sparsellm.cli import main
 from sparsellm.engine import linear_sparsity
 from sparsellm.errors import UsageError
-from sparsellm.models import get_blocks
+from sparsellm.models import block_linears, get_blocks
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def cfg(corpus, **kw):
                 lora_dropout=0.0, r_max=8, rank_start=2, rank_end=6, lr=2e-2, ft_batch_size=2, grad_accum=1,
                 warmup_ratio=0.0, max_grad_norm=1.0, step_eval_windows=0)
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.from_flat(**base)
 
 
 def mean_loss(model, examples) -> float:
@@ -131,7 +131,7 @@ def test_losa_run_keeps_exact_sparsity_and_lowers_loss(family, tokenizer, corpus
 
 def _interrupt_second_step(monkeypatch):
     """Make LoSA's second fine-tuning step raise KeyboardInterrupt (as Ctrl-C would); returns the real train."""
-    real, calls = losa.train, []
+    real, calls = driver.train, []
 
     def interrupted(*args, **kw):
         calls.append(1)
@@ -139,7 +139,7 @@ def _interrupt_second_step(monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(losa, "train", interrupted)
+    monkeypatch.setattr(driver, "train", interrupted)
     return real
 
 
@@ -154,7 +154,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpus, monkeyp
     with pytest.raises(KeyboardInterrupt):
         finetune(b, tokenizer, cfg(corpus, **c), ex, checkpoint_dir=tmp_path / "b", model_id="m", progress=False)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 1
-    monkeypatch.setattr(losa, "train", real)
+    monkeypatch.setattr(driver, "train", real)
     b = make_model("llama", seed=5)  # the checkpoint, not the fresh model's init, decides the result
     with pytest.raises(UsageError, match="other settings.*lr"):
         finetune(make_model("llama"), tokenizer, cfg(corpus, lr=1e-3, **c), ex, checkpoint_dir=tmp_path / "b",
@@ -269,7 +269,7 @@ def test_cli_interrupt_then_resume(tmp_path, saved_model_dir, corpus, monkeypatc
     real = _interrupt_second_step(monkeypatch)
     assert _cli(saved_model_dir, corpus, out) == 130
     assert not out.exists() and (tmp_path / "ft.ckpt" / "state.json").is_file()
-    monkeypatch.setattr(losa, "train", real)
+    monkeypatch.setattr(driver, "train", real)
     assert _cli(saved_model_dir, corpus, out) == 2  # a checkpoint is there: neither lost nor silently reused
     assert _cli(saved_model_dir, corpus, out, "--lr", "1e-3", "--resume") == 2  # other settings
     assert _cli(saved_model_dir, corpus, out, "--resume") == 0
@@ -339,6 +339,6 @@ def test_nm_masked_lora_keeps_the_pattern(tokenizer, corpus):
                    ex, progress=False)
     assert rep["measured"]["sparsity"] == 0.5
     for block in get_blocks(model):
-        for lin in losa.block_linears(model, block).values():
+        for lin in block_linears(model, block).values():
             groups = (lin.weight != 0).reshape(lin.out_features, -1, 4).sum(-1)
             assert bool((groups <= 2).all())

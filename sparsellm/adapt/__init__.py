@@ -1,13 +1,20 @@
 """Sparsity-preserving adaptation (LoSA, Huang et al., ICLR 2025; algorithms.md §8): the masked LoRA linear,
 the cubic sparsity schedule, the reconstruction-error rank allocation, and the driver behind
-`sparsellm finetune` (LoSA and its baselines: none, lora, masked-lora)."""
+`sparsellm finetune` with its methods, registered under kind "finetune": none, lora, masked-lora
+(`baselines.py`) and losa (`losa.py`), each with its own config; the shared settings are `config.py`'s."""
 
 from .adapter_io import load_adapter, save_adapter
-from .losa import METHODS, FinetuneConfig, finetune
+from .config import FinetuneConfig, LoRAConfig, TrainingConfig
+from .driver import finetune, prune_like_report
 from .masked_lora import (MaskedLoraLinear, add_masked_lora, lora_layers, merge, remove_adapters, set_ranks, unmerge,
                           unwrapped)
 from .schedule import allocate_ranks, cubic_schedule
 
+from . import baselines  # noqa: E402, I001  (each import registers fine-tuning methods, in this order)
+from . import losa  # noqa: E402
+from .baselines import MaskedLoRAConfig  # noqa: E402
+from .losa import LoSAConfig  # noqa: E402
+
 __all__ = ["MaskedLoraLinear", "add_masked_lora", "lora_layers", "merge", "unmerge", "set_ranks", "unwrapped",
-           "remove_adapters", "allocate_ranks", "cubic_schedule", "FinetuneConfig", "finetune", "METHODS",
-           "save_adapter", "load_adapter"]
+           "remove_adapters", "allocate_ranks", "cubic_schedule", "FinetuneConfig", "LoRAConfig", "TrainingConfig",
+           "MaskedLoRAConfig", "LoSAConfig", "finetune", "prune_like_report", "save_adapter", "load_adapter"]

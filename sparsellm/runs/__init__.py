@@ -11,5 +11,8 @@ from .eval import EvalRun, run_eval
 from .prune import PruneRun, run_prune
 from .record import Run
 from .rundir import RunDir, save_pruned
+from .search import SearchRun, run_search  # Self-Pruner: search (runs/search.py)
+from .finetune import FinetuneRun, run_finetune  # LoSA and its baselines: finetune (runs/finetune.py)
 
-__all__ = ["Run", "RunDir", "save_pruned", "PruneRun", "run_prune", "EvalRun", "run_eval", "BenchRun", "run_bench"]
+__all__ = ["Run", "RunDir", "save_pruned", "PruneRun", "run_prune", "EvalRun", "run_eval", "BenchRun", "run_bench",
+           "SearchRun", "run_search", "FinetuneRun", "run_finetune"]
