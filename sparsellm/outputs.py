@@ -36,7 +36,7 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs: list[Path | None]
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+        raise UsageError(f"output directory {out} is not empty (pass --overwrite, or overwrite=True in Python, to replace it)")
     anc = out
     while not anc.exists():
         anc = anc.parent

@@ -180,7 +180,7 @@ def plot_reports(reports, out, labels=None, title: str = "") -> Path:
         pruned_nothing = False
         try:
             run = json.loads(p.read_text())
-            pruned_nothing = isinstance(run, dict) and "allocation" in run and "prune" not in run
+            pruned_nothing = isinstance(run, dict) and run.get("command") == "allocate" and "prune" not in run
             rep = run["prune"]
             blocks = rep["blocks"]
             if not isinstance(blocks, list) or not all(isinstance(b, dict) and isinstance(b.get("block"), int)

@@ -455,3 +455,21 @@ def test_search_line_keeps_fine_grid_betas_distinct():
     assert f"β = {betas[3]:.6f} chosen" in search_line(rep)
     rows = [r for r in search_table(rep).splitlines() if r.startswith("| 0.")]
     assert len({r.split(" |")[0] for r in rows}) == len(betas)
+
+
+def test_plot_errors_on_a_save_pruned_directory_says_what_it_is(tmp_path):
+    """save_pruned writes the bare prune report (allocation, blocks, no `prune` section): plot-errors must not
+    call it "a run that pruned nothing"."""
+    import json
+
+    from sparsellm.plots import plot_reports
+
+    d = tmp_path / "saved"
+    d.mkdir()
+    (d / "report.json").write_text(json.dumps({"method": "wanda", "allocation": {"name": "uniform", "rates": [0.5]},
+                                               "blocks": [{"block": 0, "rel_error": 0.1, "cum_error": 0.1}]}))
+    with pytest.raises(UsageError, match="is not a sparsellm prune report"):
+        plot_reports([str(d)], tmp_path / "e.png")
+    (d / "report.json").write_text(json.dumps({"command": "allocate", "allocation": {"name": "owl", "rates": [0.5]}}))
+    with pytest.raises(UsageError, match="pruned nothing"):
+        plot_reports([str(d)], tmp_path / "e.png")

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     group = ppl.add_argument_group("evaluation")
     group.add_argument("--dataset", dest="eval", default="wikitext2", help="comma-separated: wikitext2, c4")
     add_config(group, Evaluation(), skip=("eval", "eval_dense", *ZEROSHOT))
-    ppl.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval_seqlen")
+    group.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval_seqlen (here only: elsewhere "
+                       "--seqlen is the calibration window)")
     ppl.add_argument_group("output").add_argument("--save", default=None, help="directory to write report.json into")
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks")
     add_config(zs.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"})
