@@ -193,7 +193,7 @@ def plot_reports(reports, out, labels=None, title: str = "") -> Path:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             if pruned_nothing:
                 raise UsageError(f"{path} is a run that pruned nothing (allocate with --eval none and no "
-                                 "--save_model writes only the rates), so it has no per-block errors to plot") from None
+                                 "--out writes only the rates), so it has no per-block errors to plot") from None
             raise UsageError(f"{path} is not a sparsellm prune report (no prune.blocks)") from None
         if not any(b.get("rel_error") is not None or b.get("cum_error") is not None for b in blocks):
             raise UsageError(f"{path} has no reconstruction errors (magnitude without --diag_nsamples?)")

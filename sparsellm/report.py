@@ -306,7 +306,13 @@ def compare_runs(paths, out=None) -> str:
     from .errors import UsageError
     from .outputs import write_text_atomic
 
-    rows = [run_row(*load_run(path)) for path in paths]
+    rows = []
+    for path in paths:
+        run, directory = load_run(path)
+        try:
+            rows.append(run_row(run, directory))
+        except (AttributeError, TypeError, KeyError, ValueError):
+            raise UsageError(f"{path} is not a sparsellm run report (its sections are not the ones runs write)") from None
     table = runs_table(rows)
     if out is not None:
         out = Path(out)

@@ -81,3 +81,33 @@ def test_out_of_range_rate(capsys, env, sub):
                                                                   "{root}/e.png"]])
 def test_tools_over_runs_missing_input(capsys, env, argv):
     _check(capsys, env["root"], ["--quiet", *(a.format(root=env["root"]) for a in argv)])
+
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "--model", "{model}", "--calib_dataset", "{calib}", *SMALL, "--save_mod", "{out}"],  # no abbreviations
+    ["search", "--model", "{model}", "--calib_dataset", "{calib}", *SMALL, "--backend", "uniform", "--save", "{out}"],
+    ["finetune", "--model", "{model}", "--calib_dataset", "{calib}", *SMALL, "--method", "none", "--save", "{out}"],
+    ["prune", "--model", "{model}", "--calib_dataset", "{calib}", *SMALL, "--out", "{out}", "--save_model",
+     "{root}/other"],  # two spellings of one setting, two values
+    ["prune", "--model", "{model}", "--calib_dataset", "{calib}", *SMALL, "--seqlen", "16", "--calib_seqlen", "8",
+     "--out", "{out}"],
+    ["eval", "ppl", "--model", "{model}", "--seqlen", "64", "--eval_seqlen", "32", "--save", "{out}"],
+])
+def test_ambiguous_flags_are_refused(capsys, env, argv):
+    err = _check(capsys, env["root"], ["--quiet", *(a.format(**env) for a in argv)])
+    assert "same setting" in err or "unrecognized arguments" in err or "required" in err
+
+
+def test_two_spellings_with_one_value_are_fine():
+    from sparsellm.cli import build_parser
+
+    args = build_parser().parse_args(["prune", "--out", "x", "--save_model", "x", "--seqlen", "8", "--calib_seqlen", "8"])
+    assert (args.out, args.seqlen) == ("x", 8)
+
+
+def test_report_of_a_json_that_is_not_a_run(capsys, env):
+    import json
+
+    f = env["root"] / "bench.json"
+    f.write_text(json.dumps({"command": "python bench/x.py", "eval": "wikitext2_ppl@2048, 16 windows"}))
+    _check(capsys, env["root"], ["--quiet", "report", str(f)])

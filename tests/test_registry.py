@@ -104,7 +104,8 @@ def test_from_flat_splits_settings_and_round_trips():
     ({"allocation": "owl", "owl_lambda": 0.6}, "OWL λ = 0.6 is outside"),
     ({"allocation": "owl", "owl_m": 0.0}, "--owl_m must be > 0"),
     ({"allocation": "rmi", "rmi_delta": 0.6}, "RMI δ = 0.6"),
-    ({"allocation": "rmi", "rmi_nsamples": 0}, "--rmi_nsamples must be >= 1"),
+    ({"allocation": "rmi", "rmi_nsamples": 2}, "--rmi_nsamples must be >= 3"),
+    ({"allocation": "rmi", "rmi_beta": 0.0}, "RMI β must be a positive number"),
     ({"allocation": "atp", "atp_beta": -0.1}, "must be >= 0"),
     ({"allocation": "file:/no/such.json"}, "allocation file not found"),
     ({"nsamples": 0}, "--nsamples must be >= 1"),
@@ -136,3 +137,19 @@ def test_cli_defaults_come_from_the_configs():
                              if f.metadata.get("flag") != ""})
     for name, default in expected.items():
         assert args[name] == default, name
+
+
+def test_resolve_allocation_fills_the_defaults_of_an_unvalidated_config():
+    """The public example `resolve_allocation(model, PruneConfig(allocation="owl", sparsity_ratio=0.7), calib)`."""
+    import torch
+
+    from conftest import make_model
+    from sparsellm import resolve_allocation
+
+    model = make_model("llama", num_hidden_layers=3)
+    rates, info = resolve_allocation(model, PruneConfig(allocation="atp", sparsity_ratio=0.5), None)
+    assert rates == [0.5, 0.5, 0.5] and info["atp_beta"] == 0.0
+    rates, info = resolve_allocation(model, PruneConfig(allocation="owl", sparsity_ratio=0.7),
+                                     torch.randint(3, 100, (2, 16)), progress=False)
+    assert sum(rates) / 3 == pytest.approx(0.7) and all(0.62 - 1e-9 <= r <= 0.78 + 1e-9 for r in rates)
+    assert PruneConfig().validate().sparsity_ratio == 0.5

@@ -45,6 +45,7 @@ def resolve_allocation(model, config, calib_ids=None, progress: bool = True) -> 
     from ..models import block_linears, get_blocks
     from ..registry import get
 
+    config.validate()  # fills the chosen methods' default configs (idempotent)
     t0 = time.perf_counter()
     blocks = get_blocks(model)
     method = get("allocator", config.allocation_name)

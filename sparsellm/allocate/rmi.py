@@ -39,8 +39,10 @@ class RMIConfig:
                                             "for S <= 0.5/0.6/larger)")
 
     def validate(self, target: float) -> "RMIConfig":
-        if int(self.rmi_nsamples) < 1:
-            raise UsageError(f"--rmi_nsamples must be >= 1, got {self.rmi_nsamples}")
+        if int(self.rmi_nsamples) < 3:  # two centred Gram matrices of two samples are always proportional
+            raise UsageError(f"--rmi_nsamples must be >= 3 (RMI's CKA), got {self.rmi_nsamples}")
+        if self.rmi_beta is not None and not (self.rmi_beta > 0 and math.isfinite(self.rmi_beta)):
+            raise UsageError(f"RMI β must be a positive number; got {self.rmi_beta}")
         check_delta(target, self.rmi_delta)
         return self
 

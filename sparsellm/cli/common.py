@@ -24,11 +24,25 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--save` must never silently mean `--save_model`
         super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"sparsellm: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+class OneSpelling(argparse._StoreAction):
+    """A flag with several spellings (`--out` / `--save_model`): giving two of them with different values is
+    an error, not "the last one wins"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_spelled", {})
+        before = seen.get(self.dest)
+        if before is not None and before[0] != option_string and before[1] != values:
+            parser.error(f"{before[0]} and {option_string} are the same setting; give it once")
+        seen[self.dest] = (option_string, values)
+        setattr(namespace, self.dest, values)
 
 
 def _flag_type(hint):
@@ -37,10 +51,11 @@ def _flag_type(hint):
     return args[0] if args else hint
 
 
-def add_config(group, config, skip=(), required=(), helps: dict | None = None) -> list[str]:
+def add_config(group, config, skip=(), required=(), helps: dict | None = None, one_spelling=()) -> list[str]:
     """Add one flag per field of the dataclass instance `config` that was declared with `config.setting`
     (`--name` plus its aliases), with the instance's values as defaults. `skip`: fields left out;
-    `required`: fields that must be given; `helps`: {field: help} for this subcommand. Returns the names."""
+    `required`: fields that must be given; `helps`: {field: help} for this subcommand; `one_spelling`: fields
+    that get another spelling elsewhere (refused if both are given). Returns the names."""
     hints = typing.get_type_hints(type(config))
     added = []
     for f in dataclasses.fields(config):
@@ -54,6 +69,8 @@ def add_config(group, config, skip=(), required=(), helps: dict | None = None) -
             kw["action"] = "store_true"
         else:
             kw.update(type=typ, default=getattr(config, f.name))
+            if len(flags) > 1 or f.name in one_spelling:
+                kw["action"] = OneSpelling
             if meta.get("choices"):
                 kw["choices"] = list(meta["choices"])
             if meta.get("metavar"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Evaluation, ModelSource
-from .common import Parser, add_config, add_quiet, config_from
+from .common import OneSpelling, Parser, add_config, add_quiet, config_from
 
 ZEROSHOT = ("tasks", "limit", "zeroshot_batch_size", "hellaswag_file")
 
@@ -16,8 +16,8 @@ def add_parser(sub) -> None:
     add_config(ppl.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"})
     group = ppl.add_argument_group("evaluation")
     group.add_argument("--dataset", dest="eval", default="wikitext2", help="comma-separated: wikitext2, c4")
-    add_config(group, Evaluation(), skip=("eval", "eval_dense", *ZEROSHOT))
-    group.add_argument("--seqlen", dest="eval_seqlen", type=int, help="alias of --eval_seqlen (here only: elsewhere "
+    add_config(group, Evaluation(), skip=("eval", "eval_dense", *ZEROSHOT), one_spelling=("eval_seqlen",))
+    group.add_argument("--seqlen", dest="eval_seqlen", type=int, action=OneSpelling, help="alias of --eval_seqlen (here only: elsewhere "
                        "--seqlen is the calibration window)")
     ppl.add_argument_group("output").add_argument("--save", default=None, help="directory to write report.json into")
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks")
