@@ -111,3 +111,24 @@ def test_report_of_a_json_that_is_not_a_run(capsys, env):
     f = env["root"] / "bench.json"
     f.write_text(json.dumps({"command": "python bench/x.py", "eval": "wikitext2_ppl@2048, 16 windows"}))
     _check(capsys, env["root"], ["--quiet", "report", str(f)])
+
+
+def test_every_input_is_protected_from_the_output(capsys, env, saved_model_dir):
+    """The HellaSwag file and Self-Pruner's local chat model are inputs too: --out over them is refused."""
+    import shutil
+
+    hs = env["root"] / "hs"
+    hs.mkdir()
+    (hs / "hellaswag_val.jsonl").write_text('{"ctx_a": "a", "ctx_b": "b", "activity_label": "x", '
+                                            '"endings": ["c", "d"], "label": 0}\n')
+    err = _check(capsys, env["root"], ["--quiet", "prune", "--model", env["model"], "--calib_dataset", env["calib"],
+                                       "--nsamples", "2", "--seqlen", "16", "--eval", "zeroshot", "--tasks",
+                                       "hellaswag", "--hellaswag_file", str(hs / "hellaswag_val.jsonl"), "--limit",
+                                       "1", "--out", str(hs), "--overwrite"])
+    assert "overlaps the input" in err
+    chat = env["root"] / "chat"
+    shutil.copytree(saved_model_dir, chat)
+    err = _check(capsys, env["root"], ["--quiet", "search", "--model", env["model"], "--calib_dataset", env["calib"],
+                                       *SMALL, "--backend", "local", "--local_model", str(chat), "--out", str(chat),
+                                       "--overwrite"])
+    assert "overlaps the input" in err

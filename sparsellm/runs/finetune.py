@@ -95,9 +95,10 @@ class FinetuneRun:
             raise UsageError(f"{self.source.model} is a structured model with per-block widths; fine-tuning it is "
                              "not supported")
         c, data = self.finetune.calibration.calib_dataset, self.finetune.training.data
-        inputs = [src, *(Path(p) for p in {c, data} - {"c4"})]
+        inputs = [src, *(Path(p) for p in {c, data} - {"c4"}),
+                  Path(self.evaluation.hellaswag_file) if self.evaluation.hellaswag_file else None]
         configs = self.configs()
-        root = Path(self.output.out)
+        root = Path(self.output.out).expanduser()
         single = len(configs) == 1
         outs = {m: root if single else root / m for m in configs}
         ckpts = {m: Path(f"{outs[m]}.ckpt") for m in configs}

@@ -58,7 +58,8 @@ class PruneRun:
     def inputs(self) -> list:
         c = self.prune.calibration
         return [Path(c.calib_dataset) if c.calib_dataset != "c4" else None,
-                Path(self.prune.allocation[5:]) if self.prune.allocation.startswith("file:") else None]
+                Path(self.prune.allocation[5:]) if self.prune.allocation.startswith("file:") else None,
+                Path(self.evaluation.hellaswag_file) if self.evaluation.hellaswag_file else None]
 
 
 def _figures(run: dict) -> dict:

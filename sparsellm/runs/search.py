@@ -88,9 +88,14 @@ class SearchRun:
         return self
 
     def inputs(self, src) -> list:
-        """The paths the run reads: the model's directory or file, and a calibration file."""
+        """The paths the run reads: the model's directory or file, a calibration file, the local chat model
+        (backend local) and a HellaSwag file."""
+        from ..models import resolve_model
+
         c = self.calibration.calib_dataset
-        return [src, Path(c) if c != "c4" else None]
+        local = getattr(self.backend_config, "local_model", None) if self.backend == "local" else None
+        return [src, Path(c) if c != "c4" else None, resolve_model(local)[1] if local else None,
+                Path(self.evaluation.hellaswag_file) if self.evaluation.hellaswag_file else None]
 
     def to_dict(self) -> dict:
         """Flat settings, as the command line's flags name them (what report.json records as `config`).
