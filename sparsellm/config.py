@@ -32,6 +32,56 @@ def replace(config, **changes):
     return dataclasses.replace(config, **changes)
 
 
+def nested(f: dataclasses.Field):
+    """The config class of a field that holds a nested config (declared with default_factory=Class), else None."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def flat_names(cls) -> list[str]:
+    """The settings of config class `cls` and of the configs nested in it, by name."""
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = nested(f)
+        out += flat_names(sub) if sub else [f.name]
+    return out
+
+
+def flat_defaults(cls) -> dict:
+    """{setting name: default} of config class `cls`, nested configs flattened in (flag fields only)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if nested(f):
+            out.update(flat_defaults(nested(f)))
+        elif "help" in f.metadata:
+            out[f.name] = f.default
+    return out
+
+
+def build(cls, settings: dict):
+    """An instance of config class `cls` (and its nested configs) from the keys of `settings` that are its
+    fields; others are ignored."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+        sub = nested(f)
+        if sub:
+            kw[f.name] = build(sub, settings)
+        elif f.name in settings:
+            kw[f.name] = settings[f.name]
+    return cls(**kw)
+
+
+def flatten(config) -> dict:
+    """A config's settings and those of the configs nested in it, as one flat dict ({} for a non-config)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out.update(flatten(value) if nested(f) else {f.name: value})
+    return out
+
+
 def at_least(config, names: tuple[str, ...], least: int = 1) -> None:
     """UsageError unless every field in `names` that is not None is >= `least`."""
     for name in names:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .allocate import resolve_allocation
-from .config import Calibration, setting
+from .config import Calibration, flat_defaults, setting
 from .data import calibration_windows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
@@ -150,9 +150,9 @@ def _default_of(key: str):
 
     for kind in ("pruner", "allocator"):
         for name in names(kind):
-            for f in dataclasses.fields(get(kind, name).config):
-                if f.name == key:
-                    return f.default
+            defaults = flat_defaults(get(kind, name).config)
+            if key in defaults:
+                return defaults[key]
     return object()
 
 

@@ -80,10 +80,3 @@ def get(kind: str, name: str) -> Method:
                  "search_backend": "search backend"}[kind]
         raise UsageError(f"unknown {label} {name!r}; choose from {', '.join(methods)}")
     return methods[name]
-
-
-def config_for(kind: str, name: str, settings: dict | None = None):
-    """Method `name`'s config built from the keys of `settings` that are its fields (others are ignored)."""
-    method = get(kind, name)
-    own = set(method.field_names())
-    return method.config(**{k: v for k, v in (settings or {}).items() if k in own})

@@ -271,7 +271,7 @@ def test_each_backend_is_registered_with_its_own_config():
 
     from sparsellm import registry
     from sparsellm.selfpruner import LLMConfig, LocalConfig, OpenAIConfig
-    from sparsellm.selfpruner.backends import flat_defaults
+    from sparsellm.config import flat_defaults
 
     assert registry.names("search_backend") == ["ga", "openai", "local", "uniform"]
     configs = {n: registry.get("search_backend", n).config for n in registry.names("search_backend")}

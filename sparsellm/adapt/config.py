@@ -16,11 +16,10 @@ The command line builds its flags from these dataclasses (`sparsellm.cli.finetun
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..config import setting
+from ..config import build, flat_names, flatten, setting
 from ..errors import UsageError
 from ..pipeline import PruneConfig
 from ..registry import get, names
@@ -159,52 +158,10 @@ class FinetuneConfig:
                 **flatten(self.method_config), "step_eval_windows": self.step_eval_windows}
 
 
-# ------------------------------------------------------------- flat settings <-> nested configs (by field name)
-
-
-def _nested(f: dataclasses.Field):
-    """The config class of a field that holds a nested config (declared with default_factory=Class)."""
-    factory = f.default_factory
-    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
-
-
-def flat_names(cls) -> list[str]:
-    """The settings of config class `cls` and of the configs nested in it, by name."""
-    out = []
-    for f in dataclasses.fields(cls):
-        sub = _nested(f)
-        out += flat_names(sub) if sub else [f.name]
-    return out
-
-
-def build(cls, settings: dict):
-    """An instance of config class `cls` (and its nested configs) from the keys of `settings` that are its
-    fields; others are ignored."""
-    kw = {}
-    for f in dataclasses.fields(cls):
-        sub = _nested(f)
-        if sub:
-            kw[f.name] = build(sub, settings)
-        elif f.name in settings:
-            kw[f.name] = settings[f.name]
-    return cls(**kw)
-
-
-def flatten(config) -> dict:
-    """A config's settings and those of the configs nested in it, as one flat dict."""
-    if not dataclasses.is_dataclass(config):
-        return {}
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out.update(flatten(value) if _nested(f) else {f.name: value})
-    return out
-
-
 def method_config(name: str, settings: dict | None = None):
     """Fine-tuning method `name`'s config from the keys of `settings` that are its (nested) fields. Raises
     UsageError for an unknown method."""
     return build(get("finetune", name).config, settings or {})
 
 
-__all__ = ["LoRAConfig", "TrainingConfig", "FinetuneConfig", "flat_names", "build", "flatten", "method_config"]
+__all__ = ["LoRAConfig", "TrainingConfig", "FinetuneConfig", "method_config"]

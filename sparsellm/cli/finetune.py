@@ -74,7 +74,8 @@ def finetune_run(args):
 
 def _settings() -> set[str]:
     """Names of the flags that go to FinetuneConfig.from_flat."""
-    from ..adapt.config import LoRAConfig, TrainingConfig, flat_names
+    from ..adapt.config import LoRAConfig, TrainingConfig
+    from ..config import flat_names
 
     out = {"step_eval_windows", "sparsity_ratio", "sparsity_type", "prune_method"}
     out.update(flat_names(Calibration), flat_names(LoRAConfig), flat_names(TrainingConfig))

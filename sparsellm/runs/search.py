@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Calibration, Evaluation, ModelSource, Output, setting
+from ..config import Calibration, Evaluation, ModelSource, Output, flatten, setting
 from ..errors import UsageError
 from ..registry import get, names
 from ..selfpruner import Fitness, SearchConfig, Structure
-from ..selfpruner.backends import ALIAS, all_settings, flat, resolve_alias
+from ..selfpruner.backends import ALIAS, all_settings, resolve_alias
 from .record import Run, evaluate
 from .rundir import RunDir
 
@@ -106,7 +106,7 @@ class SearchRun:
                **{k: v for k, v in calib.items() if k != "seed"}, "backend": self.backend}
         if calib["seed"] != self.search.seed:
             out["calib_seed"] = calib["seed"]
-        out.update(flat(self.backend_config) if dataclasses.is_dataclass(self.backend_config) else {})
+        out.update(flatten(self.backend_config))
         out.update({k: v for k, v in asdict(self.evaluation).items() if k != "eval_dense"})
         out.update(out=self.output.out, overwrite=self.output.overwrite, resume=self.resume,
                    keep_state=self.keep_state, bench=self.bench)
@@ -129,7 +129,7 @@ def _state_settings(cfg: SearchRun, model_path: str, seqlen: int, digest: str | 
     """What a resumed search must share with the interrupted one besides the evolution's settings (the same
     list as before the backends had configs: the unchosen backends' settings at their defaults)."""
     c = cfg.calibration
-    llm = {**{k: d for k, (d, _) in all_settings().items()}, **flat(cfg.backend_config)}
+    llm = {**{k: d for k, (d, _) in all_settings().items()}, **flatten(cfg.backend_config)}
     return {"model": model_path, "backend": cfg.backend, "dtype": cfg.source.dtype,
             "calibration": [c.calib_dataset, c.nsamples, seqlen, c.seed, digest],
             "llm": [llm[k] for k in ("llm_base_url", "llm_model", "local_model", "llm_temperature", "llm_retries")]}

@@ -16,11 +16,10 @@ and refuses a setting of another backend given a non-default value.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..config import setting
+from ..config import build, flat_defaults, setting
 from ..errors import UsageError
 from ..registry import NoConfig, get, names, register
 from .ga import GAOperators
@@ -103,42 +102,6 @@ def uniform(config, *, describe: str, log_path=None):
 # ------------------------------------------------------------------------------------- flat settings
 
 
-def _nested(f):
-    """The config class of a field that holds a nested config (e.g. LLMConfig), else None."""
-    factory = f.default_factory
-    return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
-
-
-def flat_defaults(config_cls) -> dict:
-    """{setting name: default} of a backend config class, nested configs (LLMConfig) flattened in."""
-    out = {}
-    for f in dataclasses.fields(config_cls):
-        if _nested(f):
-            out.update(flat_defaults(_nested(f)))
-        elif "help" in f.metadata:
-            out[f.name] = f.default
-    return out
-
-
-def flat(config) -> dict:
-    """A backend config's settings as one flat dict (what reports record)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out.update(flat(value) if dataclasses.is_dataclass(value) else {f.name: value})
-    return out
-
-
-def _build(config_cls, settings: dict):
-    values = {}
-    for f in dataclasses.fields(config_cls):
-        if _nested(f):
-            values[f.name] = _build(_nested(f), settings)
-        elif f.name in settings:
-            values[f.name] = settings[f.name]
-    return config_cls(**values)
-
-
 def all_settings() -> dict:
     """{setting name: (default, [backends that have it])} over every registered backend."""
     out: dict = {}
@@ -172,4 +135,4 @@ def backend_config(backend: str, settings: dict):
             groups.setdefault(tuple(known[k][1]), []).append(f"--{k}")
         raise UsageError("; ".join(f"{', '.join(ks)} {'applies' if len(ks) == 1 else 'apply'} only to --backend "
                                    f"{' or '.join(bs)}" for bs, ks in groups.items()))
-    return _build(method.config, {k: v for k, v in settings.items() if k in own})
+    return build(method.config, {k: v for k, v in settings.items() if k in own})
