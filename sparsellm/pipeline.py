@@ -12,7 +12,6 @@ layer-wise rates (`allocate.resolve_allocation`) and runs the engine (`engine.pr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from .data import calibration_windows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
 from .models import block_linears, context_length, get_arch, get_blocks
-from .provenance import peak_rss_mib, versions
+from .provenance import peak_rss_mib, tokens_sha256, versions
 from .prune import check_sparsity, parse_pattern
 from .registry import get
 
@@ -216,7 +215,7 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
         "allocation": alloc,
         "calibration": {"dataset": c.calib_dataset, "nsamples": int(calib_ids.shape[0]),
                         "seqlen": int(calib_ids.shape[1]), "seed": c.seed,
-                        "tokens_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest(), "used": used},
+                        "tokens_sha256": tokens_sha256(calib_ids), "used": used},
         "options": {**config.options(), "batch_size": c.batch_size or auto_batch_size(int(calib_ids.shape[1])),
                     "diag_nsamples": config.diag},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

@@ -208,14 +208,24 @@ def finetune_table(ft: dict) -> str:
                      f"{ppl} |")
     if ft.get("ranks"):
         lines += ["", "ranks per block: " + " ".join(str(r) for r in ft["ranks"])]
+    if ft.get("merge"):
+        mg = ft["merge"]
+        lines += ["", f"merged vs adapted model: max |logit difference| {mg['max_abs_logit_diff']:.3g} on "
+                      f"{mg['tokens']} calibration tokens ({mg['dtype']})"]
+    if (ft.get("input") or {}).get("kept"):
+        i = ft["input"]
+        lines += ["", f"input already pruned ({i['method']}, {i['allocation']['name']} allocation, target "
+                      f"{i['target']:.4f}, from {'its sidecar' if i['source'] == 'sidecar' else 'its weights'}): "
+                      "its masks and per-block rates were kept, not pruned again"]
     return "\n".join(lines)
 
 
 def finetune_comparison(runs: dict) -> str:
-    """Methods side by side: perplexity per metric, measured sparsity of the merged model, fine-tuning
-    tokens, wall time and peak memory."""
+    """Methods side by side: perplexity per metric, measured sparsity of the merged model, the merge's max
+    |logit difference| against the adapted model, fine-tuning tokens, wall time and peak memory."""
     metrics = list(dict.fromkeys(k for r in runs.values() for k in r.get("eval", {}) if k != "zeroshot"))
-    head = ["method", *metrics, "zero-shot mean acc", "measured sparsity", "FT tokens", "seconds", "peak RSS MiB"]
+    head = ["method", *metrics, "zero-shot mean acc", "measured sparsity", "merge max |Δlogit|", "FT tokens",
+            "seconds", "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, r in runs.items():
         ft, ev = r["finetune"], r.get("eval", {})
@@ -223,6 +233,7 @@ def finetune_comparison(runs: dict) -> str:
         zs = ev.get("zeroshot")
         lines.append("| " + " | ".join([m, *[_fmt(ev.get(k, {}).get("ppl")) for k in metrics],
                                         _fmt(zs and zs["mean_acc"], ".4f"), f"{ft['measured']['sparsity']:.4f}",
+                                        _fmt((ft.get("merge") or {}).get("max_abs_logit_diff"), ".3g"),
                                         f"{tokens:,}", f"{ft['seconds']:.1f}", f"{ft['peak_rss_mib']:.0f}"]) + " |")
     return "\n".join(lines)
 

@@ -171,5 +171,6 @@ def test_help_shows_each_group(capsys):
     text = " ".join(out.split())
     for phrase in ("seed for calibration windows (fine-tuning data: seed + 1)", "unstructured or N:M (not with losa)",
                    "pruner for the baselines' prune and LoSA's re-pruning (the paper: wanda or sparsegpt)",
-                   "LoSA: windows for RMI's CKA at every step", "target S in [0, 1); 0.5 when left out"):
+                   "LoSA: windows for RMI's CKA at every step",
+                   "target S in [0, 1); when left out: an already-pruned input's own"):
         assert phrase in text

@@ -133,3 +133,26 @@ def test_allocate_ranks(errors, mean, want):
         assert all(r[order[k]] <= r[order[k + 1]] for k in range(len(r) - 1))
     with pytest.raises(UsageError):
         allocate_ranks(errors, 17, r_max=16)
+
+
+def test_bf16_merge_and_unmerge_are_fp32_sums_cast_once():
+    """A bf16 merge is W ← bf16(fp32(W) + (α/r)·(fp32(B) @ fp32(A)) ⊙ M), bit for bit: one rounding, not a bf16
+    product, a bf16 scaling and a bf16 add; unmerge likewise subtracts in fp32 and casts once."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight[lin.weight.abs() < 0.05] = 0.0
+    m = MaskedLoraLinear(lin, r=4, alpha=8.0, dropout=0.0, r_max=6, rank=5)
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.05)
+    W0 = lin.weight.detach().clone()
+    mask = (W0 != 0).float()
+    A, B = m.lora_A.detach()[:5].float(), m.lora_B.detach()[:, :5].float()
+    delta = (B @ A) * mask * (8.0 / 4)  # reference: fp32 product and scaling, the configured r
+    m.merge()
+    want = (W0.float() + delta).to(torch.bfloat16)
+    assert lin.weight.dtype == torch.bfloat16 and torch.equal(lin.weight, want)
+    merged = lin.weight.detach().clone()
+    m.unmerge()
+    assert torch.equal(lin.weight, ((merged.float() - delta) * mask).to(torch.bfloat16))
+    assert bool((lin.weight[mask == 0] == 0).all())

@@ -4,23 +4,20 @@
     lora         prune at S, plain LoRA (peft), merged: the model becomes dense again, and the report says how much
     masked-lora  prune at S, masked LoRA of uniform rank r (static: no schedule)
 
-A model that is already at least S sparse is not pruned again.
+An already-pruned input (`pruned_input.py`) is not pruned again: its masks and per-block rates are kept.
+Every merge is measured against the adapted model (`Job.merge_checked`).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from .. import pipeline as api
 from ..config import setting
-from ..engine import linear_sparsity
 from ..errors import UsageError
 from ..models import block_linears, get_blocks
 from ..registry import NoConfig, register
 from .masked_lora import add_masked_lora, merge, set_ranks
-
-log = logging.getLogger("sparsellm")
 
 
 @dataclass
@@ -38,11 +35,9 @@ class MaskedLoRAConfig:
 
 
 def prune_to(job) -> dict | None:
-    """Prune at S with uniform rates unless the model already is that sparse. Returns the prune report or None."""
-    S = job.config.sparsity_ratio  # validate() set it from an N:M pattern
-    have = linear_sparsity(job.model)["sparsity"]
-    if have >= S - 1e-4:
-        log.info("the model is already %.4f sparse (target %.4f): not pruned again", have, S)
+    """Prune at S with uniform rates unless the input is already pruned (then its masks are kept). Returns
+    the prune report or None."""
+    if job.pruned_input is not None:
         return None
     return api.prune(job.model, job.tokenizer, job.config.prune, calib_ids=job.calib, progress=job.progress)
 
@@ -75,7 +70,9 @@ def lora(job) -> None:
     job.report["train"] = job.train(peft_model, job.examples)
     if job.adapter_dir is not None:
         peft_model.save_pretrained(str(job.adapter_dir))
-    if peft_model.merge_and_unload() is not model:
+    unloaded = []
+    job.merge_checked(lambda: unloaded.append(peft_model.merge_and_unload()))
+    if unloaded[0] is not model:
         raise RuntimeError("peft's merge_and_unload did not return the model it wrapped")
     _one_step(job)
 
@@ -88,7 +85,7 @@ def masked_lora(job) -> None:
     add_masked_lora(model, lc.lora_r, lc.lora_alpha, lc.lora_dropout, job.config.method_config.r_max)
     set_ranks(model, [lc.lora_r] * len(get_blocks(model)))
     job.report["train"] = job.train(model, job.examples)
-    merge(model)
+    job.merge_checked(lambda: merge(model))
     _one_step(job)
 
 

@@ -5,7 +5,6 @@ fine-tuning data) is the checkpoint's."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UsageError
+from ..provenance import tokens_sha256
 from .masked_lora import MaskedLoraLinear, set_ranks
 
 
@@ -23,12 +23,8 @@ def settings_key(config, model_id: str, data_sha: str, eval_seqlen: int | None =
 
 
 def examples_sha(examples) -> str:
-    """SHA-256 of the fine-tuning examples' tokens and labels."""
-    h = hashlib.sha256()
-    for ids, labels in examples:
-        h.update(ids.numpy().tobytes())
-        h.update(labels.numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of the fine-tuning examples' tokens and labels (each example's input_ids, then its labels)."""
+    return tokens_sha256(t for example in examples for t in example)
 
 
 def save_checkpoint(path: Path, model, state: dict) -> None:

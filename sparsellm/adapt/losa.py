@@ -11,7 +11,13 @@ algorithms.md §8.4), registered as fine-tuning method "losa":
         fine-tune the adapters on data slice t (the slices partition the data: none is used twice)
     merge: a plain model exactly as sparse as the last masks
 
-A checkpoint is written after every step (`checkpoint.py`), and a run resumes from it.
+A checkpoint is written after every step (`checkpoint.py`), and a run resumes from it. The last merge is
+measured against the adapted model (`Job.merge_checked`: max |logit difference|).
+
+An already-pruned input (`pruned_input.py`: e.g. an OWL or ATP model from `sparsellm prune`) keeps its masks
+and per-block rates: the ramp and RMI are how LoSA reaches S from a dense model, so no step re-prunes. Each of
+the T steps then fine-tunes the masked adapters on its own data slice with mean rank r̄_t, shared equally by
+the blocks (there is no dense model to measure reconstruction errors against).
 """
 
 from __future__ import annotations
@@ -106,10 +112,13 @@ def losa(job) -> None:
     model, config, calib, report = job.model, job.config, job.calib, job.report
     own, lc, pc = config.method_config, config.lora, config.prune
     L = len(get_blocks(model))
+    kept = job.pruned_input  # an already-pruned input: its masks and rates stay, no step re-prunes
     k = min(own.rank_nsamples, calib.shape[0])
-    t0 = time.perf_counter()
-    dense = dense_outputs(model, calib[:k], pc.calibration.batch_size)  # the input model's, before any step
-    report["dense_outputs_seconds"] = time.perf_counter() - t0
+    dense = None
+    if kept is None:
+        t0 = time.perf_counter()
+        dense = dense_outputs(model, calib[:k], pc.calibration.batch_size)  # the input model's, before any step
+        report["dense_outputs_seconds"] = time.perf_counter() - t0
     add_masked_lora(model, lc.lora_r, lc.lora_alpha, lc.lora_dropout, own.r_max)
     set_ranks(model, [lc.lora_r] * L)
     key = settings_key(config, job.model_id, examples_sha(job.examples), job.eval_seqlen)
@@ -122,33 +131,21 @@ def losa(job) -> None:
     schedule = cubic_schedule(config.sparsity_ratio, own.steps)
     slices = data_slices(len(job.examples), own.steps)
     for t in range(start + 1, own.steps + 1):
-        s_t = schedule[t - 1]
-        entry = {"step": t, "target": s_t}
-        merge(model)
-        step_pc = replace(pc, sparsity_ratio=s_t, allocation="rmi", allocator=own.rmi, diag_nsamples=0)
-        errors = [0.0] * L
-
-        def record(i, X):
-            errors[i] = normalised_error(dense[i], X[:k])
-
-        with unwrapped(model):
-            rates, alloc = resolve_allocation(model, step_pc, calib, job.progress)
-            t1 = time.perf_counter()
-            blocks = prune_blocks(model, calib, pc.prune_method, rates, None, options=pc.options(),
-                                  batch_size=pc.calibration.batch_size, progress=job.progress, on_block_end=record)
-            pruned = linear_sparsity(model)["sparsity"]
-        for m in lora_layers(model):
-            m.refresh_mask()
-        unmerge(model)
-        ranks = allocate_ranks(errors, own.mean_rank(t), own.r_max)
-        set_ranks(model, ranks)
-        entry.update(rates=alloc["rates"], rmi_seconds=alloc["seconds"], prune_seconds=time.perf_counter() - t1,
-                     errors=errors, rel_errors=[b["rel_error"] for b in blocks], mean_rank=own.mean_rank(t),
-                     ranks=ranks, pruned_sparsity=pruned)
+        entry = {"step": t, "mean_rank": own.mean_rank(t)}
+        if kept is None:
+            entry.update(_reprune(job, dense, k, schedule[t - 1], own.mean_rank(t)))
+        else:  # the input's masks and rates; no reconstruction error without a dense model: equal ranks
+            unmerge(model)
+            entry.update(target=config.sparsity_ratio, rates=kept.rates,
+                         ranks=allocate_ranks([0.0] * L, own.mean_rank(t), own.r_max))
+        set_ranks(model, entry["ranks"])
         a, b = slices[t - 1]
         entry["data_slice"] = [a, b]
         entry["train"] = job.train(model, job.examples[a:b])
-        merge(model)
+        if t == own.steps:
+            entry["merge"] = job.merge_checked(lambda: merge(model))
+        else:
+            merge(model)
         with unwrapped(model):
             entry["measured"] = linear_sparsity(model)["sparsity"]
         entry["ppl"] = job.evaluate()
@@ -157,8 +154,34 @@ def losa(job) -> None:
             save_checkpoint(ckpt, model, {"key": key, "step": t, "ranks": adapter_ranks(model),
                                           "steps": report["steps"]})
         log.info("LoSA step %d/%d: target %.4f, measured %.4f, mean rank %.1f, train loss %.4f → %.4f%s", t,
-                 own.steps, s_t, entry["measured"], entry["mean_rank"], entry["train"]["losses"][0],
+                 own.steps, entry["target"], entry["measured"], entry["mean_rank"], entry["train"]["losses"][0],
                  entry["train"]["losses"][-1], f", ppl {entry['ppl']['ppl']:.3f}" if entry["ppl"] else "")
+
+
+def _reprune(job, dense: list, k: int, s_t: float, mean_rank: float) -> dict:
+    """One step's re-pruning: merge the adapters, RMI rates at s_t on the current model, re-prune the merged
+    weights recording each block's error against the input's outputs `dense` (first `k` windows), unmerge
+    with the new masks, ranks from the errors with mean `mean_rank`. Returns the step's report entries."""
+    model, calib, own, pc = job.model, job.calib, job.config.method_config, job.config.prune
+    merge(model)
+    step_pc = replace(pc, sparsity_ratio=s_t, allocation="rmi", allocator=own.rmi, diag_nsamples=0)
+    errors = [0.0] * len(dense)
+
+    def record(i, X):
+        errors[i] = normalised_error(dense[i], X[:k])
+
+    with unwrapped(model):
+        rates, alloc = resolve_allocation(model, step_pc, calib, job.progress)
+        t1 = time.perf_counter()
+        blocks = prune_blocks(model, calib, pc.prune_method, rates, None, options=pc.options(),
+                              batch_size=pc.calibration.batch_size, progress=job.progress, on_block_end=record)
+        pruned = linear_sparsity(model)["sparsity"]
+    for m in lora_layers(model):
+        m.refresh_mask()
+    unmerge(model)
+    return dict(target=s_t, rates=alloc["rates"], rmi_seconds=alloc["seconds"], prune_seconds=time.perf_counter() - t1,
+                errors=errors, rel_errors=[b["rel_error"] for b in blocks],
+                ranks=allocate_ranks(errors, mean_rank, own.r_max), pruned_sparsity=pruned)
 
 
 __all__ = ["LoSAConfig", "losa", "data_slices", "dense_outputs", "normalised_error"]

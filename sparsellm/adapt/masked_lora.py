@@ -6,6 +6,9 @@ zero (LoSA, Huang et al., ICLR 2025, §3.2; algorithms.md §8.1).
     merge:   W_s ← W_s + (α/r)·ΔW               exactly as sparse as M (the product is masked, not the factors)
     unmerge: W_s ← W_s − (α/r)·ΔW               with the same mask, which is kept from before the merge
 
+Merges and unmerges compute ΔW and the sum in float32 and cast to the weight's dtype once, so a bf16 weight
+is rounded once, not three times (a bf16 product, a bf16 scaling, a bf16 add).
+
 A (r_max × C_in) and B (C_out × r_max) are created at `r_max` and the active rank r_l is a slice, so a rank
 above the default 8 is real (the reference code silently truncates it). The scaling uses the configured
 r, not r_l (as the reference). B starts at zero, so a fresh adapter changes nothing.
@@ -64,10 +67,14 @@ class MaskedLoraLinear(nn.Module):
         if bool((self.base.weight.detach()[~self.mask] != 0).any()):
             raise RuntimeError("the merged weight has non-zeros outside the sparsity mask")
 
-    def delta(self) -> torch.Tensor:
-        """(α/r) · (B[:, :r_l] @ A[:r_l]) ⊙ M, shape (C_out, C_in)."""
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(α/r) · (B[:, :r_l] @ A[:r_l]) ⊙ M, shape (C_out, C_in), in the factors' dtype, or computed in
+        `dtype` (the factors are cast first: float32 for merges)."""
         r = self.rank
-        return (self.lora_B[:, :r] @ self.lora_A[:r]) * self.mask * self.scaling
+        A, B = self.lora_A[:r], self.lora_B[:, :r]
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        return (B @ A) * self.mask * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -77,16 +84,19 @@ class MaskedLoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """W ← cast(float32(W) + ΔW computed in float32): one rounding to the weight's dtype."""
         if not self.merged:
-            self.base.weight.add_(self.delta().to(self.base.weight.dtype))
+            W = self.base.weight
+            W.copy_((W.float() + self.delta(torch.float32)).to(W.dtype))
             self.merged = True
             self.check_mask()
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """W ← cast((float32(W) − ΔW) ⊙ M), ΔW in float32; positions outside the mask are exactly zero again."""
         if self.merged:
-            self.base.weight.sub_(self.delta().to(self.base.weight.dtype))
-            self.base.weight.mul_(self.mask)  # positions outside the mask are exactly zero again
+            W = self.base.weight
+            W.copy_(((W.float() - self.delta(torch.float32)) * self.mask).to(W.dtype))
             self.merged = False
 
 

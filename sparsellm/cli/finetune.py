@@ -14,7 +14,8 @@ HELP = ("recover a sparse model's quality with sparsity-preserving LoRA: LoSA (d
         "lora, masked-lora) at an equal token budget")
 CALIBRATION_HELPS = {"nsamples": "calibration windows for pruning",
                      "seed": "seed for calibration windows (fine-tuning data: seed + 1)"}
-PRUNE_HELPS = {"sparsity_ratio": "target S in [0, 1); 0.5 when left out",
+PRUNE_HELPS = {"sparsity_ratio": "target S in [0, 1); when left out: an already-pruned input's own (its masks "
+                                  "are kept; another S is refused), else 0.5",
                "sparsity_type": "unstructured or N:M (not with losa)",
                "prune_method": "pruner for the baselines' prune and LoSA's re-pruning (the paper: wanda or sparsegpt)"}
 METHOD_HELPS = {"rmi_nsamples": "LoSA: windows for RMI's CKA at every step"}

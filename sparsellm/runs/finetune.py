@@ -8,10 +8,17 @@
 LoSA writes a checkpoint to `OUT[/losa].ckpt` after every step; with `resume` an interrupted run continues
 from it, and methods that finished before the interruption are not run again (their settings must be the
 same). Everything is validated, and every output directory checked, before a model is loaded.
+
+An already-pruned input keeps its masks and per-block rates (`adapt.pruned_input`): its sidecar is read before
+the model is loaded, so a --sparsity_ratio or N:M --sparsity_type other than the input's is refused first;
+left out, the target is the input's. The record says what was found (`finetune.input`) and holds the
+SHA-256 of the calibration tokens (`calibration.tokens_sha256`) and of the fine-tuning examples
+(`data.tokens_sha256`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -62,9 +69,11 @@ class FinetuneRun:
         return out
 
     def configs(self) -> dict[str, FinetuneConfig]:
-        """Each method's full config: the shared settings with its name and its own config."""
-        return {m: replace(self.finetune, method=m, method_config=self.method_configs.get(m))
-                for m in self.method_names()}
+        """Each method's full config: the shared settings with its name and its own config. Each gets its own
+        copy of the prune settings, so validating it leaves `finetune.prune.sparsity_ratio` None when it was
+        left out (it then follows an already-pruned input)."""
+        return {m: replace(self.finetune, method=m, method_config=self.method_configs.get(m),
+                           prune=copy.deepcopy(self.finetune.prune)) for m in self.method_names()}
 
     def validate(self) -> "FinetuneRun":
         """Every check before a model is loaded: the settings, then the output directories, checkpoints and
@@ -88,12 +97,17 @@ class FinetuneRun:
     def plan(self) -> "_Plan":
         """The output directory of each method, its checkpoint directory, and the methods that finished
         before (with `resume`), after checking them all. Raises UsageError."""
+        from ..adapt.pruned_input import from_sidecar, read_sidecar, resolve_target
         from ..models import resolve_model
 
         _, src = resolve_model(self.source.model)
         if src is not None and (Path(src) / "structure.json").is_file():
             raise UsageError(f"{self.source.model} is a structured model with per-block widths; fine-tuning it is "
                              "not supported")
+        pruned = from_sidecar(read_sidecar(src if src is not None and Path(src).is_dir() else None))
+        requested = self.finetune.prune
+        if pruned is not None:  # before any work: the loaded weights are checked again (adapt.finetune)
+            resolve_target(requested.sparsity_ratio, requested.sparsity_type, pruned)
         c, data = self.finetune.calibration.calib_dataset, self.finetune.training.data
         inputs = [src, *(Path(p) for p in {c, data} - {"c4"}),
                   Path(self.evaluation.hellaswag_file) if self.evaluation.hellaswag_file else None]
@@ -116,7 +130,8 @@ class FinetuneRun:
             if resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
                 old = json.loads((outs[m] / "report.json").read_text()).get("config", {})
                 new = cfg.validate().to_dict()
-                diff = sorted(k for k in new if old.get(k) != new[k])
+                diff = sorted(k for k in new if old.get(k) != new[k]
+                              and not (k == "sparsity_ratio" and requested.sparsity_ratio is None))  # the input's
                 if diff:
                     raise UsageError(f"--resume: {outs[m]} was finished with other settings ({', '.join(diff)})")
                 done.add(m)  # finished before the interruption
@@ -157,8 +172,7 @@ def run_finetune(cfg: FinetuneRun, progress: bool = True) -> Run:
     plan = cfg.plan()
     data: dict = {}  # the fine-tuning examples, drawn once for all methods
     results, record = {}, None
-    for m, fc in cfg.configs().items():
-        fc.validate()
+    for m, fc in cfg.configs().items():  # validated by cfg.validate(); the target may follow the input (None)
         if m in plan.done:
             results[m] = json.loads((plan.outs[m] / "report.json").read_text())
             log.info("%s: finished before, skipped (%s)", m, plan.outs[m])
@@ -174,6 +188,8 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     """Load the model, fine-tune it with method `m`, evaluate it and write OUT[/m]; returns the record.
     `data` holds the fine-tuning examples once drawn (under "examples")."""
     from ..adapt import finetune, prune_like_report
+    from ..adapt.checkpoint import examples_sha
+    from ..adapt.pruned_input import read_sidecar
     from ..adapt.train import finetune_examples
     from ..models import context_length, load_model
 
@@ -191,9 +207,10 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
         data["examples"] = finetune_examples(tok, t.data, t.ft_nsamples, ft_seqlen, seed + 1)
     examples = data["examples"]
     local = model_dir or plan.src
-    details = {"data": {"source": t.data, "ft_nsamples": len(examples), "ft_seqlen": t.ft_seqlen, "seed": seed + 1},
+    details = {"data": {"source": t.data, "ft_nsamples": len(examples), "ft_seqlen": t.ft_seqlen, "seed": seed + 1,
+                        "tokens_sha256": examples_sha(examples)},
                "eval_seqlen": eval_seqlen}
-    record = Run("finetune", cfg.source.model, str(local) if local else None, fc.to_dict(), details=details)
+    record = Run("finetune", cfg.source.model, str(local) if local else None, {}, details=details)
     if ev.eval_dense and evals:
         record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
     if cfg.output.overwrite and plan.ckpts[m].exists():
@@ -201,9 +218,11 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     with tempfile.TemporaryDirectory(prefix="sparsellm-adapter-") as adir:
         rep = finetune(model, tok, fc, examples, checkpoint_dir=plan.ckpts[m] if resumable else None,
                        resume=cfg.resume and resumable, model_id=f"{local or cfg.source.model} ({cfg.source.dtype})",
-                       adapter_dir=adir, progress=progress, eval_seqlen=eval_seqlen)
+                       adapter_dir=adir, progress=progress, eval_seqlen=eval_seqlen,
+                       sidecar=read_sidecar(local if local is not None and Path(local).is_dir() else None))
+        record.config = fc.to_dict()  # with the target finetune settled (an already-pruned input's own)
         details["finetune"] = rep
-        details["prune"] = prune_like_report(model, fc, rep, min(fc.calibration.seqlen, ctx))
+        details["prune"] = prune_like_report(model, fc, rep)
         record.calibration = details["prune"]["calibration"]
         record.blocks = block_rows(details["prune"])
         record.timings["finetune"] = rep["seconds"]

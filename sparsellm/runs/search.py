@@ -13,7 +13,6 @@ removed at the end unless `keep_state`. Everything is validated before the model
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from ..config import Calibration, Evaluation, ModelSource, Output, flatten, setting
 from ..errors import UsageError
+from ..provenance import tokens_sha256
 from ..registry import get, names
 from ..selfpruner import Fitness, SearchConfig, Structure
 from ..selfpruner.backends import ALIAS, all_settings, resolve_alias
@@ -161,7 +161,7 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     seqlen = min(c.seqlen, context_length(model))
     calib = None if cfg.structure.metric == "magnitude-sp" else calibration_windows(tok, c.calib_dataset, c.nsamples,
                                                                                     seqlen, c.seed)
-    digest = None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()
+    digest = None if calib is None else tokens_sha256(calib)
     eval_seqlen = min(ev.eval_seqlen, context_length(model))
     ppl_names = [n for n in evals if n != "zeroshot"]
     final_eval = (lambda m: evaluate(m, tok, ev, eval_seqlen, False, names=ppl_names)) if ppl_names else None
