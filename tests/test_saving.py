@@ -42,6 +42,57 @@ def _expressible(family: str, n_q: int, inter: int) -> bool:
         return False
 
 
+# ------------------------------------------------------------------ item 4: adapters, missing weights
+
+
+def _pruned(tokenizer, family="llama"):
+    model = make_model(family)
+    report = prune(model, tokenizer, PruneConfig(prune_method="magnitude", sparsity_ratio=0.5), calib_ids=_calib(),
+                   progress=False)
+    return model, report
+
+
+def test_saving_with_adapters_attached_is_refused_then_merged_saves(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from sparsellm.adapt import add_masked_lora, remove_adapters
+
+    model, report = _pruned(tokenizer)
+    layers = add_masked_lora(model, r=4, alpha=8.0, dropout=0.0)
+    torch.manual_seed(1)
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    # the merge, written here: W + (alpha / r) * (B @ A) * (W != 0)
+    merged = {id(layer): layer.base.weight + 2.0 * (layer.lora_B @ layer.lora_A) * (layer.base.weight != 0)
+              for layer in layers}
+    with pytest.raises(UsageError, match="adapter layers attached.*remove_adapters"):
+        save_pruned(model, tokenizer, tmp_path / "out", report)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    bases = {id(layer): layer.base for layer in layers}
+    remove_adapters(model)
+    save_pruned(model, tokenizer, tmp_path / "out", report)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for key, base in bases.items():
+        name = next(n for n, m in model.named_modules() if m is base)
+        torch.testing.assert_close(plain.get_submodule(name).weight, merged[key], atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_missing_weights_is_not_loaded_at_random(tmp_path, tokenizer, capsys):
+    from sparsellm.adapt import add_masked_lora
+
+    model = make_model("llama")
+    add_masked_lora(model)
+    d = tmp_path / "broken"
+    model.save_pretrained(d)  # what an unguarded save wrote: q_proj.base.weight, q_proj.lora_A, ...
+    tokenizer.save_pretrained(d)
+    with pytest.raises(UsageError, match="lacks 14 weights.*random"):
+        load_model(str(d))
+    capsys.readouterr()
+    assert main(["--quiet", "eval", "ppl", "--model", str(d), "--max_windows", "1", "--seqlen", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "sparsellm: error:" in err and "random" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------ item 17: modes follow the umask
 
 
@@ -62,3 +113,58 @@ def test_every_output_of_a_prune_run_follows_the_umask(tmp_path, saved_model_dir
     for p in paths:
         want = (0o777 if p.is_dir() else 0o666) & ~mask
         assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+# ------------------------------------------------------------------ item 18: the saved dtype
+
+
+@pytest.fixture
+def bf16_dir(tmp_path, tokenizer):
+    """A tiny llama checkpoint that declares (and holds) bfloat16 weights."""
+    d = tmp_path / "bf16"
+    make_model("llama").to(torch.bfloat16).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
+    return d
+
+
+@pytest.mark.parametrize("save_dtype,want", [("auto", torch.bfloat16), ("float16", torch.float16),
+                                             ("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_save_dtype(tmp_path, bf16_dir, save_dtype, want):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, _ = load_model(str(bf16_dir))  # float32 in memory
+    report = prune(model, tok, PruneConfig(prune_method="magnitude", sparsity_ratio=0.5), calib_ids=_calib(),
+                   progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = save_pruned(model, tok, tmp_path / "out", report, save_dtype=save_dtype)
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")
+    saved = load_file(str(out / "model.safetensors"))
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k]), k  # the in-memory model is unchanged
+        if k in saved:  # (a tied lm_head is stored once)
+            assert saved[k].dtype == want and torch.equal(saved[k], v.to(want)), k
+            if k.endswith("proj.weight"):
+                assert torch.equal(saved[k] == 0, v == 0), k  # zeros exact, and no new ones
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert plain.dtype == want
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, before[k].to(want)), k
+
+
+def test_cli_save_dtype_flag(tmp_path, bf16_dir, capsys, monkeypatch):
+    base = ["--quiet", "prune", "--model", str(bf16_dir), "--prune_method", "magnitude", "--eval", "none"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert main([*base, "--out", str(tmp_path / "b"), "--save_dtype", "float16"]) == 0
+    assert load_file(str(tmp_path / "b" / "model.safetensors"))["model.norm.weight"].dtype == torch.float16
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "c"), "--save_dtype", "float64"]) == 2
+    assert "--save_dtype" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+    import sparsellm.models.load as load  # a GGUF source (quantized weights) declares bfloat16
+
+    monkeypatch.setattr(load, "resolve_model", lambda spec: ("gguf", bf16_dir))
+    monkeypatch.setattr(load, "_gguf_to_hf_dir", lambda path: path)
+    model, _, _ = load.load_model("x.gguf")
+    assert model.sparsellm_declared_dtype == "bfloat16"
