@@ -42,6 +42,105 @@ def _expressible(family: str, n_q: int, inter: int) -> bool:
         return False
 
 
+# ------------------------------------------------------------------ item 1: structured GQA models are saved
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("rate", [0.25, 0.5])
+def test_uniform_gqa_widths_are_saved_and_load_with_equal_logits(tmp_path, tokenizer, family, rate):
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(family, **GQA)
+    prune_structured(model, [rate, rate], importance(model, None, "magnitude-sp", progress=False))
+    n_q = 8 * (4 - int(rate * 4 + 0.5))  # every KV group of 4 query heads loses round(rate * 4)
+    inter = 64 - int(rate * 64 + 0.5)
+    x = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        want = model(x).logits
+    d = tmp_path / "m"
+    d.mkdir()
+    info = write_structured(model, d)
+    tokenizer.save_pretrained(d)
+    assert info["blocks"][0] == {"num_attention_heads": n_q, "num_key_value_heads": 8, "head_dim": 8,
+                                 "intermediate_size": inter}
+    vanilla = _expressible(family, n_q, inter)
+    assert info["vanilla_loadable"] is vanilla
+    if family == "llama" and rate == 0.25:  # hidden 256, 24 heads: LlamaConfig refuses it, even with head_dim
+        assert not vanilla and "multiple" in info["why_not_vanilla"]
+    back, _, _ = load_model(str(d))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, want, atol=1e-6, rtol=0)
+    if vanilla:
+        cfg = json.loads((d / "config.json").read_text())
+        assert (cfg["num_attention_heads"], cfg["head_dim"], cfg["intermediate_size"]) == (n_q, 8, inter)
+        plain = AutoModelForCausalLM.from_pretrained(d)  # plain transformers, no sparsellm
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x).logits, want, atol=1e-6, rtol=0)
+    else:
+        with pytest.raises(Exception, match="mismatch|multiple"):  # loud, never random weights
+            AutoModelForCausalLM.from_pretrained(d)
+
+
+def _search(model_dir, out, *extra):
+    return main(["--quiet", "search", "--model", str(model_dir), "--target_rate", "0.25", "--max_rate", "0.5",
+                 "--population", "4", "--generations", "2", "--crossover", "2", "--mutation", "2",
+                 "--nsamples", "2", "--seqlen", "16", "--fitness_windows", "1", "--fitness_seqlen", "16",
+                 "--final_k", "1", "--eval", "none", "--out", str(out), *extra])
+
+
+def test_cli_uniform_search_of_a_gqa_model_saves_it(tmp_path, tokenizer):
+    src = tmp_path / "gqa"
+    make_model("llama", **GQA).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert _search(src, tmp_path / "s", "--backend", "uniform") == 0
+    info = json.loads((tmp_path / "s" / "structure.json").read_text())
+    assert [b["num_attention_heads"] for b in info["blocks"]] == [24, 24]
+    model, _, _ = load_model(str(tmp_path / "s"))
+    assert model.model.layers[0].self_attn.q_proj.out_features == 24 * 8
+
+
+def test_a_failed_save_leaves_the_search_resumable(tmp_path, saved_model_dir, monkeypatch, caplog):
+    import sparsellm.selfpruner.driver as driver
+    import sparsellm.structured.io as io
+
+    calls = []
+    real_ppl, real_write = driver.perplexity, io.write_structured
+    monkeypatch.setattr(driver, "perplexity", lambda *a, **k: calls.append(1) or real_ppl(*a, **k))
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "write_structured", broken)
+    out = tmp_path / "s"
+    with caplog.at_level(logging.ERROR, logger="sparsellm"):
+        assert _search(saved_model_dir, out, "--backend", "ga") == 1  # OSError: one line, exit 1
+    assert not out.exists()
+    state = json.loads((tmp_path / "s.search" / "state.json").read_text())
+    assert state["generation"] == 2 and calls  # the whole search ran, then the save failed
+    assert "--resume" in caplog.text and str(tmp_path / "s.search") in caplog.text
+    monkeypatch.setattr(io, "write_structured", real_write)
+    calls.clear()
+    assert _search(saved_model_dir, out, "--backend", "ga", "--resume") == 0
+    assert calls == []  # resumed from the state: no fitness evaluated again
+    rep = json.loads((out / "report.json").read_text())["search"]
+    assert rep["best_rates"] == state["population"][0]["rates"]
+    assert rep["evals"] == state["evals"] and not (tmp_path / "s.search").exists()
+
+
+def test_structured_save_in_bfloat16(tmp_path, tokenizer):
+    model = make_model("llama", **GQA)
+    prune_structured(model, [0.25, 0.5], importance(model, None, "magnitude-sp", progress=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    write_structured(model, tmp_path, save_dtype="bfloat16")
+    tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    back, _, _ = load_model(str(tmp_path))
+    saved = back.state_dict()
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k])  # the in-memory model is unchanged
+        assert torch.equal(saved[k], v.to(torch.bfloat16).float()), k
+
+
 # ------------------------------------------------------------------ item 4: adapters, missing weights
 
 
