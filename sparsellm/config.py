@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 
 EVAL_SEQLEN = 2048  # the papers' perplexity window, capped at the model's context
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what a model may be saved in (models/save.py)
 
 
 def setting(default=None, help: str = "", *, aliases: tuple[str, ...] = (), choices=None, flag: str | None = None,
@@ -185,10 +186,19 @@ class Evaluation:
 
 @dataclass
 class Output:
-    """Where a run writes: `out` (the model directory with its reports), `save` (reports only), and
-    whether a non-empty `out` may be replaced."""
+    """Where a run writes: `out` (the model directory with its reports), `save` (reports only), whether a
+    non-empty `out` may be replaced, and the dtype the model's weights are saved in (`save_dtype`, see
+    `sparsellm.models.save.resolve_save_dtype`; the in-memory model keeps its own)."""
 
     out: str | None = setting(None, "output directory: the model, report.json, report.md and figures",
                               aliases=("--save_model",))
     save: str | None = setting(None, "directory to write report.json and report.md into (no model)")
     overwrite: bool = setting(False, "replace a non-empty --out directory")
+    save_dtype: str = setting("auto", "dtype of the saved weights: auto is the input checkpoint's declared dtype "
+                                      "(bfloat16 for a GGUF source); zeros stay exact in every dtype",
+                              choices=SAVE_DTYPES)
+
+    def validate(self) -> "Output":
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UsageError(f"--save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        return self

@@ -65,16 +65,36 @@ def umask() -> int:
     return mask
 
 
+def apply_umask(path: Path) -> None:
+    """Give `path` (a file, or a directory and everything under it) the modes a plain `open` / `mkdir`
+    would: files 0666 & ~umask, directories 0777 & ~umask. Libraries that write through temporary files
+    (safetensors' writer, `mkstemp`) leave 0600 otherwise. Symbolic links are left alone."""
+    mask = umask()
+    path = Path(path)
+    if path.is_symlink() or not path.exists():
+        return
+    if not path.is_dir():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, (0o777 if name in dirs else 0o666) & ~mask)
+
+
 def atomic_dir_write(out: Path, write_fn) -> None:
     """Call `write_fn(tmp_dir)` on a fresh temporary directory next to `out`, then swap it into place
     (signals held during the swap). On any failure or interrupt before the swap, the temporary directory
-    is removed and `out` is left as it was."""
+    is removed and `out` is left as it was. Every file and directory in it gets the umask's modes
+    (`apply_umask`), as if written directly."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; a saved model should read like save_pretrained's
         write_fn(tmp)
+        apply_umask(tmp)  # mkdtemp makes it 0700, safetensors' files are 0600
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

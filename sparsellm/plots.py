@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .outputs import apply_umask
+
 
 def _pyplot():
     import matplotlib
@@ -26,7 +28,7 @@ def _save(fig, path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
+        apply_umask(Path(tmp))  # mkstemp makes it 0600
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..outputs import umask
+from ..outputs import apply_umask
 from .arch import check_supported, get_blocks, struct_spec
+from .save import DECLARED_DTYPE, dtype_name
 
 log = logging.getLogger("sparsellm")
 
@@ -109,9 +110,9 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        os.chmod(tmp, 0o777 & ~umask())
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        apply_umask(tmp)  # mkdtemp's 0700, safetensors' 0600
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,11 +125,27 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _check_loading_info(spec: str, info: dict) -> None:
+    """UsageError if transformers initialised weights at random because the checkpoint lacks them (for
+    example a directory saved with adapter wrappers: `q_proj.base.weight` instead of `q_proj.weight`);
+    a warning for checkpoint weights the model does not use."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:
+        hint = f"; the checkpoint has {unexpected[0]}, ..." if unexpected else ""
+        raise UsageError(f"{spec!r} lacks {len(missing)} weights of its architecture ({missing[0]}, ...), which "
+                         f"would be initialised at random{hint}")
+    if unexpected:
+        log.warning("%s: %d weights in the checkpoint are not used by the model (%s, ...)", spec, len(unexpected),
+                    unexpected[0])
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer, source_dir) for `--model`: a preset name, a `.gguf` file, a local HF
     directory or a hub id. `source_dir` is the local directory the weights came from (None for a hub id).
-    Raises UsageError for a missing path, an unknown preset, an unsupported architecture, or files that
-    cannot be read as a model and tokenizer."""
+    Raises UsageError for a missing path, an unknown preset, an unsupported architecture, files that
+    cannot be read as a model and tokenizer, or a checkpoint that lacks weights of its architecture (which
+    transformers would initialise at random). The model's `sparsellm_declared_dtype` is the checkpoint's
+    declared dtype (bfloat16 for a GGUF source), what saving with `save_dtype="auto"` writes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kind, path = resolve_model(spec)
@@ -148,13 +165,16 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         if path is not None and (Path(path) / STRUCTURE).is_file():  # per-block widths (structured pruning)
             model = load_structured(path, dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+            _check_loading_info(spec, info)
         tok = AutoTokenizer.from_pretrained(source)
     except UsageError:
         raise
     except Exception as e:  # corrupt weights, missing tokenizer files, ...: one line, not a traceback
         raise UsageError(f"could not load {spec!r}: {_one_line(e)}") from None
     model.eval()
+    # what `save_dtype="auto"` writes: the checkpoint's declared dtype (a GGUF's quantized weights: bfloat16)
+    setattr(model, DECLARED_DTYPE, "bfloat16" if kind in ("preset", "gguf") else dtype_name(config.dtype))
     if not len(get_blocks(model)):
         raise UsageError(f"{spec!r} has no decoder blocks to prune")
     rows = model.get_input_embeddings().num_embeddings

@@ -79,6 +79,7 @@ class FinetuneRun:
         """Every check before a model is loaded: the settings, then the output directories, checkpoints and
         finished methods (`plan`). Raises UsageError."""
         self.source.validate()
+        self.output.validate()
         configs = {m: c.validate() for m, c in self.configs().items()}
         if self.resume and not any(get("finetune", m).needs == "checkpoint" for m in configs):
             raise UsageError("--resume continues an interrupted LoSA run (--method losa)")
@@ -234,7 +235,7 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
         # the trained adapter in peft's layout, when the method has one
         files = {"adapter": lambda path: shutil.copytree(adir, path)} if any(Path(adir).iterdir()) else {}
         plan.dirs[m].write(record.to_dict(), record.markdown(), files=files,
-                           model_writer=pruned_model(model, tok, details["prune"]))
+                           model_writer=pruned_model(model, tok, details["prune"], cfg.output.save_dtype))
     if plan.ckpts[m].exists() and not cfg.keep_checkpoint:
         shutil.rmtree(plan.ckpts[m])
     log.info("%s: saved to %s (measured sparsity %.4f)", m, plan.outs[m], rep["measured"]["sparsity"])

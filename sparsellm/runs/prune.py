@@ -42,6 +42,7 @@ class PruneRun:
     def validate(self) -> "PruneRun":
         """Every check that needs no model. Raises UsageError."""
         self.source.validate()
+        self.output.validate()
         self.prune.validate()
         if self.search is not None:
             if self.command != "allocate":
@@ -135,7 +136,8 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     run = record.to_dict()
     md, figures = record.markdown(), _figures(run)
     if model_dir_out is not None:
-        model_dir_out.write(run, md, model_writer=pruned_model(model, tok, details["prune"]), figures=figures)
+        model_dir_out.write(run, md, model_writer=pruned_model(model, tok, details["prune"], out.save_dtype),
+                            figures=figures)
         log.info("saved pruned model to %s", model_dir_out.path)
     if save is not None:
         rates_json = {"rates.json": [round(r, 12) for r in details["allocation"]["rates"]]} \

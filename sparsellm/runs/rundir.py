@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UsageError
-from ..outputs import atomic_dir_write, check_output_dir, write_json_atomic, write_text_atomic
+from ..outputs import apply_umask, atomic_dir_write, check_output_dir, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -72,16 +72,19 @@ class RunDir:
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             fill(self.path)
+            for name in files or {}:  # written by the caller's functions: the umask's modes, like the rest
+                apply_umask(self.path / name)
         return self.path
 
 
-def pruned_model(model, tokenizer, prune_report: dict) -> Callable[[Path], None]:
-    """A model writer: the HF directory (safetensors with exact zeros, config, tokenizer) plus the
-    `sparsity_config.json` sidecar."""
+def pruned_model(model, tokenizer, prune_report: dict, save_dtype: str = "auto") -> Callable[[Path], None]:
+    """A model writer: the HF directory (safetensors with exact zeros in `save_dtype`, see
+    `sparsellm.models.save.save_model`; config, tokenizer) plus the `sparsity_config.json` sidecar."""
+    from ..models.save import save_model
     from ..pipeline import sparsity_sidecar
 
     def write(d: Path):
-        model.save_pretrained(d)
+        save_model(model, d, save_dtype)
         tokenizer.save_pretrained(d)
         write_json_atomic(d / "sparsity_config.json", sparsity_sidecar(model, prune_report))
 
@@ -89,13 +92,21 @@ def pruned_model(model, tokenizer, prune_report: dict) -> Callable[[Path], None]
 
 
 def save_pruned(model, tokenizer, out_dir, report: dict, run_report: dict | None = None, markdown: str = "",
-                overwrite: bool = False, figures: dict | None = None, files: dict | None = None) -> Path:
+                overwrite: bool = False, figures: dict | None = None, files: dict | None = None,
+                save_dtype: str = "auto") -> Path:
     """Write an HF directory (safetensors, exact zeros, tokenizer) plus `sparsity_config.json` (from the
     prune `report`), `report.json` (`run_report`, default `report`), `report.md`, `figures` and `files`
     ({file name: function(path)}) atomically: a temporary directory renamed into place at the end, so a
-    failure never leaves a partial model. Raises UsageError if `out_dir` overlaps the model's own
-    directory, or is non-empty and not `overwrite`."""
+    failure never leaves a partial model. The weights are written in `save_dtype` ("auto": the input
+    checkpoint's declared dtype; "float32", "bfloat16", "float16"); the in-memory model is not changed.
+    Raises UsageError, before writing anything, if `out_dir` overlaps the model's own directory or is
+    non-empty and not `overwrite`, for an unknown `save_dtype`, or if adapters are still attached (merge
+    them first: `sparsellm.adapt.remove_adapters(model)`)."""
+    from ..models.save import check_loadable, resolve_save_dtype
+
+    resolve_save_dtype(model, save_dtype)
+    check_loadable(model)
     source = Path(str(getattr(model, "name_or_path", "") or ""))
     rd = RunDir.prepare(out_dir, [source if str(source) and source.exists() else None], overwrite)
-    return rd.write(run_report or report, markdown, model_writer=pruned_model(model, tokenizer, report),
+    return rd.write(run_report or report, markdown, model_writer=pruned_model(model, tokenizer, report, save_dtype),
                     figures=figures, files=files)

@@ -7,7 +7,8 @@ run record out.
 
 The search state lives in `OUT.search/` (state.json after every generation, llm_log.jsonl), so an
 interrupted search continues with `resume`; it is copied into OUT (search_state.json, llm_log.jsonl) and
-removed at the end unless `keep_state`. Everything is validated before the model is loaded.
+removed at the end unless `keep_state`, only once OUT is written (a failed save leaves it to `resume`).
+Everything is validated before the model is loaded.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class SearchRun:
         """Every check that needs no model; resolves the "llm" alias and fills the backend's default
         config. Raises UsageError."""
         self.source.validate()
+        self.output.validate()
         self.search.validate()
         self.structure.validate()
         self.fitness.validate()
@@ -108,8 +110,8 @@ class SearchRun:
             out["calib_seed"] = calib["seed"]
         out.update(flatten(self.backend_config))
         out.update({k: v for k, v in asdict(self.evaluation).items() if k != "eval_dense"})
-        out.update(out=self.output.out, overwrite=self.output.overwrite, resume=self.resume,
-                   keep_state=self.keep_state, bench=self.bench)
+        out.update(out=self.output.out, overwrite=self.output.overwrite, save_dtype=self.output.save_dtype,
+                   resume=self.resume, keep_state=self.keep_state, bench=self.bench)
         return out
 
 
@@ -197,7 +199,13 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     record.timings = {"importance": rep["importance_seconds"], "search": rep["search_seconds"],
                       "total": details["seconds"]}
     record.finish()
-    _write(cfg, out, record, pruned, tok, state_dir)
+    try:
+        _write(cfg, out, record, pruned, tok, state_dir)
+    except BaseException:  # the search is not lost: its state stays, and --resume saves it without searching
+        if (state_dir / "state.json").is_file():
+            log.error("saving to %s failed; the finished search is kept in %s: run the same command "
+                      "with --resume to save it without searching again", out.path, state_dir)
+        raise
     if not cfg.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     log.info("saved the pruned model to %s", out.path)
@@ -218,7 +226,7 @@ def _write(cfg: SearchRun, out: RunDir, record: Run, pruned, tok, state_dir: Pat
 
     def model_writer(d: Path):
         write_structured(pruned, d, {"rates": rep["best_rates"], "metric": cfg.structure.metric,
-                                     "gqa": cfg.structure.gqa})
+                                     "gqa": cfg.structure.gqa}, cfg.output.save_dtype)
         rep["weights_mib"] = sum(f.stat().st_size for f in d.glob("*.safetensors")) / 2**20
         tok.save_pretrained(d)
 
