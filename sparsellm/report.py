@@ -19,6 +19,7 @@ def summary_table(run: dict) -> str:
         if sparse:
             lines = ["| metric | windows | tokens | ppl |", "|---|---|---|---|"]
             lines += [f"| {k} | {r['windows']} | {r['tokens']} | {r['ppl']:.3f} |" for k, r in sparse.items()]
+        lines += source_lines(sparse)
         if zs:
             lines += ([""] if lines else []) + zeroshot_table(None, zs, label="model")
         return "\n".join(lines)
@@ -29,6 +30,7 @@ def summary_table(run: dict) -> str:
         d, s = dense.get(key), sparse.get(key)
         windows = (s or d)["windows"]
         lines.append(f"| {key} | {windows} | {_fmt(d and d['ppl'])} | {_fmt(s and s['ppl'])} |")
+    lines += source_lines({**dense, **sparse})
     if zs or zs_dense:
         lines += ([""] if lines else []) + zeroshot_table(zs_dense, zs)
     p = run["prune"]
@@ -45,21 +47,42 @@ def summary_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def source_lines(metrics: dict) -> list[str]:
+    """One line per perplexity result that names its data: dataset and split, windows × seqlen, the bundled
+    file with the start of its SHA-256, and the start of the scored tokens' SHA-256."""
+    lines = []
+    for key, r in metrics.items():
+        if key != "zeroshot" and r.get("split"):
+            lines.append(f"{key}: {r['dataset']} {r['split']} split, {r['windows']} windows of {r['seqlen']} tokens "
+                         f"from {r['source']} (SHA-256 {r['source_sha256'][:12]}…), scored tokens SHA-256 "
+                         f"{r['tokens_sha256'][:12]}…")
+    return [""] + lines if lines else []
+
+
+def _acc(value, se) -> str:
+    """An accuracy with its standard error, "0.6500 ± 0.0340" (no ± where it is unknown)."""
+    return _fmt(value, ".4f") + ("" if se is None else f" ± {se:.4f}")
+
+
 def zeroshot_table(dense: dict | None, sparse: dict | None, label: str = "sparse") -> list[str]:
-    """Zero-shot acc (acc_norm) per task and the mean acc, dense and/or `label` columns."""
+    """Zero-shot acc ± its standard error (acc_norm) per task and the mean acc, dense and/or `label`
+    columns, then the settings (lm-eval version, limit, dtype, device) and any warning."""
     cols = [(n, r) for n, r in (("dense", dense), (label, sparse)) if r]
-    lines = ["| task | n | " + " | ".join(f"{n} acc (acc_norm)" for n, _ in cols) + " |",
+    lines = ["| task | n | " + " | ".join(f"{n} acc ± s.e. (acc_norm)" for n, _ in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     first = cols[0][1]
     for task in first["tasks"]:
         cells = []
         for _, r in cols:
             t = r["tasks"].get(task, {})
-            cells.append(f"{_fmt(t.get('acc'), '.4f')} ({_fmt(t.get('acc_norm'), '.4f')})")
+            cells.append(f"{_acc(t.get('acc'), t.get('acc_stderr'))} ({_fmt(t.get('acc_norm'), '.4f')})")
         lines.append(f"| {task} | {first['tasks'][task]['n']} | " + " | ".join(cells) + " |")
-    lines.append("| **mean acc** | | " + " | ".join(f"**{r['mean_acc']:.4f}**" for _, r in cols) + " |")
-    lines.append(f"\nzero-shot: lm-eval {first['settings']['lm_eval']}, limit {first['settings']['limit']}, "
-                 f"{first['settings']['num_fewshot']}-shot")
+    lines.append("| **mean acc** | | " + " | ".join(f"**{_acc(r['mean_acc'], r.get('mean_acc_stderr'))}**"
+                                                      for _, r in cols) + " |")
+    st = first["settings"]
+    where = f", {st['dtype']} on {st['device']}" if st.get("dtype") else ""
+    lines.append(f"\nzero-shot: lm-eval {st['lm_eval']}, limit {st['limit']}, {st['num_fewshot']}-shot{where}")
+    lines += [f"warning: {w}" for _, r in cols for w in r.get("warnings", [])]
     return lines
 
 

@@ -151,6 +151,19 @@ def c4_validation_text() -> str:
     return " ".join(_read_jsonl(_bundled("c4_validation.jsonl.gz"))[:1100])
 
 
+EVAL_FILES = {"wikitext2": ("test", "wikitext2_test.raw.gz"), "c4": ("validation", "c4_validation.jsonl.gz")}
+
+
+@functools.lru_cache(maxsize=None)
+def eval_source(dataset: str) -> dict:
+    """Where an evaluation dataset's text comes from: {"split", "file" (inside the package), "sha256" (of the
+    bundled file's bytes)}; all None for a name that is not a bundled evaluation dataset."""
+    if dataset not in EVAL_FILES:
+        return {"split": None, "file": None, "sha256": None}
+    split, name = EVAL_FILES[dataset]
+    return {"split": split, "file": f"sparsellm/data/{name}", "sha256": file_sha256(_bundled(name))}
+
+
 def eval_tokens(tokenizer, dataset: str, seqlen: int) -> torch.Tensor:
     """The evaluation token stream, shape (1, T), int64. For "c4" it is truncated to 256 × seqlen
     tokens (SparseGPT's protocol). Raises UsageError for an unknown dataset."""
