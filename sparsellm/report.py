@@ -147,18 +147,34 @@ def terminal(run: dict) -> str:
     return "\n".join(lines + [summary_table(run)])
 
 
+def ratio_text(ratio: float, spread: dict | None = None) -> str:
+    """A speed ratio with the spread of its per-repeat ratios (speed.ratio_spread): "1.31× (1.22–1.40)", or
+    "1.02× (0.41–2.51, within noise)" when the spread contains 1.0, which is then no measured difference."""
+    if not spread:
+        return f"{ratio:.2f}×"
+    if spread["repeats"] < 2:
+        return f"{ratio:.2f}× (1 repeat: noise not measured)"
+    return (f"{ratio:.2f}× ({spread['min']:.2f}–{spread['max']:.2f}"
+            + (", within noise)" if spread["within_noise"] else ")"))
+
+
 def speed_table(res: dict) -> str:
-    """`sparsellm bench`'s table: tokens/s per run and measurement with the ratio to dense fp32, the ratios
-    to dense bf16 and, with DeepSparse, its own ratios and its logit check."""
+    """`sparsellm bench`'s table: tokens/s per run and measurement with the ratio to dense fp32 and the
+    spread of its per-repeat ratios, the ratios to dense bf16 and, with DeepSparse, its own ratios and its
+    logit check."""
     keys = list(res["results"]["dense fp32"])
     lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for n, r in res["results"].items():
-        ratio = res["ratios"].get(n, {})
-        lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f" ({ratio[k]:.2f}×)" if ratio else "")
-                                              for k in keys) + " |")
+        ratio, spread = res["ratios"].get(n, {}), res.get("ratio_spread", {}).get(n, {})
+        lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f", {ratio_text(ratio[k], spread.get(k))}"
+                                                                     if ratio else "") for k in keys) + " |")
     for n, r in res.get("ratios_vs_dense_bf16", {}).items():
         if n != "dense fp32":
-            lines.append(f"{n} vs dense bf16: " + ", ".join(f"{k} {v:.2f}×" for k, v in r.items()))
+            spread = res.get("ratio_spread_vs_dense_bf16", {}).get(n, {})
+            lines.append(f"{n} vs dense bf16: " + ", ".join(f"{k} {ratio_text(v, spread.get(k))}" for k, v in r.items()))
+    if res.get("ratio_spread"):
+        lines.append("(ratio, then the range of its per-repeat ratios; \"within noise\": the range contains 1.0×, "
+                     "so no difference was measured)")
     if res.get("deepsparse"):
         ds = res["deepsparse"]
         lines.append("DeepSparse model vs DeepSparse dense: " + ", ".join(
@@ -194,7 +210,9 @@ def search_markdown(run: dict) -> str:
         else:
             lines.append(f"zero-shot mean acc {v['mean_acc']:.4f}")
     if run.get("speed"):
-        lines.append("speed vs dense (fp32): " + ", ".join(f"{k} {v:.2f}×" for k, v in run["speed"]["ratios"]["model fp32"].items()))
+        spread = run["speed"].get("ratio_spread", {}).get("model fp32", {})
+        lines.append("speed vs dense (fp32): " + ", ".join(f"{k} {ratio_text(v, spread.get(k))}"
+                                                           for k, v in run["speed"]["ratios"]["model fp32"].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -292,10 +310,12 @@ def run_row(run: dict, directory) -> dict:
         extra_measured = None
     ev = run.get("eval", {})
     zs = ev.get("zeroshot")
-    speed = {}
+    speed, spread = {}, {}
     if (directory / "speed.json").is_file():
-        ratios = json.loads((directory / "speed.json").read_text()).get("ratios", {})
+        sp = json.loads((directory / "speed.json").read_text())
+        ratios = sp.get("ratios", {})
         speed = dict(ratios.get("model fp32", {}))
+        spread = dict(sp.get("ratio_spread", {}).get("model fp32", {}))
         # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
         speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
@@ -313,7 +333,7 @@ def run_row(run: dict, directory) -> dict:
         "nonzeros": (m["params"] - m["zeros"]) if m else None,
         "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
         "zeroshot_mean_acc": zs["mean_acc"] if zs else None,
-        "speed": speed,
+        "speed": speed, "speed_spread": spread,
         "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
         "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
     }
@@ -364,7 +384,8 @@ def runs_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["dir"], r["method"], r["allocation"], r["sparsity_type"], _fmt(r["target"], ".2f"),
                  _fmt(r["measured"], ".4f"), *[_fmt(r["ppl"].get(k), ".3f") for k in metrics],
-                 _fmt(r["zeroshot_mean_acc"], ".4f"), *[_fmt(r["speed"].get(s), ".2f") + ("×" if s in r["speed"] else "") for s in speeds],
+                 _fmt(r["zeroshot_mean_acc"], ".4f"), *[ratio_text(r["speed"][s], r.get("speed_spread", {}).get(s)) if s in r["speed"] else "—"
+                   for s in speeds],
                  _fmt(r["size_mib"], ".1f"), "—" if r["nonzeros"] is None else f"{r['nonzeros']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
