@@ -333,6 +333,7 @@ def run_row(run: dict, directory) -> dict:
         "nonzeros": (m["params"] - m["zeros"]) if m else None,
         "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
         "zeroshot_mean_acc": zs["mean_acc"] if zs else None,
+        "zeroshot_mean_acc_stderr": zs.get("mean_acc_stderr") if zs else None,
         "speed": speed, "speed_spread": spread,
         "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
         "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
@@ -384,7 +385,7 @@ def runs_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["dir"], r["method"], r["allocation"], r["sparsity_type"], _fmt(r["target"], ".2f"),
                  _fmt(r["measured"], ".4f"), *[_fmt(r["ppl"].get(k), ".3f") for k in metrics],
-                 _fmt(r["zeroshot_mean_acc"], ".4f"), *[ratio_text(r["speed"][s], r.get("speed_spread", {}).get(s)) if s in r["speed"] else "—"
+                 _acc(r["zeroshot_mean_acc"], r.get("zeroshot_mean_acc_stderr")), *[ratio_text(r["speed"][s], r.get("speed_spread", {}).get(s)) if s in r["speed"] else "—"
                    for s in speeds],
                  _fmt(r["size_mib"], ".1f"), "—" if r["nonzeros"] is None else f"{r['nonzeros']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
