@@ -96,13 +96,20 @@ def block_table(prune_report: dict) -> str:
     return "\n".join(lines)
 
 
+ALLOCATION_SETTINGS = {"atp_beta": "β", "owl_m": "M", "owl_lambda": "λ", "owl_granularity": "granularity",
+                       "rmi_nsamples": "windows", "rmi_beta": "β", "rmi_delta": "δ"}
+
+
+def allocation_name(alloc: dict) -> str:
+    """The allocation and its settings in one phrase: "allocation **atp** (β = 0.0100)"."""
+    settings = ", ".join(f"{sym} = {alloc[k]:.4g}" if isinstance(alloc[k], float) else f"{sym} = {alloc[k]}"
+                         for k, sym in ALLOCATION_SETTINGS.items() if k in alloc)
+    return f"allocation **{alloc['name']}**{' (' + settings + ')' if settings else ''}"
+
+
 def allocation_lines(alloc: dict) -> list[str]:
     """The allocation in words: its name, settings, time and the per-block rates."""
-    keys = [k for k in ("atp_beta", "owl_m", "owl_lambda", "owl_granularity", "rmi_nsamples", "rmi_beta",
-                        "rmi_delta") if k in alloc]
-    settings = ", ".join(f"{k} {alloc[k]}" for k in keys)
-    return [f"allocation **{alloc['name']}**{' (' + settings + ')' if settings else ''}, "
-            f"{alloc.get('seconds', 0.0):.1f} s", "",
+    return [f"{allocation_name(alloc)}, {alloc.get('seconds', 0.0):.1f} s", "",
             "rates: " + " ".join(f"{r:.4f}" for r in alloc["rates"])]
 
 
@@ -138,8 +145,12 @@ def search_table(search: dict) -> str:
 
 
 def terminal(run: dict) -> str:
-    """What a run prints when it ends: for `allocate`, the ATP search line and the rates; then the summary."""
+    """What a run prints when it ends: the allocation with its settings (after a prune), for `allocate` the
+    ATP search line and the rates; then the summary."""
     lines = []
+    alloc = run.get("allocation") or (run.get("prune") or {}).get("allocation")
+    if alloc and run.get("prune"):  # after a prune: which allocation, with its β, λ or δ
+        lines.append(allocation_name(alloc))
     if run.get("command") == "allocate":
         if run.get("search"):
             lines.append(search_line(run["search"]))
