@@ -20,7 +20,7 @@ import torch
 
 from .allocate import resolve_allocation
 from .config import Calibration, flat_defaults, setting
-from .data import calibration_windows
+from .data import calibration_windows, corpus_rows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
 from .models import block_linears, context_length, get_arch, get_blocks
@@ -215,7 +215,8 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
         "allocation": alloc,
         "calibration": {"dataset": c.calib_dataset, "nsamples": int(calib_ids.shape[0]),
                         "seqlen": int(calib_ids.shape[1]), "seed": c.seed,
-                        "tokens_sha256": tokens_sha256(calib_ids), "used": used},
+                        "tokens_sha256": tokens_sha256(calib_ids), "used": used,
+                        "rows": corpus_rows(c.calib_dataset)},
         "options": {**config.options(), "batch_size": c.batch_size or auto_batch_size(int(calib_ids.shape[1])),
                     "diag_nsamples": config.diag},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

@@ -88,21 +88,25 @@ def beta_search(search: dict, path) -> Path:
 
 
 def ppl_vs_sparsity(rows: list[dict], metric: str, path) -> Path:
-    """One line per (method, allocation): `metric` perplexity against measured sparsity (log y).
-    rows: from report.run_row."""
+    """One line per (method, allocation, pattern): `metric` perplexity against measured sparsity (log y),
+    the legend naming the pattern (2:4, unstructured, ...). rows: from report.run_row."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[str, list] = {}
     for r in rows:
         if metric in r["ppl"]:
             x = r["measured"] if r["measured"] is not None else (r["target"] or 0.0)
-            groups.setdefault(f"{r['method']} {r['allocation']}".strip(), []).append((x, r["ppl"][metric]))
+            label = " ".join(str(v) for v in (r["method"], r["allocation"]) if v)
+            if r.get("sparsity_type"):
+                label += f", {r['sparsity_type']}"
+            groups.setdefault(label, []).append((x, r["ppl"][metric]))
     for label, pts in groups.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("measured sparsity of the block linears")
     ax.set_ylabel(metric)
+    ax.set_title(f"perplexity ({metric}) against sparsity, {len(groups)} method{'s' * (len(groups) != 1)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

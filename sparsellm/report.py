@@ -19,6 +19,7 @@ def summary_table(run: dict) -> str:
         if sparse:
             lines = ["| metric | windows | tokens | ppl |", "|---|---|---|---|"]
             lines += [f"| {k} | {r['windows']} | {r['tokens']} | {r['ppl']:.3f} |" for k, r in sparse.items()]
+        lines += source_lines(sparse)
         if zs:
             lines += ([""] if lines else []) + zeroshot_table(None, zs, label="model")
         return "\n".join(lines)
@@ -29,6 +30,7 @@ def summary_table(run: dict) -> str:
         d, s = dense.get(key), sparse.get(key)
         windows = (s or d)["windows"]
         lines.append(f"| {key} | {windows} | {_fmt(d and d['ppl'])} | {_fmt(s and s['ppl'])} |")
+    lines += source_lines({**dense, **sparse})
     if zs or zs_dense:
         lines += ([""] if lines else []) + zeroshot_table(zs_dense, zs)
     p = run["prune"]
@@ -45,21 +47,42 @@ def summary_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def source_lines(metrics: dict) -> list[str]:
+    """One line per perplexity result that names its data: dataset and split, windows × seqlen, the bundled
+    file with the start of its SHA-256, and the start of the scored tokens' SHA-256."""
+    lines = []
+    for key, r in metrics.items():
+        if key != "zeroshot" and r.get("split"):
+            lines.append(f"{key}: {r['dataset']} {r['split']} split, {r['windows']} windows of {r['seqlen']} tokens "
+                         f"from {r['source']} (SHA-256 {r['source_sha256'][:12]}…), scored tokens SHA-256 "
+                         f"{r['tokens_sha256'][:12]}…")
+    return [""] + lines if lines else []
+
+
+def _acc(value, se) -> str:
+    """An accuracy with its standard error, "0.6500 ± 0.0340" (no ± where it is unknown)."""
+    return _fmt(value, ".4f") + ("" if se is None else f" ± {se:.4f}")
+
+
 def zeroshot_table(dense: dict | None, sparse: dict | None, label: str = "sparse") -> list[str]:
-    """Zero-shot acc (acc_norm) per task and the mean acc, dense and/or `label` columns."""
+    """Zero-shot acc ± its standard error (acc_norm) per task and the mean acc, dense and/or `label`
+    columns, then the settings (lm-eval version, limit, dtype, device) and any warning."""
     cols = [(n, r) for n, r in (("dense", dense), (label, sparse)) if r]
-    lines = ["| task | n | " + " | ".join(f"{n} acc (acc_norm)" for n, _ in cols) + " |",
+    lines = ["| task | n | " + " | ".join(f"{n} acc ± s.e. (acc_norm)" for n, _ in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     first = cols[0][1]
     for task in first["tasks"]:
         cells = []
         for _, r in cols:
             t = r["tasks"].get(task, {})
-            cells.append(f"{_fmt(t.get('acc'), '.4f')} ({_fmt(t.get('acc_norm'), '.4f')})")
+            cells.append(f"{_acc(t.get('acc'), t.get('acc_stderr'))} ({_fmt(t.get('acc_norm'), '.4f')})")
         lines.append(f"| {task} | {first['tasks'][task]['n']} | " + " | ".join(cells) + " |")
-    lines.append("| **mean acc** | | " + " | ".join(f"**{r['mean_acc']:.4f}**" for _, r in cols) + " |")
-    lines.append(f"\nzero-shot: lm-eval {first['settings']['lm_eval']}, limit {first['settings']['limit']}, "
-                 f"{first['settings']['num_fewshot']}-shot")
+    lines.append("| **mean acc** | | " + " | ".join(f"**{_acc(r['mean_acc'], r.get('mean_acc_stderr'))}**"
+                                                      for _, r in cols) + " |")
+    st = first["settings"]
+    where = f", {st['dtype']} on {st['device']}" if st.get("dtype") else ""
+    lines.append(f"\nzero-shot: lm-eval {st['lm_eval']}, limit {st['limit']}, {st['num_fewshot']}-shot{where}")
+    lines += [f"warning: {w}" for _, r in cols for w in r.get("warnings", [])]
     return lines
 
 
@@ -73,13 +96,20 @@ def block_table(prune_report: dict) -> str:
     return "\n".join(lines)
 
 
+ALLOCATION_SETTINGS = {"atp_beta": "β", "owl_m": "M", "owl_lambda": "λ", "owl_granularity": "granularity",
+                       "rmi_nsamples": "windows", "rmi_beta": "β", "rmi_delta": "δ"}
+
+
+def allocation_name(alloc: dict) -> str:
+    """The allocation and its settings in one phrase: "allocation **atp** (β = 0.0100)"."""
+    settings = ", ".join(f"{sym} = {alloc[k]:.4g}" if isinstance(alloc[k], float) else f"{sym} = {alloc[k]}"
+                         for k, sym in ALLOCATION_SETTINGS.items() if k in alloc)
+    return f"allocation **{alloc['name']}**{' (' + settings + ')' if settings else ''}"
+
+
 def allocation_lines(alloc: dict) -> list[str]:
     """The allocation in words: its name, settings, time and the per-block rates."""
-    keys = [k for k in ("atp_beta", "owl_m", "owl_lambda", "owl_granularity", "rmi_nsamples", "rmi_beta",
-                        "rmi_delta") if k in alloc]
-    settings = ", ".join(f"{k} {alloc[k]}" for k in keys)
-    return [f"allocation **{alloc['name']}**{' (' + settings + ')' if settings else ''}, "
-            f"{alloc.get('seconds', 0.0):.1f} s", "",
+    return [f"{allocation_name(alloc)}, {alloc.get('seconds', 0.0):.1f} s", "",
             "rates: " + " ".join(f"{r:.4f}" for r in alloc["rates"])]
 
 
@@ -115,8 +145,12 @@ def search_table(search: dict) -> str:
 
 
 def terminal(run: dict) -> str:
-    """What a run prints when it ends: for `allocate`, the ATP search line and the rates; then the summary."""
+    """What a run prints when it ends: the allocation with its settings (after a prune), for `allocate` the
+    ATP search line and the rates; then the summary."""
     lines = []
+    alloc = run.get("allocation") or (run.get("prune") or {}).get("allocation")
+    if alloc and run.get("prune"):  # after a prune: which allocation, with its β, λ or δ
+        lines.append(allocation_name(alloc))
     if run.get("command") == "allocate":
         if run.get("search"):
             lines.append(search_line(run["search"]))
@@ -124,18 +158,34 @@ def terminal(run: dict) -> str:
     return "\n".join(lines + [summary_table(run)])
 
 
+def ratio_text(ratio: float, spread: dict | None = None) -> str:
+    """A speed ratio with the spread of its per-repeat ratios (speed.ratio_spread): "1.31× (1.22–1.40)", or
+    "1.02× (0.41–2.51, within noise)" when the spread contains 1.0, which is then no measured difference."""
+    if not spread:
+        return f"{ratio:.2f}×"
+    if spread["repeats"] < 2:
+        return f"{ratio:.2f}× (1 repeat: noise not measured)"
+    return (f"{ratio:.2f}× ({spread['min']:.2f}–{spread['max']:.2f}"
+            + (", within noise)" if spread["within_noise"] else ")"))
+
+
 def speed_table(res: dict) -> str:
-    """`sparsellm bench`'s table: tokens/s per run and measurement with the ratio to dense fp32, the ratios
-    to dense bf16 and, with DeepSparse, its own ratios and its logit check."""
+    """`sparsellm bench`'s table: tokens/s per run and measurement with the ratio to dense fp32 and the
+    spread of its per-repeat ratios, the ratios to dense bf16 and, with DeepSparse, its own ratios and its
+    logit check."""
     keys = list(res["results"]["dense fp32"])
     lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for n, r in res["results"].items():
-        ratio = res["ratios"].get(n, {})
-        lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f" ({ratio[k]:.2f}×)" if ratio else "")
-                                              for k in keys) + " |")
+        ratio, spread = res["ratios"].get(n, {}), res.get("ratio_spread", {}).get(n, {})
+        lines.append(f"| {n} | " + " | ".join(f"{r[k]:.1f} tok/s" + (f", {ratio_text(ratio[k], spread.get(k))}"
+                                                                     if ratio else "") for k in keys) + " |")
     for n, r in res.get("ratios_vs_dense_bf16", {}).items():
         if n != "dense fp32":
-            lines.append(f"{n} vs dense bf16: " + ", ".join(f"{k} {v:.2f}×" for k, v in r.items()))
+            spread = res.get("ratio_spread_vs_dense_bf16", {}).get(n, {})
+            lines.append(f"{n} vs dense bf16: " + ", ".join(f"{k} {ratio_text(v, spread.get(k))}" for k, v in r.items()))
+    if res.get("ratio_spread"):
+        lines.append("(ratio, then the range of its per-repeat ratios; \"within noise\": the range contains 1.0×, "
+                     "so no difference was measured)")
     if res.get("deepsparse"):
         ds = res["deepsparse"]
         lines.append("DeepSparse model vs DeepSparse dense: " + ", ".join(
@@ -171,7 +221,9 @@ def search_markdown(run: dict) -> str:
         else:
             lines.append(f"zero-shot mean acc {v['mean_acc']:.4f}")
     if run.get("speed"):
-        lines.append("speed vs dense (fp32): " + ", ".join(f"{k} {v:.2f}×" for k, v in run["speed"]["ratios"]["model fp32"].items()))
+        spread = run["speed"].get("ratio_spread", {}).get("model fp32", {})
+        lines.append("speed vs dense (fp32): " + ", ".join(f"{k} {ratio_text(v, spread.get(k))}"
+                                                           for k, v in run["speed"]["ratios"]["model fp32"].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -280,10 +332,12 @@ def run_row(run: dict, directory) -> dict:
         extra_measured = None
     ev = run.get("eval", {})
     zs = ev.get("zeroshot")
-    speed = {}
+    speed, spread = {}, {}
     if (directory / "speed.json").is_file():
-        ratios = json.loads((directory / "speed.json").read_text()).get("ratios", {})
+        sp = json.loads((directory / "speed.json").read_text())
+        ratios = sp.get("ratios", {})
         speed = dict(ratios.get("model fp32", {}))
+        spread = dict(sp.get("ratio_spread", {}).get("model fp32", {}))
         # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
         speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
@@ -301,7 +355,8 @@ def run_row(run: dict, directory) -> dict:
         "nonzeros": (m["params"] - m["zeros"]) if m else None,
         "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
         "zeroshot_mean_acc": zs["mean_acc"] if zs else None,
-        "speed": speed,
+        "zeroshot_mean_acc_stderr": zs.get("mean_acc_stderr") if zs else None,
+        "speed": speed, "speed_spread": spread,
         "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
         "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
     }
@@ -352,7 +407,8 @@ def runs_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["dir"], r["method"], r["allocation"], r["sparsity_type"], _fmt(r["target"], ".2f"),
                  _fmt(r["measured"], ".4f"), *[_fmt(r["ppl"].get(k), ".3f") for k in metrics],
-                 _fmt(r["zeroshot_mean_acc"], ".4f"), *[_fmt(r["speed"].get(s), ".2f") + ("×" if s in r["speed"] else "") for s in speeds],
+                 _acc(r["zeroshot_mean_acc"], r.get("zeroshot_mean_acc_stderr")), *[ratio_text(r["speed"][s], r.get("speed_spread", {}).get(s)) if s in r["speed"] else "—"
+                   for s in speeds],
                  _fmt(r["size_mib"], ".1f"), "—" if r["nonzeros"] is None else f"{r['nonzeros']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -19,11 +19,12 @@ def test_instruction_labels_cover_only_the_response(tmp_path, tokenizer):
     f = tmp_path / "a.jsonl"
     rows = [{"instruction": "name the city", "input": "", "output": "the river city"},
             {"instruction": "play a song", "input": "the band", "output": "music"},
-            {"instruction": "", "output": "skipped"}, {"instruction": "no output"}]
+            *[{"instruction": f"count to {k}", "output": "one two"} for k in range(18)],
+            {"instruction": "", "output": "skipped"}, {"instruction": "no output"}]  # 2 of 22 dropped: under 10%
     f.write_text("\n".join(json.dumps(r) for r in rows))
     ex = instruction_examples(tokenizer, f, max_length=512)
-    assert len(ex) == 2
-    for (ids, labels), r in zip(ex, rows):
+    assert len(ex) == 20
+    for (ids, labels), r in zip(ex[:2], rows[:2]):
         prompt = PROMPT.format(ctx=", paired with an input that provides further context" if r["input"] else "",
                                instruction=r["instruction"], input=f"### Input:\n{r['input']}\n\n" if r["input"] else "")
         n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)

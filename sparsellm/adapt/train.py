@@ -34,23 +34,32 @@ def text_examples(tokenizer, source: str, n: int, seqlen: int, seed: int) -> lis
     return [(row, row.clone()) for row in ids]
 
 
-def instruction_examples(tokenizer, path, max_length: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def instruction_examples(tokenizer, path, max_length: int = 1024,
+                         rows: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Alpaca-style rows from a JSON list or JSON-lines file. The prompt tokens get label -100, the
-    response tokens (plus EOS) are learned; rows are truncated to `max_length`. Raises UsageError for a
-    missing file, bad JSON, or no usable row (an `instruction` and an `output` are required)."""
+    response tokens (plus EOS) are learned; rows are truncated to `max_length`. Rows without an
+    `instruction` and an `output`, or whose prompt alone fills `max_length`, are dropped and counted (a log
+    line, and `rows` filled with `data.check_rows`'s count). Raises UsageError for a missing file, bad
+    JSON, no usable row, or more than 10% of the rows dropped."""
+    import logging
+
+    from ..data import check_rows
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"instruction data not found: {path}")
     text = p.read_text(encoding="utf-8")
+    is_list = text.lstrip().startswith("[")
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(ln) for ln in text.splitlines()
-                                                                       if ln.strip()]
+        items = list(enumerate(json.loads(text), 1)) if is_list else [
+            (n, json.loads(ln)) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     except ValueError as e:
         raise UsageError(f"{path} is neither a JSON list nor JSON lines: {e}") from None
-    out = []
+    out, bad, long_, first = [], 0, 0, None
     eos = tokenizer.eos_token_id
-    for r in rows:
+    for n, r in items:
         if not isinstance(r, dict) or not str(r.get("instruction", "")).strip() or not str(r.get("output", "")).strip():
+            bad, first = bad + 1, first or n
             continue
         extra = str(r.get("input") or "").strip()
         prompt = PROMPT.format(ctx=", paired with an input that provides further context" if extra else "",
@@ -60,10 +69,17 @@ def instruction_examples(tokenizer, path, max_length: int = 1024) -> list[tuple[
         ids = (p_ids + r_ids)[:max_length]
         labels = ([-100] * len(p_ids) + r_ids)[:max_length]
         if all(x == -100 for x in labels):
-            continue  # the prompt alone fills max_length: nothing to learn
+            long_, first = long_ + 1, first or n  # the prompt alone fills max_length: nothing to learn
+            continue
         out.append((torch.tensor(ids), torch.tensor(labels)))
     if not out:
         raise UsageError(f"{path} has no usable rows (each needs 'instruction' and 'output')")
+    why = f"{bad} without 'instruction' and 'output', {long_} with a prompt of {max_length} tokens or more"
+    count = check_rows(p, len(items), bad + long_, first, why, "row" if is_list else "line")
+    logging.getLogger("sparsellm").info("fine-tuning data %s: %d rows used, %d dropped%s", p, len(out), bad + long_,
+                                        f" ({why})" if bad + long_ else "")
+    if rows is not None:
+        rows.update(count)
     return out
 
 
@@ -141,23 +157,30 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
             "optimizer": opt.state_dict()}
 
 
-def finetune_examples(tokenizer, data: str, n: int, seqlen: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def finetune_examples(tokenizer, data: str, n: int, seqlen: int, seed: int,
+                      rows: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fine-tuning set: `n` examples of at most `seqlen` tokens. `data` is "c4" or a local text file
     (.txt / .jsonl with `text`: next-token windows drawn with `seed`), or an instruction file (.json / .jsonl
     whose rows have `instruction` and `output`: the first n usable rows after a `seed` shuffle, loss on
-    the response only). Raises UsageError for a missing file, too little text, or no usable rows."""
+    the response only). `rows`, if given, is filled with the file's row count (`data.check_rows`).
+    Raises UsageError for a missing file, too little text, no usable rows, or more than 10% dropped."""
     import random
+
+    from ..data import corpus_rows
 
     if n < 1:
         raise UsageError(f"--ft_nsamples must be >= 1, got {n}")
     p = Path(data).expanduser()
     if data != "c4" and p.suffix in (".json", ".jsonl") and p.is_file() and _is_instruction(p):
-        rows = instruction_examples(tokenizer, p, seqlen)
-        random.Random(seed).shuffle(rows)
-        if len(rows) < n:
-            raise UsageError(f"{data} has {len(rows)} usable instruction rows, fewer than --ft_nsamples {n}")
-        return rows[:n]
-    return text_examples(tokenizer, data, n, seqlen, seed)
+        examples = instruction_examples(tokenizer, p, seqlen, rows)
+        random.Random(seed).shuffle(examples)
+        if len(examples) < n:
+            raise UsageError(f"{data} has {len(examples)} usable instruction rows, fewer than --ft_nsamples {n}")
+        return examples[:n]
+    examples = text_examples(tokenizer, data, n, seqlen, seed)
+    if rows is not None:
+        rows.update(corpus_rows(data))
+    return examples
 
 
 def _is_instruction(path: Path) -> bool:

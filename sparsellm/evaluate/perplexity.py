@@ -4,13 +4,14 @@ shifted targets; ppl = exp(total NLL / total predicted tokens)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import eval_tokens
+from ..data import eval_source, eval_tokens
 from ..errors import UsageError
 
 
@@ -21,7 +22,9 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
 
     Returns {"metric": "wikitext2_ppl@2048", "ppl", "nll" (mean NLL in nats per token), "window_nll" (the
     mean NLL of each window, in order: exp(mean(window_nll[:k])) is the perplexity of the first k windows),
-    "windows", "tokens" (predicted tokens), "seqlen", "dataset", "max_windows"}. Raises UsageError if the
+    "windows", "tokens" (predicted tokens), "seqlen", "dataset", "split" ("test" / "validation"), "source"
+    (the bundled file) and "source_sha256" (its bytes), "tokens_sha256" (SHA-256 of the scored windows'
+    token ids as int64), "max_windows", "total_windows"}. Raises UsageError if the
     text has fewer than seqlen tokens or max_windows < 1. ids: the dataset's token stream (1, T) if already
     tokenized (`eval_tokens`), to skip tokenizing again."""
     if max_windows is not None and max_windows < 1:
@@ -45,6 +48,10 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
         ppl = math.exp(nll / count)
     except OverflowError:  # mean NLL above ~709 nats: a diverged model
         ppl = float("inf")
+    src = eval_source(dataset)
+    scored = ids[:, : windows * seqlen].to("cpu", torch.int64).contiguous()
     return {"metric": f"{dataset}_ppl@{seqlen}", "ppl": ppl, "nll": nll / count,
             "window_nll": window_nll, "windows": windows, "tokens": count, "seqlen": seqlen, "dataset": dataset,
+            "split": src["split"], "source": src["file"], "source_sha256": src["sha256"],
+            "tokens_sha256": hashlib.sha256(scored.numpy().tobytes()).hexdigest(),
             "max_windows": max_windows, "total_windows": ids.shape[1] // seqlen}

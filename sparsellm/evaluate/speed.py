@@ -1,7 +1,8 @@
 """Measured inference speed in PyTorch (algorithms.md §10.3): prefill and KV-cache decode throughput of a
 model against a dense baseline, in one process, with the same prompts, pinned threads, warm-up, and the
 median of repeated runs taken in alternation (baseline, model, baseline, model, ...), so that a noisy,
-shared machine affects both alike.
+shared machine affects both alike. Each repeat's times are kept, and every ratio comes with the spread of
+its per-repeat ratios: a ratio whose spread contains 1.0 is within noise, not a speed-up or a slow-down.
 
 Unstructured and N:M zeros give no speed in dense PyTorch kernels (the saved weights are dense tensors
 with exact zeros); the ratio is reported as measured, ~1.0 or below. Structurally pruned models are smaller
@@ -65,8 +66,9 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
             progress: bool = True) -> dict:
     """Throughput of every model in `models` ({name: model}; the first is the baseline) on identical
     prompts. Returns {"threads", "settings", "results": {name: {"prefill@L": tokens/s, "decode_b{B}": tokens/s}},
-    "ratios": {name: {...}: throughput / baseline's}}. Medians of `repeats` runs after `warmup`.
-    Raises UsageError for non-positive settings."""
+    "ratios": {name: {...}: throughput / baseline's}, "ratio_spread": {name: {...}: `ratio_spread` of the
+    per-repeat ratios}, "seconds": {name: {...}: every timed repeat's wall time, in order}}. Throughputs are
+    medians of `repeats` runs after `warmup`. Raises UsageError for non-positive settings."""
     if repeats < 1 or warmup < 0 or new_tokens < 1 or decode_prompt < 1:
         raise UsageError("repeats, new_tokens and the decode prompt must be >= 1, warmup >= 0")
     if threads is not None:
@@ -83,6 +85,7 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
     if not jobs:
         raise UsageError(f"every prefill length and the decode prompt + new tokens exceed the model's context ({ctx})")
     results = {n: {} for n in names}
+    seconds = {n: {} for n in names}
     for key, ids, steps in jobs:
         times = {n: [] for n in names}
         for r in range(warmup + repeats):
@@ -94,12 +97,32 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
         tokens = ids.numel() if steps is None else ids.shape[0] * steps
         for n in names:
             results[n][key] = tokens / statistics.median(times[n])
+            seconds[n][key] = times[n]
         if progress:
             print(f"{key}: " + "  ".join(f"{n} {results[n][key]:.1f} tok/s" for n in names), flush=True)
     base = results[names[0]]
     ratios = {n: {k: v / base[k] for k, v in results[n].items()} for n in names[1:]}
-    return {"threads": torch.get_num_threads(), "results": results, "ratios": ratios,
+    spread = {n: {k: ratio_spread(seconds[names[0]][k], seconds[n][k]) for k in results[n]} for n in names[1:]}
+    return {"threads": torch.get_num_threads(), "results": results, "ratios": ratios, "ratio_spread": spread,
+            "seconds": seconds,
             "settings": {"prefill_lengths": [j[0] for j in jobs if j[2] is None], "decode_prompt": decode_prompt,
                          "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "baseline": names[0]},
             "cuda_2_4": "skipped: 2:4 semi-structured kernels (torch.sparse.to_sparse_semi_structured) need CUDA"
             if not torch.cuda.is_available() else "not run"}
+
+
+def ratio_spread(base_seconds: list[float], seconds: list[float]) -> dict:
+    """The spread of a throughput ratio over repeats. Repeat r of the model ran right after repeat r of the
+    baseline in the same process, so base_seconds[r] / seconds[r] is that repeat's ratio. Returns {"repeats",
+    "min", "q1", "median", "q3", "max" (of the per-repeat ratios; quartiles by linear interpolation),
+    "within_noise": min <= 1 <= max (the ratio is not a measured difference), None with one repeat}."""
+    ratios = sorted(b / t for b, t in zip(base_seconds, seconds))
+    n = len(ratios)
+
+    def q(f):
+        x = f * (n - 1)
+        lo = int(x)
+        return ratios[lo] + (ratios[min(lo + 1, n - 1)] - ratios[lo]) * (x - lo)
+
+    return {"repeats": n, "min": ratios[0], "q1": q(0.25), "median": q(0.5), "q3": q(0.75), "max": ratios[-1],
+            "within_noise": None if n < 2 else ratios[0] <= 1.0 <= ratios[-1]}

@@ -11,6 +11,8 @@ reads. Nothing touches the network. HellaSwag is not bundled (it could not be ob
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -159,8 +161,11 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
     """Zero-shot accuracy of the in-memory `model` on `tasks` through lm-eval's HFLM.
 
     limit: first N documents of each task (None: all). lm: an lm-eval LM to use instead of HFLM(model)
-    (tests use an oracle). Returns {"tasks": {task: {"acc", "acc_norm" (None where the task has none),
-    "n"}}, "mean_acc", "mean_acc_norm" (over the tasks that have it), "settings": {...}}.
+    (tests use an oracle). Returns {"tasks": {task: {"acc", "acc_stderr", "acc_norm" (None where the task
+    has none), "acc_norm_stderr", "n"}}, "mean_acc", "mean_acc_stderr" (tasks independent), "mean_acc_norm"
+    (over the tasks that have it), "settings": {limit, batch size, lm-eval version, dtype, device,
+    task_files (data and YAML with SHA-256)}, "warnings" (a --limit that leaves a standard error above 5
+    points, also logged)}. Accuracies and standard errors are fractions in [0, 1].
     Raises UsageError for an unknown task, a missing file, or limit <= 0."""
     tasks = check_tasks(tasks, hellaswag_file, limit)
     require_lm_eval()
@@ -176,14 +181,62 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
                           bootstrap_iters=0, log_samples=False)
     res = {}
     for t in tasks:
-        r = out["results"][t]
-        res[t] = {"acc": r.get("acc,none"), "acc_norm": r.get("acc_norm,none"), "n": out["n-samples"][t]["effective"]}
+        r, n = out["results"][t], out["n-samples"][t]["effective"]
+        res[t] = {"acc": r.get("acc,none"), "acc_stderr": stderr(r.get("acc,none"), n),
+                  "acc_norm": r.get("acc_norm,none"), "acc_norm_stderr": stderr(r.get("acc_norm,none"), n), "n": n}
     accs = [r["acc"] for r in res.values()]
     norms = [r["acc_norm"] for r in res.values() if r["acc_norm"] is not None]
-    return {"tasks": res, "mean_acc": sum(accs) / len(accs),
-            "mean_acc_norm": sum(norms) / len(norms) if norms else None,
-            "settings": {"limit": limit, "batch_size": batch_size, "num_fewshot": 0,
-                         "lm_eval": _version()}}
+    ses = [r["acc_stderr"] for r in res.values()]
+    result = {"tasks": res, "mean_acc": sum(accs) / len(accs),
+              "mean_acc_stderr": None if None in ses else math.sqrt(sum(x * x for x in ses)) / len(ses),
+              "mean_acc_norm": sum(norms) / len(norms) if norms else None,
+              "settings": {"limit": limit, "batch_size": batch_size, "num_fewshot": 0,
+                           "lm_eval": _version(), **provenance(model, tasks, hellaswag_file)}}
+    result["warnings"] = limit_warnings(result)
+    for w in result["warnings"]:
+        logging.getLogger("sparsellm").warning("warning: %s", w)
+    return result
+
+
+MAX_STDERR = 0.05  # 5 accuracy points: a --limit that leaves more is warned about
+
+
+def stderr(acc: float | None, n: int) -> float | None:
+    """Standard error of an accuracy over n documents: the sample standard deviation of the 0/1 scores over
+    sqrt(n), sqrt(acc (1 − acc) / (n − 1)), lm-eval's `mean_stderr` in closed form (None for n < 2)."""
+    if acc is None or n < 2:
+        return None
+    return math.sqrt(max(acc * (1 - acc), 0.0) / (n - 1))
+
+
+def limit_warnings(result: dict) -> list[str]:
+    """One line when `--limit` leaves any task's standard error above MAX_STDERR (5 points)."""
+    limit = result["settings"]["limit"]
+    wide = {t: r["acc_stderr"] for t, r in result["tasks"].items()
+            if r["acc_stderr"] is not None and r["acc_stderr"] > MAX_STDERR}
+    if limit is None or not wide:
+        return []
+    return [f"--limit {limit} leaves the standard error of " + ", ".join(f"{t} at {100 * v:.1f}"
+            for t, v in wide.items()) + f" points, above {100 * MAX_STDERR:.0f}: differences smaller than about twice "
+            "that are noise; raise --limit"]
+
+
+def provenance(model, tasks: list[str], hellaswag_file: str | None = None) -> dict:
+    """What the scores depend on besides lm-eval's version: the model's dtype and device, and for each task
+    its data file and lm-eval YAML with their SHA-256."""
+    from ..data import file_sha256
+
+    lm_eval = require_lm_eval()
+    param = next(model.parameters(), None) if model is not None else None
+    files = {}
+    for t in tasks:
+        yaml_rel, data_rel = FILES[t]
+        data = Path(hellaswag_file).expanduser() if t == "hellaswag" else DATA / data_rel
+        yaml = Path(lm_eval.__file__).parent / "tasks" / yaml_rel
+        files[t] = {"data": str(data) if t == "hellaswag" else f"sparsellm/data/zeroshot/{data_rel}",
+                    "data_sha256": file_sha256(data), "yaml": yaml_rel, "yaml_sha256": file_sha256(yaml)}
+    return {"dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
+            "device": str(param.device) if param is not None else None, "task_files": files}
 
 
 def _version() -> str:

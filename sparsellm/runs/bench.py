@@ -86,7 +86,7 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
     A DeepSparse failure still leaves the PyTorch results in speed.json, and raises UsageError."""
     import torch
 
-    from ..evaluate.speed import compare
+    from ..evaluate.speed import compare, ratio_spread
     from ..models import load_model
 
     cfg.validate()
@@ -119,6 +119,9 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
         b16 = res["results"]["dense bf16"]
         res["ratios_vs_dense_bf16"] = {n: {k: r[k] / b16[k] for k in b16 if k in r}
                                        for n, r in res["results"].items() if n != "dense bf16"}
+        sec = res["seconds"]
+        res["ratio_spread_vs_dense_bf16"] = {n: {k: ratio_spread(sec["dense bf16"][k], sec[n][k]) for k in sec[n]}
+                                             for n in sec if n != "dense bf16"}
     if save is not None:
         write_json_atomic(save.path / "speed.json", res)
     return record.finish()

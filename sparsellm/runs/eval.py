@@ -7,18 +7,21 @@ from dataclasses import dataclass, field
 from ..config import Evaluation, ModelSource
 from ..errors import UsageError
 from .record import Run, evaluate
-from .rundir import RunDir
+from .rundir import RunDir, add_to_record, check_additions, run_record
 
 
 @dataclass
 class EvalRun:
     """Perplexity ("ppl": `evaluation.eval` lists wikitext2 and/or c4) or zero-shot accuracy ("zeroshot":
-    `evaluation.tasks`) of one model; `save`: a directory to write report.json into."""
+    `evaluation.tasks`) of one model; `save`: a directory to write report.json into, or the model's own run
+    directory, whose record (report.json, report.md) the results are then added to; `overwrite`: replace
+    results already in that record."""
 
     source: ModelSource = field(default_factory=ModelSource)
     evaluation: Evaluation = field(default_factory=Evaluation)
     kind: str = "ppl"
     save: str | None = None
+    overwrite: bool = False
 
     def validate(self) -> "EvalRun":
         """Raises UsageError for bad settings, before any model is loaded."""
@@ -35,15 +38,22 @@ class EvalRun:
 
 
 def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
-    """Load the model, evaluate it, and write `report.json` into `cfg.save` if given. Raises UsageError."""
+    """Load the model, evaluate it, and write `report.json` into `cfg.save` if given; when `cfg.save` is the
+    model's own run directory, add the results to its record instead (`details["added_to"]`). Raises
+    UsageError, before any evaluation and with nothing written."""
     from ..models import context_length, load_model, resolve_model
 
     cfg.validate()
     _, src = resolve_model(cfg.source.model)
-    save = RunDir.prepare(cfg.save, [src], replaces=False)
+    run_dir = run_record(cfg.save, src)
+    if run_dir is not None and cfg.kind == "zeroshot":
+        check_additions(run_dir, ["zeroshot"], cfg.overwrite)
+    save = RunDir.prepare(cfg.save, [src], replaces=False) if run_dir is None else None
     tasks = cfg.evaluation.zeroshot_tasks()
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
     seqlen = None if tasks else min(cfg.evaluation.eval_seqlen, context_length(model))
+    if run_dir is not None and seqlen is not None:
+        check_additions(run_dir, [f"{n}_ppl@{seqlen}" for n in cfg.evaluation.names()], cfg.overwrite)
     local = model_dir or src
     record = Run(f"eval {cfg.kind}", cfg.source.model, str(local) if local else None,
                  {"dtype": cfg.source.dtype, **vars(cfg.evaluation)})
@@ -51,5 +61,9 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     record.finish()
     if save is not None:
         save.write(record.to_dict())
+    if run_dir is not None:
+        add_to_record(run_dir, record.metrics, {"command": record.command, "config": record.config,
+                                                "versions": record.versions, "peak_rss_mib": record.peak_rss_mib},
+                      cfg.overwrite)
+        record.details["added_to"] = str(run_dir / "report.json")
     return record
-

@@ -205,11 +205,12 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
         ft_seqlen = min(t.ft_seqlen, ctx)
         if ft_seqlen < t.ft_seqlen:
             log.warning("--ft_seqlen %d exceeds the model's context %d; using %d", t.ft_seqlen, ctx, ft_seqlen)
-        data["examples"] = finetune_examples(tok, t.data, t.ft_nsamples, ft_seqlen, seed + 1)
+        data["rows"] = {}
+        data["examples"] = finetune_examples(tok, t.data, t.ft_nsamples, ft_seqlen, seed + 1, data["rows"])
     examples = data["examples"]
     local = model_dir or plan.src
     details = {"data": {"source": t.data, "ft_nsamples": len(examples), "ft_seqlen": t.ft_seqlen, "seed": seed + 1,
-                        "tokens_sha256": examples_sha(examples)},
+                        "tokens_sha256": examples_sha(examples), "rows": data["rows"]},
                "eval_seqlen": eval_seqlen}
     record = Run("finetune", cfg.source.model, str(local) if local else None, {}, details=details)
     if ev.eval_dense and evals:

@@ -6,6 +6,8 @@
 A model directory (`replaces=True`) is written whole into a temporary directory and swapped into place
 (`outputs.atomic_dir_write`), so an interrupted run leaves the old directory or the new one, never a mix.
 A reports directory (`replaces=False`, e.g. `--save`) is added to: each file is written atomically.
+An evaluation saved into the evaluated model's own run directory is added to that run's record
+(`run_record`, `add_to_record`): report.json and report.md are rewritten atomically, nothing else is touched.
 """
 
 from __future__ import annotations
@@ -110,3 +112,53 @@ def save_pruned(model, tokenizer, out_dir, report: dict, run_report: dict | None
     rd = RunDir.prepare(out_dir, [source if str(source) and source.exists() else None], overwrite)
     return rd.write(run_report or report, markdown, model_writer=pruned_model(model, tokenizer, report, save_dtype),
                     figures=figures, files=files)
+
+
+def run_record(save, model_dir) -> Path | None:
+    """The directory whose run record an evaluation adds to: `save` when it is the evaluated model's own
+    directory (`model_dir`) and holds a run's report.json; None when `save` is another directory (or None).
+    Raises UsageError when `save` is the model's directory without a run record (it would write into an
+    input model), or another run's directory (its record would be replaced by the evaluation's)."""
+    from ..report import load_run
+
+    if save is None:
+        return None
+    out = Path(save).expanduser()
+    own = model_dir is not None and out.resolve() == Path(model_dir).expanduser().resolve()
+    if not (out / "report.json").is_file():
+        if own:
+            raise UsageError(f"--save {save} is the model's directory and holds no run record (report.json); "
+                             "choose another directory")
+        return None
+    run, _ = load_run(out)
+    if own:
+        return out
+    if not str(run.get("command", "")).startswith("eval"):
+        raise UsageError(f"--save {save} holds the record of a {run.get('command')} run of another model "
+                         f"({run.get('model')}); evaluate that model (--model {save}) or choose another directory")
+    return None
+
+
+def check_additions(run_dir: Path, keys, overwrite: bool) -> None:
+    """UsageError when the record in `run_dir` already holds a result under one of `keys`, unless `overwrite`."""
+    from ..report import load_run
+
+    have = [k for k in keys if k in (load_run(run_dir)[0].get("eval") or {})]
+    if have and not overwrite:
+        raise UsageError(f"{run_dir / 'report.json'} already holds {', '.join(have)}; pass --overwrite to replace it")
+
+
+def add_to_record(run_dir: Path, metrics: dict, added: dict, overwrite: bool = False) -> dict:
+    """Add evaluation `metrics` ({name: result}) to the run record in `run_dir`: merged into its "eval", with
+    `added` (the evaluation's command, settings, versions) appended to "eval_added"; report.json and
+    report.md are written atomically, the model files are not touched. Returns the new record. Raises
+    UsageError for a result already there, unless `overwrite`."""
+    from ..report import load_run, markdown, search_markdown
+
+    check_additions(run_dir, metrics, overwrite)
+    run = load_run(run_dir)[0]
+    run["eval"] = {**(run.get("eval") or {}), **metrics}
+    run.setdefault("eval_added", []).append({**added, "metrics": list(metrics)})
+    write_json_atomic(run_dir / "report.json", run)
+    write_text_atomic(run_dir / "report.md", search_markdown(run) if run.get("command") == "search" else markdown(run))
+    return run
