@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..checks import check_weights
 from ..config import Evaluation, ModelSource
 from ..errors import UsageError
 from .record import Run, evaluate
@@ -35,7 +36,8 @@ class EvalRun:
 
 
 def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
-    """Load the model, evaluate it, and write `report.json` into `cfg.save` if given. Raises UsageError."""
+    """Load the model, evaluate it, and write `report.json` into `cfg.save` if given. Raises UsageError
+    (NonFiniteError for a NaN/inf weight, naming the module, or a non-finite loss)."""
     from ..models import context_length, load_model, resolve_model
 
     cfg.validate()
@@ -43,6 +45,7 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     save = RunDir.prepare(cfg.save, [src], replaces=False)
     tasks = cfg.evaluation.zeroshot_tasks()
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    check_weights(model)
     seqlen = None if tasks else min(cfg.evaluation.eval_seqlen, context_length(model))
     local = model_dir or src
     record = Run(f"eval {cfg.kind}", cfg.source.model, str(local) if local else None,
