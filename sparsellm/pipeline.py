@@ -199,7 +199,8 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
     calib_ids: optional (nsamples, seqlen) token windows; drawn from the calibration config when None.
     rates: optional (rates, info) from `resolve_allocation`, computed here when None.
     The report records the input's sparsity (`input`: zeros, params, sparsity of the block linears before
-    pruning; `input_already_sparse`: at least `prune.masks.ALREADY_SPARSE`, whose zeros every pruner keeps)
+    pruning, and `refilled`: how many of those zeros are non-zero after it, 0 unless SparseGPT met a linear
+    under `prune.masks.ALREADY_SPARSE` zeros; `input_already_sparse`: at least that fraction overall)
     and `warnings`: the blocks where the cumulative error explodes (`checks.block_warnings`), also logged.
     Raises UsageError for bad settings, an unsupported architecture or a too-short corpus, NonFiniteError
     for NaN/inf weights or statistics; the model is untouched when it raises before pruning starts."""
@@ -211,13 +212,14 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
     rates, alloc = rates or resolve_allocation(model, config, calib_ids, progress)
     before = linear_sparsity(model)
     if before["sparsity"] >= ALREADY_SPARSE:
-        log.info("the input is already %.4f sparse (%d zeros); its zeros are kept", before["sparsity"], before["zeros"])
+        log.info("the input is already %.4f sparse (%d zeros)", before["sparsity"], before["zeros"])
     t0 = time.perf_counter()
     blocks = prune_blocks(model, calib_ids, config.prune_method, rates, config.nm, options=config.options(),
                           batch_size=c.batch_size, progress=progress, diag_nsamples=config.diag)
     seconds = time.perf_counter() - t0
     used = (get("pruner", config.prune_method).needs != "none" or config.diag > 0
             or get("allocator", config.allocation_name).needs == "data")
+    before["refilled"] = sum(b["refilled"] for b in blocks)
     warnings = block_warnings(blocks)
     for w in warnings:
         log.warning("sparsellm: warning: %s", w)

@@ -43,8 +43,10 @@ def summary_table(run: dict) -> str:
         f"pruning {p['prune_seconds']:.1f} s, peak RSS {p['peak_rss_mib']:.0f} MiB, {p['threads']} threads",
     ]
     if p.get("input_already_sparse"):
-        lines.append(f"the input was already sparse: {p['input']['sparsity']:.4f} ({p['input']['zeros']:,} zeros), "
-                     "and its zeros were kept")
+        n = p["input"].get("refilled", 0)
+        lines.append(f"the input was already sparse: {p['input']['sparsity']:.4f} ({p['input']['zeros']:,} zeros); "
+                     + ("all of them were kept" if not n else f"{n:,} of them are non-zero now (linears with under "
+                        "1% zeros, which SparseGPT prunes as dense)"))
     return "\n".join(lines + warning_lines(run))
 
 

@@ -70,6 +70,7 @@ def test_pruning_a_pruned_model_again_keeps_its_zeros(method, tokenizer):
     kw = dict(prune_method=method, nsamples=4, seqlen=32, **({"blocksize": 8} if method == "sparsegpt" else {}))
     first = prune(model, tokenizer, PruneConfig.from_flat(sparsity_ratio=0.5, **kw), calib_ids=_calib(), progress=False)
     assert first["input"]["sparsity"] == 0.0 and first["input_already_sparse"] is False
+    assert first["input"]["refilled"] == 0
     before = {n: (w == 0).clone() for n, w in _linears(model).items()}
     zeros = sum(int(z.sum()) for z in before.values())
     report = prune(model, tokenizer, PruneConfig.from_flat(sparsity_ratio=0.7, **kw), calib_ids=_calib(seed=1),
@@ -80,6 +81,7 @@ def test_pruning_a_pruned_model_again_keeps_its_zeros(method, tokenizer):
     assert report["input"]["zeros"] == zeros
     assert report["input"]["sparsity"] == pytest.approx(zeros / total)
     assert report["input_already_sparse"] is True
+    assert report["input"]["refilled"] == 0
     assert report["measured"]["sparsity"] >= 22 / 32  # floor(0.7 · 32) per row of the 32-wide linears
     side = sparsity_sidecar(model, report)
     assert side["input_sparsity"] == pytest.approx(zeros / total) and side["input_already_sparse"] is True
@@ -100,9 +102,35 @@ def test_cli_sidecar_and_text_say_the_input_was_already_sparse(tmp_path, saved_m
     assert side["input_sparsity"] == pytest.approx(dense["global_sparsity"])
     assert side["input_already_sparse"] is True
     assert f"the input was already sparse: {dense['global_sparsity']:.4f}" in out
+    assert "all of them were kept" in out
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     for name in side["modules"]:
         w0, w1 = a[name + ".weight"], b[name + ".weight"]
         assert not w1[w0 == 0].any(), name
+
+
+def test_refilled_zeros_are_counted_not_claimed_kept(tokenizer, monkeypatch):
+    """Zeros that come back non-zero (SparseGPT on a linear under 1% zeros, pruned as dense exactly as the
+    published algorithm does) are counted in the report, so the summary never claims they were kept.
+    Here a stand-in pruner sets every zero to 1."""
+    import dataclasses
+
+    from sparsellm import registry
+    from sparsellm.report import summary_table
+
+    m = registry.get("pruner", "magnitude")
+    monkeypatch.setitem(registry._METHODS["pruner"], "magnitude",
+                        dataclasses.replace(m, fn=lambda w, *a, **k: w.masked_fill(w == 0, 1.0)))
+    model = make_model("llama", seed=3)
+    lin = _linears(model)
+    g = torch.Generator().manual_seed(0)
+    for w in lin.values():
+        w.data.view(-1)[torch.randperm(w.numel(), generator=g)[: w.numel() // 50]] = 0.0  # 2%
+    zeros = sum(int((w == 0).sum()) for w in lin.values())
+    report = prune(model, tokenizer, PruneConfig.from_flat(prune_method="magnitude", sparsity_ratio=0.5),
+                   progress=False)
+    assert report["input"]["zeros"] == zeros and report["input"]["refilled"] == zeros
+    text = summary_table({"prune": report})
+    assert f"{zeros:,} of them are non-zero now" in text and "were kept" not in text
