@@ -45,7 +45,14 @@ def test_block_warning_names_the_block_and_the_likely_cause():
     assert jump.startswith("block 2: the cumulative reconstruction error jumps from 0.12 (block 1) to 0.5, 4.2×")
     assert "likely cause: this block's own pruning (local error 0.8 at sparsity 0.7)" in jump
     assert amplified.startswith("block 4: the cumulative reconstruction error jumps from 0.55 (block 3) to 1.4")
-    assert "likely cause: the earlier blocks' error amplified here (its local error is only 0.2)" in amplified
+    assert "likely cause: the earlier blocks' error amplified here (its local error is only 0.2):" in amplified
+    # magnitude 80% on SmolLM2 (rounded): high from block 0 on, crossing 1 only at block 28
+    cum = [0.74, 0.65, 0.74, 0.75, 0.76, 0.77, 0.78, 0.79, 0.77, 0.76, 0.75] + [0.90] * 16 + [0.95, 1.10, 1.01]
+    local = [0.74, 0.51, 0.41] + [0.45] * 25 + [0.41, 0.60]
+    (w,) = checks.block_warnings(_blocks(cum, local))
+    assert w.startswith("block 28: the cumulative reconstruction error reaches 1.1 (≥ 1")
+    assert ("the earlier blocks' error amplified here (its local error is only 0.41; half of it was already "
+            "there at block 0 (0.74, local error 0.74))") in w
     assert checks.block_warnings([{"block": 0, "target": 0.5, "rel_error": None, "cum_error": None}]) == []
 
 
@@ -71,7 +78,7 @@ def test_ppl_warnings_thresholds():
     assert checks.ppl_warnings({"zeroshot": {"mean_acc": 0.2}}, {}, 49152, PRUNE) == []
     exploded = dict(PRUNE, warnings=["block 7: the cumulative reconstruction error jumps ..."])
     (w,) = checks.ppl_warnings({"wikitext2_ppl@2048": _ppl(1000.0)}, dense, None, exploded)
-    assert "likely cause: the error explosion at block 7 (warned above)" in w
+    assert "is too high for magnitude on this model (see the warning for block 7)" in w
 
 
 def test_cli_warnings_reach_stderr_record_reports_and_report_command(tmp_path, saved_model_dir, calib_txt, capsys,
@@ -88,7 +95,7 @@ def test_cli_warnings_reach_stderr_record_reports_and_report_command(tmp_path, s
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert logged[0].startswith("sparsellm: warning: block 0: the cumulative reconstruction error reaches")
     assert logged[1].startswith("sparsellm: warning: wikitext2_ppl@32 ")
-    assert "× the dense model's" in logged[1] and "error explosion at block 0" in logged[1]
+    assert "× the dense model's" in logged[1] and "(see the warning for block 0)" in logged[1]
     run = json.loads((out / "report.json").read_text())
     assert run["warnings"] == [m[len("sparsellm: warning: "):] for m in logged]
     assert run["prune"]["warnings"] == run["warnings"][:1]
