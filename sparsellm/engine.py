@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import block_linears, get_blocks
+from .checks import check_stats, check_tensor
+from .models import block_linears, get_arch, get_blocks
 from .prune import LayerStats
 from .registry import get
 
@@ -126,8 +127,10 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
     model's inputs for Y_pruned, next to `rel_error` (local: the same, pruned-path inputs for both).
     For magnitude, which needs no calibration data, the forwards then run on those windows only.
 
-    Returns one dict per block: target, measured sparsity, per-module sparsity, rel_error, cum_error
-    and seconds."""
+    Returns one dict per block: target, measured sparsity, per-module sparsity (target, measured, and
+    `input`: the fraction of zeros before pruning), `refilled` (zeros before pruning that are not zero
+    after it), rel_error, cum_error and seconds.
+    Raises NonFiniteError, naming the linear, for a NaN/inf weight, calibration statistic or pruned weight."""
     pruner = get("pruner", method)
     blocks = get_blocks(model)
     if len(rates) != len(blocks):
@@ -158,6 +161,7 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
             run_block(block, D, kwargs[i], Dn, batch_size)  # dense block on dense inputs
         stats = _gather_stats(block, block_linears(model, block), pruner.needs,
                               lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
+        check_stats(f"{get_arch(model).blocks}.{i}", stats)
         res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
                            lambda: run_block(block, X, kwargs[i], Y, batch_size, compare=True))  # Y = pruned
         X, Y = Y, X
@@ -191,6 +195,7 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
         stats = None
         if need is not None:
             stats = _gather_stats(block, block_linears(model, block), need, forward)
+            check_stats(f"{get_arch(model).blocks}.{i}", stats)
         yield i, block, X, stats
         if need is None:
             forward()
@@ -245,13 +250,19 @@ def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=N
     """Prune every linear of block i at `rate` (or `nm`), then `replay()` the block if given, which returns
     (Σ‖ref − new‖², Σ‖ref‖²) for the relative reconstruction error. Returns the block's report entry."""
     linears = block_linears(model, block)
-    modules = {}
+    modules, refilled = {}, 0
     for name, lin in linears.items():
-        W = lin.weight.data
+        W, where = lin.weight.data, f"{get_arch(model).blocks}.{i}.{name}"
+        check_tensor(W, where, "weight")
+        was_zero = W == 0
+        before = float(was_zero.sum()) / W.numel()
         r = (rate[name] if isinstance(rate, dict) else rate) if nm is None else nm.sparsity
         if r > 0 or nm is not None:
-            W.copy_(pruner.fn(W.float(), stats and stats[name], r, nm, **options).to(W.dtype))
-        modules[name] = {"target": r, "measured": float((W == 0).sum()) / W.numel()}
+            new = pruner.fn(W.float(), stats and stats[name], r, nm, **options)
+            check_tensor(new, where, f"the {pruner.name}-pruned weight")
+            W.copy_(new.to(W.dtype))
+            refilled += int((was_zero & (W != 0)).sum()) if before else 0
+        modules[name] = {"target": r, "measured": float((W == 0).sum()) / W.numel(), "input": before}
     total = sum(lin.weight.numel() for lin in linears.values())
     target = sum(modules[n]["target"] * lin.weight.numel() for n, lin in linears.items()) / total
     err = None
@@ -260,7 +271,7 @@ def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=N
         err = (num / den) ** 0.5 if den > 0 else 0.0
     zeros = sum(m["measured"] * linears[n].weight.numel() for n, m in modules.items())
     res = {"block": i, "target": target, "measured": zeros / total, "rel_error": err, "cum_error": None,
-           "seconds": time.perf_counter() - t0, "modules": modules}
+           "seconds": time.perf_counter() - t0, "modules": modules, "refilled": refilled}
     return res
 
 

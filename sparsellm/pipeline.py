@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .allocate import resolve_allocation
+from .checks import block_warnings, check_weights
 from .config import Calibration, flat_defaults, setting
 from .data import calibration_windows, corpus_rows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
@@ -26,6 +27,7 @@ from .errors import UsageError
 from .models import block_linears, context_length, get_arch, get_blocks
 from .provenance import peak_rss_mib, tokens_sha256, versions
 from .prune import check_sparsity, parse_pattern
+from .prune.masks import ALREADY_SPARSE
 from .registry import get
 
 log = logging.getLogger("sparsellm")
@@ -170,10 +172,11 @@ def _foreign_settings(rest: dict) -> str:
 
 
 def validate_for_model(model, config: PruneConfig) -> int:
-    """Checks that need the model: architecture, N:M divisibility of every in_features, the allocation
-    (β range, rates file length and mean). Returns the calibration seqlen, capped at the model's context
-    length. Raises UsageError."""
+    """Checks that need the model: architecture, every weight finite, N:M divisibility of every in_features,
+    the allocation (β range, rates file length and mean). Returns the calibration seqlen, capped at the
+    model's context length. Raises UsageError (NonFiniteError, naming the module, for a NaN/inf weight)."""
     blocks = get_blocks(model)
+    check_weights(model)
     nm = config.nm
     for block in blocks:
         for name, lin in block_linears(model, block).items():
@@ -194,20 +197,31 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
 
     calib_ids: optional (nsamples, seqlen) token windows; drawn from the calibration config when None.
     rates: optional (rates, info) from `resolve_allocation`, computed here when None.
-    Raises UsageError for bad settings, an unsupported architecture or a too-short corpus; the model is
-    untouched when it raises before pruning starts."""
+    The report records the input's sparsity (`input`: zeros, params, sparsity of the block linears before
+    pruning, and `refilled`: how many of those zeros are non-zero after it, 0 unless SparseGPT met a linear
+    under `prune.masks.ALREADY_SPARSE` zeros; `input_already_sparse`: at least that fraction overall)
+    and `warnings`: the blocks where the cumulative error explodes (`checks.block_warnings`), also logged.
+    Raises UsageError for bad settings, an unsupported architecture or a too-short corpus, NonFiniteError
+    for NaN/inf weights or statistics; the model is untouched when it raises before pruning starts."""
     config.validate()
     seqlen = validate_for_model(model, config)
     c = config.calibration
     if calib_ids is None:
         calib_ids = calibration_windows(tokenizer, c.calib_dataset, c.nsamples, seqlen, c.seed)
     rates, alloc = rates or resolve_allocation(model, config, calib_ids, progress)
+    before = linear_sparsity(model)
+    if before["sparsity"] >= ALREADY_SPARSE:
+        log.info("the input is already %.4f sparse (%d zeros)", before["sparsity"], before["zeros"])
     t0 = time.perf_counter()
     blocks = prune_blocks(model, calib_ids, config.prune_method, rates, config.nm, options=config.options(),
                           batch_size=c.batch_size, progress=progress, diag_nsamples=config.diag)
     seconds = time.perf_counter() - t0
     used = (get("pruner", config.prune_method).needs != "none" or config.diag > 0
             or get("allocator", config.allocation_name).needs == "data")
+    before["refilled"] = sum(b["refilled"] for b in blocks)
+    warnings = block_warnings(blocks)
+    for w in warnings:
+        log.warning("sparsellm: warning: %s", w)
     return {
         "method": config.prune_method,
         "sparsity_type": config.sparsity_type,
@@ -221,7 +235,10 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
                     "diag_nsamples": config.diag},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "measured": linear_sparsity(model),
+        "input": before,
+        "input_already_sparse": before["sparsity"] >= ALREADY_SPARSE,
         "blocks": blocks,
+        "warnings": warnings,
         "prune_seconds": seconds,
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
@@ -230,7 +247,9 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
 
 
 def sparsity_sidecar(model, report: dict) -> dict:
-    """The `sparsity_config.json` sidecar (llm-compressor's key names where they exist)."""
+    """The `sparsity_config.json` sidecar (llm-compressor's key names where they exist). `input_sparsity`:
+    the block linears' fraction of zeros before pruning; `input_already_sparse`: at least
+    `prune.masks.ALREADY_SPARSE` (the input was a pruned model, whose zeros were kept)."""
     prefix = get_arch(model).blocks
     modules = {f"{prefix}.{b['block']}.{name}": m for b in report["blocks"] for name, m in b["modules"].items()}
     return {
@@ -239,6 +258,8 @@ def sparsity_sidecar(model, report: dict) -> dict:
         "sparsity_structure": report["sparsity_type"],
         "global_sparsity": report["measured"]["sparsity"],
         "target_sparsity": report["target_sparsity"],
+        "input_sparsity": (report.get("input") or {}).get("sparsity"),  # None: not measured (fine-tuning runs)
+        "input_already_sparse": report.get("input_already_sparse"),
         "targets": sorted(modules),
         "ignore": ["embeddings", "lm_head", "norms"],
         "modules": modules,

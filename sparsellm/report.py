@@ -10,8 +10,8 @@ def _fmt(x, spec=".3f"):
 
 
 def summary_table(run: dict) -> str:
-    """Dense-vs-sparse table (one row per evaluated metric) plus sparsity and timing lines; for a plain
-    evaluation, one ppl column."""
+    """Dense-vs-sparse table (one row per evaluated metric) plus sparsity and timing lines, whether the
+    input was already sparse, and the run's warnings; for a plain evaluation, one ppl column."""
     dense, sparse = dict(run.get("eval_dense", {})), dict(run.get("eval", {}))
     zs_dense, zs = dense.pop("zeroshot", None), sparse.pop("zeroshot", None)
     if "prune" not in run:
@@ -44,7 +44,17 @@ def summary_table(run: dict) -> str:
         f"{calib}; dtype {p['dtype']}",
         f"pruning {p['prune_seconds']:.1f} s, peak RSS {p['peak_rss_mib']:.0f} MiB, {p['threads']} threads",
     ]
-    return "\n".join(lines)
+    if p.get("input_already_sparse"):
+        n = p["input"].get("refilled", 0)
+        lines.append(f"the input was already sparse: {p['input']['sparsity']:.4f} ({p['input']['zeros']:,} zeros); "
+                     + ("all of them were kept" if not n else f"{n:,} of them are non-zero now (linears with under "
+                        "1% zeros, which SparseGPT prunes as dense)"))
+    return "\n".join(lines + warning_lines(run))
+
+
+def warning_lines(run: dict) -> list[str]:
+    """The run's warnings (`checks`), one line each, after a blank line; none: no lines."""
+    return ["", *(f"**warning**: {w}" for w in run.get("warnings") or [])] if run.get("warnings") else []
 
 
 def source_lines(metrics: dict) -> list[str]:
@@ -359,11 +369,13 @@ def run_row(run: dict, directory) -> dict:
         "speed": speed, "speed_spread": spread,
         "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
         "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
+        "warnings": list(run.get("warnings") or []),
     }
 
 
 def compare_runs(paths, out=None) -> str:
-    """`sparsellm report`: the runs at `paths` (directories or report.json files) side by side. With `out`,
+    """`sparsellm report`: the runs at `paths` (directories or report.json files) side by side, then each
+    run's warnings (quality warnings from `checks`), one line each. With `out`,
     also write report.md, ppl_vs_sparsity.png and rates.png there. Returns the markdown table. Raises
     UsageError for an unreadable run, or an `out` that is a file or one of the run directories."""
     from pathlib import Path
@@ -380,6 +392,9 @@ def compare_runs(paths, out=None) -> str:
         except (AttributeError, TypeError, KeyError, ValueError):
             raise UsageError(f"{path} is not a sparsellm run report (its sections are not the ones runs write)") from None
     table = runs_table(rows)
+    warned = [f"- {r['dir']}: {w}" for r in rows for w in r.get("warnings", [])]
+    if warned:
+        table += "\n\n**warnings**\n\n" + "\n".join(warned)
     if out is not None:
         out = Path(out)
         if out.exists() and not out.is_dir():

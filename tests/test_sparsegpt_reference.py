@@ -95,9 +95,22 @@ def _cut(scores, k):
     return order[:k], gap
 
 
-def reference(W, X, sparsity, nm, blocksize, percdamp=0.01):
-    """Naive SparseGPT in float64. Returns (pruned W, mask (True = pruned), smallest decision gap)."""
+def _cut_free(scores, k, forced):
+    """Mask (True = pruned) of a 1-D score vector: every `forced` entry, plus the k − #forced lowest of the
+    others (none when #forced ≥ k); and the relative gap at that cut among the others."""
+    free = torch.nonzero(~forced).flatten()
+    idx, gap = _cut(scores[free], max(k - int(forced.sum()), 0))
+    out = forced.clone()
+    out[free[idx]] = True
+    return out, gap
+
+
+def reference(W, X, sparsity, nm, blocksize, percdamp=0.01, keep=None):
+    """Naive SparseGPT in float64. Returns (pruned W, mask (True = pruned), smallest decision gap).
+    keep: the input's zeros of an already sparse weight (bool, W's shape), treated as already pruned:
+    each is in the mask of its block (N:M group) and counts towards its floor(numel · sparsity) (M − N)."""
     W = W.to(F64).clone()
+    keep = torch.zeros(W.shape, dtype=torch.bool) if keep is None else keep
     rows, cols = W.shape
     H = 2.0 / X.shape[0] * (X.T.to(F64) @ X.to(F64))
     for j in range(cols):
@@ -116,15 +129,12 @@ def reference(W, X, sparsity, nm, blocksize, percdamp=0.01):
             score = W[:, j:stop] ** 2 / d
             if nm is None:
                 k = math.floor(score.numel() * sparsity)
-                idx, g = _cut(score.flatten(), k)
-                block = torch.zeros(score.numel(), dtype=torch.bool)
-                block[idx] = True
+                block, g = _cut_free(score.flatten(), k, keep[:, j:stop].flatten())
                 mask[:, j:stop] = block.reshape(score.shape)
                 gap = min(gap, g)
             else:
                 for r in range(rows):
-                    idx, g = _cut(score[r], nm.m - nm.n)
-                    mask[r, j + idx] = True
+                    mask[r, j:stop], g = _cut_free(score[r], nm.m - nm.n, keep[r, j:stop])
                     gap = min(gap, g)
         q = torch.where(mask[:, j], 0.0, W[:, j])
         e = (W[:, j] - q) / Hinv[j, j]
@@ -221,3 +231,117 @@ def test_cholesky_diagonal_equivalence():
     for j in range(16):
         torch.testing.assert_close(A[j, j:] / A[j, j].sqrt(), U[j, j:], rtol=1e-9, atol=1e-12)
         A -= torch.outer(A[:, j], A[j, :]) / A[j, j]
+
+
+# ------------------------------------------------------------------ already sparse inputs (pruning again)
+#
+# A model pruned before keeps its zeros: the reference above with `keep` = the input's zeros. Pruning again
+# with C_in wider than the block size used to refill them (the OBS update of earlier blocks reaches columns
+# whose mask is chosen later, and the new mask did not have to contain the old zeros).
+
+
+def _pruned_before(W, X, sparsity, seed_blocksize=4):
+    """W as a model pruned before holds it: the reference's result at `sparsity`, rounded to float32."""
+    return reference(W, X, sparsity, None, seed_blocksize)[0].float().to(F64)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("first,second,nm,blocksize", [
+    (0.5, 0.7, None, 8),        # three blocks: C_in 24 > block size
+    (0.5, 0.7, None, 5),        # blocks that do not line up with the first prune's
+    (0.3, 0.6, None, 128),      # one block: the updates stay inside it
+    (0.6, 0.4, None, 8),        # a lower target: only the existing zeros are pruned, all of them
+    (0.4, None, NM(2, 4), 8),   # N:M on top of unstructured zeros (some groups hold more than M − N)
+    (0.2, None, NM(4, 8), 12),
+])
+def test_pruning_a_sparse_weight_again_keeps_its_zeros(first, second, nm, blocksize, seed):
+    W, X = _data(10, 24, seed=seed + 20, mix=1.0)  # correlated inputs: large OBS updates
+    W0 = _pruned_before(W, X, first)
+    keep = W0 == 0
+    assert keep.double().mean() >= first - 0.05
+    sparsity = 1 - nm.n / nm.m if nm else second
+    ref, mask, gap = reference(W0, X, sparsity, nm, blocksize, keep=keep)
+    assert gap >= MIN_GAP, f"test data has a near-tie (gap {gap:.2e}); pick another seed"
+    out = _library(W0, X, sparsity, nm, blocksize)
+    assert (out[keep] == 0).all(), f"{int((out[keep] != 0).sum())} zeros of the input were refilled"
+    assert torch.equal(out == 0, ref == 0), f"masks differ in {int(((out == 0) != (ref == 0)).sum())} entries"
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    if nm is None:  # each block: max(its existing zeros, floor(numel · s)) zeros
+        for i in range(0, 24, blocksize):
+            blk, z = mask[:, i:i + blocksize], keep[:, i:i + blocksize]
+            assert int(blk.sum()) == max(int(z.sum()), math.floor(blk.numel() * second))
+    else:
+        assert ((~mask).reshape(10, 24 // nm.m, nm.m).sum(-1) <= nm.n).all()
+
+
+def _sparsegpt_44ce298(weight, stats, sparsity, nm, blocksize=128, percdamp=0.01):
+    """`sparsegpt.prune` as it was at commit 44ce298, before already sparse inputs kept their zeros
+    (verbatim, with `inverse_cholesky`'s first, successful try inlined)."""
+    W = weight.clone().float()
+    rows, cols = W.shape
+    if sparsity == 0 and nm is None:
+        return W
+    H = stats.hessian.to(W.device).float() * (2.0 / max(stats.ntokens, 1))
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp = percdamp * torch.diag(H).mean().clamp_min(1e-8)
+    L, info = torch.linalg.cholesky_ex(H + damp * eye)
+    assert info == 0
+    Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    assert info == 0
+    if nm:
+        blocksize = max(nm.m, blocksize - blocksize % nm.m)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            k = int(W1.numel() * sparsity)
+            if k:
+                score = (W1 ** 2 / d.reshape(1, -1) ** 2).flatten()
+                mask1.view(-1)[torch.topk(score, k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if nm and i % nm.m == 0:
+                score = W1[:, i : i + nm.m] ** 2 / d[i : i + nm.m].reshape(1, -1) ** 2
+                idx = torch.topk(score, nm.m - nm.n, dim=1, largest=False).indices
+                mask1.scatter_(1, i + idx, True)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+@pytest.mark.parametrize("zeros", [0, 5])  # 5 of 64·96: 0.08%, incidental zeros of a dense model (< 1%)
+@pytest.mark.parametrize("sparsity,nm,blocksize", [(0.5, None, 128), (0.5, None, 32), (0.7, None, 40),
+                                                   (0.6, None, 7), (0.5, NM(2, 4), 32), (0.5, NM(4, 8), 128)])
+def test_dense_input_is_byte_identical_to_44ce298(sparsity, nm, blocksize, zeros):
+    """Pruning a dense weight gives exactly the bytes it gave before (BENCHMARKS.md §1 depends on it),
+    also with a few exact zeros as a de-quantized dense model has (SmolLM2-135M: 0.03%)."""
+    W, X = _data(64, 96, tokens=200, seed=5, dead=(17,))
+    W = W.float()
+    W.view(-1)[torch.randperm(W.numel(), generator=torch.Generator().manual_seed(1))[:zeros]] = 0.0
+    st = LayerStats(ntokens=X.shape[0], hessian=(X.T @ X).float())
+    out = sparsegpt.prune(W.clone(), st, sparsity, nm, blocksize=blocksize, percdamp=0.01)
+    assert torch.equal(out, _sparsegpt_44ce298(W.clone(), st, sparsity, nm, blocksize=blocksize))
+
+
+def test_the_data_above_exercises_the_refill():
+    """The algorithm of 44ce298 refilled zeros on the data of the re-pruning test (so that test can fail):
+    unstructured with C_in wider than the block size, and N:M."""
+    for nm, sparsity in ((None, 0.7), (NM(2, 4), 0.5)):
+        W, X = _data(10, 24, seed=20, mix=1.0)
+        W0 = _pruned_before(W, X, 0.4 if nm else 0.5)
+        st = LayerStats(ntokens=X.shape[0], hessian=(X.T @ X).float())
+        old = _sparsegpt_44ce298(W0.float(), st, sparsity, nm, blocksize=8)
+        assert (old[W0 == 0] != 0).any()

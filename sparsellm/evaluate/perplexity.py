@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import eval_source, eval_tokens
-from ..errors import UsageError
+from ..errors import NonFiniteError, UsageError
 
 
 @torch.no_grad()
@@ -25,7 +25,8 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     "windows", "tokens" (predicted tokens), "seqlen", "dataset", "split" ("test" / "validation"), "source"
     (the bundled file) and "source_sha256" (its bytes), "tokens_sha256" (SHA-256 of the scored windows'
     token ids as int64), "max_windows", "total_windows"}. Raises UsageError if the
-    text has fewer than seqlen tokens or max_windows < 1. ids: the dataset's token stream (1, T) if already
+    text has fewer than seqlen tokens or max_windows < 1, NonFiniteError if a window's loss is NaN/inf (the
+    model's logits are not finite): no `nan` perplexity is ever returned. ids: the dataset's token stream (1, T) if already
     tokenized (`eval_tokens`), to skip tokenizing again."""
     if max_windows is not None and max_windows < 1:
         raise UsageError(f"--max_windows must be >= 1, got {max_windows}")
@@ -41,6 +42,9 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
         x = ids[:, w * seqlen : (w + 1) * seqlen].to(device)
         logits = model(x, use_cache=False).logits[0, :-1].float()
         window = float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+        if not math.isfinite(window):
+            raise NonFiniteError(f"{dataset} perplexity: the loss of window {w + 1} of {windows} is {window} (the "
+                                 "model's logits are not finite; with --dtype bfloat16 try float32)")
         window_nll.append(window / (seqlen - 1))
         nll += window
         count += seqlen - 1

@@ -5,6 +5,14 @@ ICML 2023, Algorithm 1; algorithms.md §4).
 H = 2/n · Σ x xᵀ (fp32). Columns are processed in blocks of `blocksize`; within a block the mask is
 chosen adaptively (lowest w² / [H⁻¹]_cc², or per N:M group), and each pruned column's error is spread
 over the remaining columns through the upper Cholesky factor of H⁻¹.
+
+An already sparse weight (at least `masks.ALREADY_SPARSE` exact zeros, e.g. a 50% model pruned again to
+70%) keeps its zeros: they are forced into the mask of their column block (or N:M group) and count
+towards its floor(numel · sparsity), so the block prunes only the rest. The OBS update of earlier columns
+does reach them, as it reaches every weight whose mask is chosen later; being in the mask, each is then
+set to zero and that change is spread over the later columns like any pruned weight's. Without this, the
+updates refilled earlier zeros whenever C_in > blocksize. A weight with fewer zeros is pruned exactly as
+the published algorithm does.
 """
 
 from __future__ import annotations
@@ -15,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import setting
-from ..errors import UsageError
+from ..errors import NonFiniteError, UsageError
 from ..registry import register
-from .masks import NM
+from .masks import NM, existing_zeros
 
 log = logging.getLogger("sparsellm")
 
@@ -40,7 +48,10 @@ class SparseGPTConfig:
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp · mean(diag H). If H + λI is not positive
-    definite, λ is multiplied by 10 and tried again (up to `retries` times); then UsageError is raised."""
+    definite, λ is multiplied by 10 and tried again (up to `retries` times); then UsageError is raised.
+    A Hessian with NaN/inf entries raises NonFiniteError at once (no damping can fix it)."""
+    if not torch.isfinite(H).all():
+        raise NonFiniteError(f"SparseGPT: the Hessian has {int((~torch.isfinite(H)).sum())} NaN/inf values")
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp = percdamp * torch.diag(H).mean().clamp_min(1e-8)
     for _ in range(retries + 1):
@@ -59,7 +70,9 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torc
 def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
           blocksize: int = 128, percdamp: float = 0.01, **_) -> torch.Tensor:
     """Prune weight (C_out, C_in) with SparseGPT and return the updated weight. Unstructured: in each
-    column block, the floor(numel · sparsity) lowest-score entries are pruned. N:M: M−N per group."""
+    column block, the floor(numel · sparsity) lowest-score entries are pruned. N:M: M−N per group. The
+    zeros of an already sparse weight (`masks.existing_zeros`) are always in the mask, so they stay zero."""
+    zeros = existing_zeros(weight)
     W = weight.clone().float()
     rows, cols = W.shape
     if sparsity == 0 and nm is None:
@@ -80,16 +93,25 @@ def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        Z1 = None if zeros is None else zeros[:, i1:i2]  # the input's zeros: pruned first, and always
         if nm is None:
             k = int(W1.numel() * sparsity)
             if k:
                 score = (W1 ** 2 / d.reshape(1, -1) ** 2).flatten()
+                if Z1 is not None:
+                    score = score.masked_fill(Z1.flatten(), -1.0)
                 mask1.view(-1)[torch.topk(score, k, largest=False).indices] = True
+            if Z1 is not None:
+                mask1 |= Z1
         for i in range(i2 - i1):
             if nm and i % nm.m == 0:
                 score = W1[:, i : i + nm.m] ** 2 / d[i : i + nm.m].reshape(1, -1) ** 2
+                if Z1 is not None:
+                    score = score.masked_fill(Z1[:, i : i + nm.m], -1.0)
                 idx = torch.topk(score, nm.m - nm.n, dim=1, largest=False).indices
                 mask1.scatter_(1, i + idx, True)
+                if Z1 is not None:
+                    mask1[:, i : i + nm.m] |= Z1[:, i : i + nm.m]
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             Q1[:, i] = q

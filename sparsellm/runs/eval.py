@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..checks import check_weights
 from ..config import Evaluation, ModelSource
 from ..errors import UsageError
 from .record import Run, evaluate
@@ -40,7 +41,8 @@ class EvalRun:
 def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     """Load the model, evaluate it, and write `report.json` into `cfg.save` if given; when `cfg.save` is the
     model's own run directory, add the results to its record instead (`details["added_to"]`). Raises
-    UsageError, before any evaluation and with nothing written."""
+    UsageError, before any evaluation and with nothing written (NonFiniteError for a NaN/inf weight, naming the
+    module, or a non-finite loss)."""
     from ..models import context_length, load_model, resolve_model
 
     cfg.validate()
@@ -51,6 +53,7 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     save = RunDir.prepare(cfg.save, [src], replaces=False) if run_dir is None else None
     tasks = cfg.evaluation.zeroshot_tasks()
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    check_weights(model)
     seqlen = None if tasks else min(cfg.evaluation.eval_seqlen, context_length(model))
     if run_dir is not None and seqlen is not None:
         check_additions(run_dir, [f"{n}_ppl@{seqlen}" for n in cfg.evaluation.names()], cfg.overwrite)

@@ -39,7 +39,7 @@ log = logging.getLogger("sparsellm")
 METHOD_HELP = ("losa, masked-lora (static), lora (plain, merged: loses sparsity), none; comma-separated runs each "
                "on the same data, into OUT/<method>/, plus OUT/comparison.md")
 COMMON = {"command", "model", "model_path", "config", "eval", "eval_dense", "calibration", "blocks", "timings",
-          "peak_rss_mib", "versions"}
+          "peak_rss_mib", "versions", "warnings"}
 
 
 @dataclass
@@ -265,7 +265,7 @@ def from_dict(run: dict) -> Run:
     return Run(run["command"], run.get("model", ""), run.get("model_path"), run.get("config") or {},
                run.get("calibration"), run.get("eval") or {}, run.get("eval_dense") or {}, run.get("blocks") or [],
                run.get("timings") or {}, run.get("peak_rss_mib") or 0.0, run.get("versions") or {},
-               {k: v for k, v in run.items() if k not in COMMON})
+               {k: v for k, v in run.items() if k not in COMMON}, run.get("warnings") or [])
 
 
 def comparison_text(record: Run) -> str:

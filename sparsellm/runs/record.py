@@ -25,7 +25,8 @@ class Run:
     config: the flat settings. calibration: dataset, nsamples, seqlen, seed, token hash (None when no
     calibration was drawn). metrics / metrics_dense: evaluation results after the run / of the input model.
     blocks: the per-block table (target, measured sparsity, local and cumulative error, seconds).
-    timings: seconds by phase. peak_rss_mib: the process's peak memory. details: the method's own sections."""
+    timings: seconds by phase. peak_rss_mib: the process's peak memory. details: the method's own sections.
+    warnings: quality warnings (`checks.block_warnings`, `checks.ppl_warnings`), also logged to stderr."""
 
     command: str
     model: str
@@ -39,6 +40,7 @@ class Run:
     peak_rss_mib: float = 0.0
     versions: dict = field(default_factory=versions)
     details: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
 
     def finish(self) -> "Run":
         """Record the peak memory at the end of the run."""
@@ -53,7 +55,7 @@ class Run:
         if self.metrics or self.command.startswith("eval"):
             out["eval"] = self.metrics
         out.update(calibration=self.calibration, blocks=self.blocks, timings=self.timings,
-                   peak_rss_mib=self.peak_rss_mib, versions=self.versions)
+                   peak_rss_mib=self.peak_rss_mib, versions=self.versions, warnings=self.warnings)
         return out
 
     def summary(self) -> str:
