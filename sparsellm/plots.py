@@ -89,7 +89,7 @@ def beta_search(search: dict, path) -> Path:
 
 def ppl_vs_sparsity(rows: list[dict], metric: str, path) -> Path:
     """One line per (method, allocation, pattern): `metric` perplexity against measured sparsity (log y),
-    the legend naming the pattern (2:4, unstructured, ...). rows: from report.run_row."""
+    the legend naming the pattern (2:4, unstructured, ...). rows: from compare.run_row."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[str, list] = {}

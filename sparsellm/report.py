@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 
-def _fmt(x, spec=".3f"):
+def fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
@@ -29,7 +29,7 @@ def summary_table(run: dict) -> str:
     for key in dict.fromkeys([*dense, *sparse]):
         d, s = dense.get(key), sparse.get(key)
         windows = (s or d)["windows"]
-        lines.append(f"| {key} | {windows} | {_fmt(d and d['ppl'])} | {_fmt(s and s['ppl'])} |")
+        lines.append(f"| {key} | {windows} | {fmt(d and d['ppl'])} | {fmt(s and s['ppl'])} |")
     lines += source_lines({**dense, **sparse})
     if zs or zs_dense:
         lines += ([""] if lines else []) + zeroshot_table(zs_dense, zs)
@@ -69,9 +69,9 @@ def source_lines(metrics: dict) -> list[str]:
     return [""] + lines if lines else []
 
 
-def _acc(value, se) -> str:
+def acc_text(value, se) -> str:
     """An accuracy with its standard error, "0.6500 ± 0.0340" (no ± where it is unknown)."""
-    return _fmt(value, ".4f") + ("" if se is None else f" ± {se:.4f}")
+    return fmt(value, ".4f") + ("" if se is None else f" ± {se:.4f}")
 
 
 def zeroshot_table(dense: dict | None, sparse: dict | None, label: str = "sparse") -> list[str]:
@@ -85,9 +85,9 @@ def zeroshot_table(dense: dict | None, sparse: dict | None, label: str = "sparse
         cells = []
         for _, r in cols:
             t = r["tasks"].get(task, {})
-            cells.append(f"{_acc(t.get('acc'), t.get('acc_stderr'))} ({_fmt(t.get('acc_norm'), '.4f')})")
+            cells.append(f"{acc_text(t.get('acc'), t.get('acc_stderr'))} ({fmt(t.get('acc_norm'), '.4f')})")
         lines.append(f"| {task} | {first['tasks'][task]['n']} | " + " | ".join(cells) + " |")
-    lines.append("| **mean acc** | | " + " | ".join(f"**{_acc(r['mean_acc'], r.get('mean_acc_stderr'))}**"
+    lines.append("| **mean acc** | | " + " | ".join(f"**{acc_text(r['mean_acc'], r.get('mean_acc_stderr'))}**"
                                                       for _, r in cols) + " |")
     st = first["settings"]
     where = f", {st['dtype']} on {st['device']}" if st.get("dtype") else ""
@@ -101,8 +101,8 @@ def block_table(prune_report: dict) -> str:
     lines = ["| block | target | measured | local rel. error | cumulative rel. error | seconds |",
              "|---|---|---|---|---|---|"]
     for b in prune_report["blocks"]:
-        lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {_fmt(b['rel_error'], '.3e')} "
-                     f"| {_fmt(b.get('cum_error'), '.3e')} | {b['seconds']:.2f} |")
+        lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {fmt(b['rel_error'], '.3e')} "
+                     f"| {fmt(b.get('cum_error'), '.3e')} | {b['seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -264,9 +264,9 @@ def finetune_table(ft: dict) -> str:
         loss = f"{tr['losses'][0]:.4f} → {tr['losses'][-1]:.4f}" if tr and tr["losses"] else "—"
         ppl = st.get("ppl")
         ppl = "—" if not ppl else f"{ppl['ppl']:.3f} ({ppl['windows']})"
-        lines.append(f"| {st['step']} | {st['target']:.4f} | {_fmt(st.get('measured'), '.4f')} | "
-                     f"{_fmt(st.get('mean_rank'), '.1f')} | {loss} | {tr['tokens'] if tr else 0:,} | "
-                     f"{_fmt(tr and tr['seconds'], '.1f')} | "
+        lines.append(f"| {st['step']} | {st['target']:.4f} | {fmt(st.get('measured'), '.4f')} | "
+                     f"{fmt(st.get('mean_rank'), '.1f')} | {loss} | {tr['tokens'] if tr else 0:,} | "
+                     f"{fmt(tr and tr['seconds'], '.1f')} | "
                      f"{ppl} |")
     if ft.get("ranks"):
         lines += ["", "ranks per block: " + " ".join(str(r) for r in ft["ranks"])]
@@ -293,137 +293,8 @@ def finetune_comparison(runs: dict) -> str:
         ft, ev = r["finetune"], r.get("eval", {})
         tokens = sum((st.get("train") or {}).get("tokens", 0) for st in ft["steps"]) + (ft.get("train") or {}).get("tokens", 0)
         zs = ev.get("zeroshot")
-        lines.append("| " + " | ".join([m, *[_fmt(ev.get(k, {}).get("ppl")) for k in metrics],
-                                        _fmt(zs and zs["mean_acc"], ".4f"), f"{ft['measured']['sparsity']:.4f}",
-                                        _fmt((ft.get("merge") or {}).get("max_abs_logit_diff"), ".3g"),
+        lines.append("| " + " | ".join([m, *[fmt(ev.get(k, {}).get("ppl")) for k in metrics],
+                                        fmt(zs and zs["mean_acc"], ".4f"), f"{ft['measured']['sparsity']:.4f}",
+                                        fmt((ft.get("merge") or {}).get("max_abs_logit_diff"), ".3g"),
                                         f"{tokens:,}", f"{ft['seconds']:.1f}", f"{ft['peak_rss_mib']:.0f}"]) + " |")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ `sparsellm report`: several runs side by side
-
-
-def load_run(path) -> tuple[dict, "Path"]:
-    """A run's report.json (given the file or its directory) and the directory. Raises UsageError."""
-    import json
-    from pathlib import Path
-
-    from .errors import UsageError
-
-    p = Path(path)
-    f = p / "report.json" if p.is_dir() else p
-    try:
-        run = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"no report.json at {path}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise UsageError(f"{f} is not valid JSON") from None
-    if not isinstance(run, dict) or "command" not in run:
-        raise UsageError(f"{f} is not a sparsellm run report")
-    return run, f.parent
-
-
-def run_row(run: dict, directory) -> dict:
-    """One row of the cross-run table: model, method, allocation, target and measured sparsity, ppl per
-    metric, zero-shot mean acc, speed ratios (fp32 model / fp32 dense baseline, from speed.json next to the
-    report, if any; with DeepSparse, also the model in DeepSparse / PyTorch dense fp32), size on disk of
-    the weights in the directory, non-zero block-linear weights."""
-    import json
-
-    p = run.get("prune") or {}
-    cfg = run.get("config") or {}
-    if run.get("command") == "search":  # structured: "measured" is the fraction of all parameters removed
-        s = run["search"]
-        p = {"method": f"{s['metric']} ({s['backend']} search)", "allocation": {"name": "searched", "rates": s["best_rates"]},
-             "sparsity_type": "structured", "target_sparsity": s["target_rate"]}
-        m = None
-        extra_measured = 1 - s["params_pruned"] / s["params_dense"]
-    else:
-        extra_measured = None
-    ev = run.get("eval", {})
-    zs = ev.get("zeroshot")
-    speed, spread = {}, {}
-    if (directory / "speed.json").is_file():
-        sp = json.loads((directory / "speed.json").read_text())
-        ratios = sp.get("ratios", {})
-        speed = dict(ratios.get("model fp32", {}))
-        spread = dict(sp.get("ratio_spread", {}).get("model fp32", {}))
-        # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
-        speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
-    weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
-    m = p.get("measured")
-    if extra_measured is not None:
-        m = None
-    return {
-        "dir": str(directory), "model": run.get("model", ""),
-        "method": p.get("method", cfg.get("prune_method", "dense" if run.get("command", "").startswith("eval") else "")),
-        "allocation": (p.get("allocation") or run.get("allocation") or {}).get("name", ""),
-        "sparsity_type": p.get("sparsity_type", cfg.get("sparsity_type", "")),
-        "target": p.get("target_sparsity", cfg.get("sparsity_ratio", 0.0 if run.get("command", "").startswith("eval")
-                                                   else None)),
-        "measured": m["sparsity"] if m else extra_measured,
-        "nonzeros": (m["params"] - m["zeros"]) if m else None,
-        "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
-        "zeroshot_mean_acc": zs["mean_acc"] if zs else None,
-        "zeroshot_mean_acc_stderr": zs.get("mean_acc_stderr") if zs else None,
-        "speed": speed, "speed_spread": spread,
-        "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
-        "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
-        "warnings": list(run.get("warnings") or []),
-    }
-
-
-def compare_runs(paths, out=None) -> str:
-    """`sparsellm report`: the runs at `paths` (directories or report.json files) side by side, then each
-    run's warnings (quality warnings from `checks`), one line each. With `out`,
-    also write report.md, ppl_vs_sparsity.png and rates.png there. Returns the markdown table. Raises
-    UsageError for an unreadable run, or an `out` that is a file or one of the run directories."""
-    from pathlib import Path
-
-    from . import plots
-    from .errors import UsageError
-    from .outputs import write_text_atomic
-
-    rows = []
-    for path in paths:
-        run, directory = load_run(path)
-        try:
-            rows.append(run_row(run, directory))
-        except (AttributeError, TypeError, KeyError, ValueError):
-            raise UsageError(f"{path} is not a sparsellm run report (its sections are not the ones runs write)") from None
-    table = runs_table(rows)
-    warned = [f"- {r['dir']}: {w}" for r in rows for w in r.get("warnings", [])]
-    if warned:
-        table += "\n\n**warnings**\n\n" + "\n".join(warned)
-    if out is not None:
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out is a file: {out}")
-        for path in paths:
-            run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-            if run_dir.resolve() == out.resolve():
-                raise UsageError(f"--out would write into a run directory given as input: {path}")
-        write_text_atomic(out / "report.md", "# sparsellm runs\n\n" + table + "\n")
-        metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
-        if metrics:
-            plots.ppl_vs_sparsity(rows, metrics[0], out / "ppl_vs_sparsity.png")
-        if any(r["rates"] for r in rows):
-            plots.block_rates(rows, out / "rates.png")
-    return table
-
-
-def runs_table(rows: list[dict]) -> str:
-    """Markdown table with one row per run; one column per perplexity metric and per speed ratio seen."""
-    metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
-    speeds = list(dict.fromkeys(k for r in rows for k in r["speed"]))
-    head = (["run", "method", "allocation", "type", "target", "measured", *metrics, "zero-shot mean acc",
-             *[f"speed {s}" for s in speeds], "weights MiB", "non-zeros"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["dir"], r["method"], r["allocation"], r["sparsity_type"], _fmt(r["target"], ".2f"),
-                 _fmt(r["measured"], ".4f"), *[_fmt(r["ppl"].get(k), ".3f") for k in metrics],
-                 _acc(r["zeroshot_mean_acc"], r.get("zeroshot_mean_acc_stderr")), *[ratio_text(r["speed"][s], r.get("speed_spread", {}).get(s)) if s in r["speed"] else "—"
-                   for s in speeds],
-                 _fmt(r["size_mib"], ".1f"), "—" if r["nonzeros"] is None else f"{r['nonzeros']:,}"]
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import make_model
 from sparsellm.evaluate import speed
-from sparsellm.report import compare_runs, speed_table
+from sparsellm.compare import compare_runs
+from sparsellm.report import speed_table
 
 BASE = [1.0, 2.0, 1.0, 4.0]  # seconds of the baseline's timed repeats, in order
 MODEL = [2.0, 1.0, 1.0, 1.0]  # the model's: per-repeat ratios 0.5, 2, 1, 4; ratio of medians 1.5

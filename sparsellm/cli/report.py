@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report import compare_runs
+    from ..compare import compare_runs
 
     print(compare_runs(args.runs, args.out))
     return 0

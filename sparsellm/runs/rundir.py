@@ -119,7 +119,7 @@ def run_record(save, model_dir) -> Path | None:
     directory (`model_dir`) and holds a run's report.json; None when `save` is another directory (or None).
     Raises UsageError when `save` is the model's directory without a run record (it would write into an
     input model), or another run's directory (its record would be replaced by the evaluation's)."""
-    from ..report import load_run
+    from ..compare import load_run
 
     if save is None:
         return None
@@ -141,7 +141,7 @@ def run_record(save, model_dir) -> Path | None:
 
 def check_additions(run_dir: Path, keys, overwrite: bool) -> None:
     """UsageError when the record in `run_dir` already holds a result under one of `keys`, unless `overwrite`."""
-    from ..report import load_run
+    from ..compare import load_run
 
     have = [k for k in keys if k in (load_run(run_dir)[0].get("eval") or {})]
     if have and not overwrite:
@@ -153,7 +153,8 @@ def add_to_record(run_dir: Path, metrics: dict, added: dict, overwrite: bool = F
     `added` (the evaluation's command, settings, versions) appended to "eval_added"; report.json and
     report.md are written atomically, the model files are not touched. Returns the new record. Raises
     UsageError for a result already there, unless `overwrite`."""
-    from ..report import load_run, markdown, search_markdown
+    from ..compare import load_run
+    from ..report import markdown, search_markdown
 
     check_additions(run_dir, metrics, overwrite)
     run = load_run(run_dir)[0]

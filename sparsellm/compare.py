@@ -1,0 +1,131 @@
+"""`sparsellm report`: several runs side by side (a markdown table, their warnings, and figures)."""
+
+from __future__ import annotations
+
+from .report import acc_text, fmt, ratio_text
+
+
+def load_run(path) -> tuple[dict, "Path"]:
+    """A run's report.json (given the file or its directory) and the directory. Raises UsageError."""
+    import json
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    p = Path(path)
+    f = p / "report.json" if p.is_dir() else p
+    try:
+        run = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no report.json at {path}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{f} is not valid JSON") from None
+    if not isinstance(run, dict) or "command" not in run:
+        raise UsageError(f"{f} is not a sparsellm run report")
+    return run, f.parent
+
+
+def run_row(run: dict, directory) -> dict:
+    """One row of the cross-run table: model, method, allocation, target and measured sparsity, ppl per
+    metric, zero-shot mean acc, speed ratios (fp32 model / fp32 dense baseline, from speed.json next to the
+    report, if any; with DeepSparse, also the model in DeepSparse / PyTorch dense fp32), size on disk of
+    the weights in the directory, non-zero block-linear weights."""
+    import json
+
+    p = run.get("prune") or {}
+    cfg = run.get("config") or {}
+    if run.get("command") == "search":  # structured: "measured" is the fraction of all parameters removed
+        s = run["search"]
+        p = {"method": f"{s['metric']} ({s['backend']} search)", "allocation": {"name": "searched", "rates": s["best_rates"]},
+             "sparsity_type": "structured", "target_sparsity": s["target_rate"]}
+        m = None
+        extra_measured = 1 - s["params_pruned"] / s["params_dense"]
+    else:
+        extra_measured = None
+    ev = run.get("eval", {})
+    zs = ev.get("zeroshot")
+    speed, spread = {}, {}
+    if (directory / "speed.json").is_file():
+        sp = json.loads((directory / "speed.json").read_text())
+        ratios = sp.get("ratios", {})
+        speed = dict(ratios.get("model fp32", {}))
+        spread = dict(sp.get("ratio_spread", {}).get("model fp32", {}))
+        # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
+        speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
+    weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
+    m = p.get("measured")
+    if extra_measured is not None:
+        m = None
+    return {
+        "dir": str(directory), "model": run.get("model", ""),
+        "method": p.get("method", cfg.get("prune_method", "dense" if run.get("command", "").startswith("eval") else "")),
+        "allocation": (p.get("allocation") or run.get("allocation") or {}).get("name", ""),
+        "sparsity_type": p.get("sparsity_type", cfg.get("sparsity_type", "")),
+        "target": p.get("target_sparsity", cfg.get("sparsity_ratio", 0.0 if run.get("command", "").startswith("eval")
+                                                   else None)),
+        "measured": m["sparsity"] if m else extra_measured,
+        "nonzeros": (m["params"] - m["zeros"]) if m else None,
+        "ppl": {k: r["ppl"] for k, r in ev.items() if k != "zeroshot"},
+        "zeroshot_mean_acc": zs["mean_acc"] if zs else None,
+        "zeroshot_mean_acc_stderr": zs.get("mean_acc_stderr") if zs else None,
+        "speed": speed, "speed_spread": spread,
+        "size_mib": sum(f.stat().st_size for f in weights) / 2**20 if weights else None,
+        "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
+        "warnings": list(run.get("warnings") or []),
+    }
+
+
+def compare_runs(paths, out=None) -> str:
+    """`sparsellm report`: the runs at `paths` (directories or report.json files) side by side, then each
+    run's warnings (quality warnings from `checks`), one line each. With `out`,
+    also write report.md, ppl_vs_sparsity.png and rates.png there. Returns the markdown table. Raises
+    UsageError for an unreadable run, or an `out` that is a file or one of the run directories."""
+    from pathlib import Path
+
+    from . import plots
+    from .errors import UsageError
+    from .outputs import write_text_atomic
+
+    rows = []
+    for path in paths:
+        run, directory = load_run(path)
+        try:
+            rows.append(run_row(run, directory))
+        except (AttributeError, TypeError, KeyError, ValueError):
+            raise UsageError(f"{path} is not a sparsellm run report (its sections are not the ones runs write)") from None
+    table = runs_table(rows)
+    warned = [f"- {r['dir']}: {w}" for r in rows for w in r.get("warnings", [])]
+    if warned:
+        table += "\n\n**warnings**\n\n" + "\n".join(warned)
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out is a file: {out}")
+        for path in paths:
+            run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+            if run_dir.resolve() == out.resolve():
+                raise UsageError(f"--out would write into a run directory given as input: {path}")
+        write_text_atomic(out / "report.md", "# sparsellm runs\n\n" + table + "\n")
+        metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
+        if metrics:
+            plots.ppl_vs_sparsity(rows, metrics[0], out / "ppl_vs_sparsity.png")
+        if any(r["rates"] for r in rows):
+            plots.block_rates(rows, out / "rates.png")
+    return table
+
+
+def runs_table(rows: list[dict]) -> str:
+    """Markdown table with one row per run; one column per perplexity metric and per speed ratio seen."""
+    metrics = list(dict.fromkeys(k for r in rows for k in r["ppl"]))
+    speeds = list(dict.fromkeys(k for r in rows for k in r["speed"]))
+    head = (["run", "method", "allocation", "type", "target", "measured", *metrics, "zero-shot mean acc",
+             *[f"speed {s}" for s in speeds], "weights MiB", "non-zeros"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["dir"], r["method"], r["allocation"], r["sparsity_type"], fmt(r["target"], ".2f"),
+                 fmt(r["measured"], ".4f"), *[fmt(r["ppl"].get(k), ".3f") for k in metrics],
+                 acc_text(r["zeroshot_mean_acc"], r.get("zeroshot_mean_acc_stderr")), *[ratio_text(r["speed"][s], r.get("speed_spread", {}).get(s)) if s in r["speed"] else "—"
+                   for s in speeds],
+                 fmt(r["size_mib"], ".1f"), "—" if r["nonzeros"] is None else f"{r['nonzeros']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
