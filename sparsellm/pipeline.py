@@ -17,17 +17,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from .allocate import resolve_allocation
 from .config import Calibration, flat_defaults, setting
 from .data import calibration_windows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
+from .lazy import lazy_import
 from .models import block_linears, context_length, get_arch, get_blocks
 from .provenance import peak_rss_mib, versions
 from .prune import check_sparsity, parse_pattern
 from .registry import get
+
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 

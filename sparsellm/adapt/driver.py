@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from .. import pipeline as api
 from ..config import EVAL_SEQLEN
@@ -23,12 +22,15 @@ from ..data import calibration_windows
 from ..engine import linear_sparsity
 from ..errors import UsageError
 from ..evaluate.perplexity import eval_tokens, perplexity
+from ..lazy import lazy_import
 from ..models import block_linears, context_length, get_blocks
 from ..registry import get
 from .adapter_io import save_adapter
 from .config import FinetuneConfig
 from .masked_lora import adapter_ranks, lora_layers, remove_adapters
 from .train import train
+
+torch = lazy_import("torch")
 
 
 @dataclass

@@ -13,9 +13,11 @@ import random
 from importlib import resources
 from pathlib import Path
 
-import torch
 
 from ..errors import UsageError
+from ..lazy import lazy_import
+
+torch = lazy_import("torch")
 
 CALIB_SOURCES = ("c4",)
 EVAL_SOURCES = ("wikitext2", "c4")

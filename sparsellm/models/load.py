@@ -22,12 +22,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from torch import nn
 
 from ..errors import UsageError
+from ..lazy import lazy_import
 from ..outputs import umask
 from .arch import check_supported, get_blocks, struct_spec
+
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 log = logging.getLogger("sparsellm")
 
@@ -124,13 +126,14 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
+def load_model(spec: str, dtype: torch.dtype | None = None):
     """Load (model, tokenizer, source_dir) for `--model`: a preset name, a `.gguf` file, a local HF
-    directory or a hub id. `source_dir` is the local directory the weights came from (None for a hub id).
+    directory or a hub id, in `dtype` (default float32). `source_dir` is the local directory the weights came from (None for a hub id).
     Raises UsageError for a missing path, an unknown preset, an unsupported architecture, or files that
     cannot be read as a model and tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     kind, path = resolve_model(spec)
     if kind in ("preset", "gguf"):
         try:
@@ -163,12 +166,14 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     return model, tok, path
 
 
-def load_structured(path, dtype=torch.float32):
-    """Build the model saved by `sparsellm.structured.io.write_structured` at `path` (see the module doc).
+def load_structured(path, dtype=None):
+    """Build the model saved by `sparsellm.structured.io.write_structured` at `path` (see the module doc), in
+    `dtype` (default float32).
     Raises UsageError for a malformed directory or a family without structured support."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = torch.float32 if dtype is None else dtype
     path = Path(path)
     try:
         info = json.loads((path / STRUCTURE).read_text())
