@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 
 from .allocate import resolve_allocation
-from .config import Calibration, flat_defaults, setting
+from .config import Calibration, check_finite, flat_defaults, setting
 from .data import calibration_windows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
@@ -107,6 +107,7 @@ class PruneConfig:
     def validate(self) -> "PruneConfig":
         """Check everything that does not need the model; fill the defaults (sparsity_ratio from N:M or 0.5,
         the methods' configs). Raises UsageError."""
+        check_finite(self)
         pruner, allocator = get("pruner", self.prune_method), get("allocator", self.allocation_name)
         nm = parse_pattern(self.sparsity_type)
         if nm is not None:

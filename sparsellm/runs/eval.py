@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import Evaluation, ModelSource
+from ..config import Evaluation, ModelSource, check_finite
 from ..errors import UsageError
 from .record import Run, evaluate
 from .rundir import RunDir
@@ -22,6 +22,7 @@ class EvalRun:
 
     def validate(self) -> "EvalRun":
         """Raises UsageError for bad settings, before any model is loaded."""
+        check_finite(self)
         self.source.validate()
         if self.kind == "zeroshot":
             self.evaluation.eval = "zeroshot"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..adapt.config import FinetuneConfig
-from ..config import Evaluation, ModelSource, Output, setting
+from ..config import Evaluation, ModelSource, Output, check_finite, setting
 from ..errors import UsageError
 from ..registry import get
 from .record import Run, block_rows, evaluate
@@ -69,6 +69,7 @@ class FinetuneRun:
     def validate(self) -> "FinetuneRun":
         """Every check before a model is loaded: the settings, then the output directories, checkpoints and
         finished methods (`plan`). Raises UsageError."""
+        check_finite(self)
         self.source.validate()
         configs = {m: c.validate() for m, c in self.configs().items()}
         if self.resume and not any(get("finetune", m).needs == "checkpoint" for m in configs):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..allocate import resolve_allocation
 from ..allocate.atp_search import ATPSearchConfig
-from ..config import Evaluation, ModelSource, Output
+from ..config import Evaluation, ModelSource, Output, check_finite
 from ..errors import UsageError
 from ..pipeline import PruneConfig, prune, validate_for_model
 from .record import Run, block_rows, evaluate
@@ -41,6 +41,7 @@ class PruneRun:
 
     def validate(self) -> "PruneRun":
         """Every check that needs no model. Raises UsageError."""
+        check_finite(self)
         self.source.validate()
         self.prune.validate()
         if self.search is not None:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Calibration, Evaluation, ModelSource, Output, flatten, setting
+from ..config import Calibration, Evaluation, ModelSource, Output, check_finite, flatten, setting
 from ..errors import UsageError
 from ..registry import get, names
 from ..selfpruner import Fitness, SearchConfig, Structure
@@ -60,6 +60,7 @@ class SearchRun:
     def validate(self) -> "SearchRun":
         """Every check that needs no model; resolves the "llm" alias and fills the backend's default
         config. Raises UsageError."""
+        check_finite(self)
         self.source.validate()
         self.search.validate()
         self.structure.validate()
