@@ -113,7 +113,7 @@ def check_finite(config) -> None:
 class ModelSource:
     """The input model and the precision its forwards run in."""
 
-    model: str = setting("smollm2-135m", "HF hub id, local HF directory, .gguf file or preset")
+    model: str = setting("smollm2-135m", "HF hub id, local HF directory, .gguf file or preset (smollm2-135m)")
     dtype: str = setting("float32", "dtype of the model's forwards (statistics are always accumulated in float32)",
                          choices=("float32", "bfloat16"))
 
