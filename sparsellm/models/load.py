@@ -44,6 +44,9 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# a model directory needs one of these for AutoTokenizer (tokenizer_config.json alone is not enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -77,7 +80,13 @@ def resolve_model(spec: str) -> tuple[str, Path | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"{spec} is a directory without config.json, not a Hugging Face model directory")
+        if not any(next(path.glob(pattern), None) for pattern in TOKENIZER_FILES):
+            raise UsageError(f"{spec} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                             "tokenizer next to the model (tokenizer.save_pretrained(dir))")
         return "dir", path.resolve()
+    if path.is_file():
+        raise UsageError(f"{spec} is a file, not a model: pass its directory ({path.parent}) if that is a Hugging "
+                         "Face model directory, or a .gguf file")
     if not _HUB_ID.fullmatch(spec) or spec.startswith((".", "~")) or Path(spec.split("/")[0]).is_dir():
         raise UsageError(
             f"model not found: {spec!r} is not a local path, a .gguf file, a hub id (org/name) "
