@@ -62,6 +62,11 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
+def _result_or_warning(record: logging.LogRecord) -> bool:
+    """--quiet's filter: warnings and errors, and the lines runs log with extra=runs.record.RESULT."""
+    return record.levelno >= logging.WARNING or getattr(record, "result", False)
+
+
 def _quiet_libraries(quiet: bool) -> None:
     import huggingface_hub.utils.logging as hub_logging
     from transformers.utils import logging as hf_logging
@@ -89,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     _quiet_libraries(args.quiet)
+    log = logging.getLogger("sparsellm")
+    if args.quiet:  # warnings, and the result lines (where a model was saved), nothing else
+        log.setLevel(logging.INFO)
+        log.addFilter(_result_or_warning)
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -103,3 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print("sparsellm: interrupted (an output directory is either complete or absent)", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        log.removeFilter(_result_or_warning)
+        log.setLevel(logging.NOTSET)

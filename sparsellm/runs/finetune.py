@@ -24,7 +24,7 @@ from ..adapt.config import FinetuneConfig
 from ..config import Evaluation, ModelSource, Output, check_finite, setting
 from ..errors import UsageError
 from ..registry import get
-from .record import Run, block_rows, evaluate
+from .record import RESULT, Run, block_rows, evaluate
 from .rundir import RunDir, pruned_model
 
 log = logging.getLogger("sparsellm")
@@ -219,7 +219,8 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
                            model_writer=pruned_model(model, tok, details["prune"]))
     if plan.ckpts[m].exists() and not cfg.keep_checkpoint:
         shutil.rmtree(plan.ckpts[m])
-    log.info("%s: saved to %s (measured sparsity %.4f)", m, plan.outs[m], rep["measured"]["sparsity"])
+    log.info("%s: saved to %s (measured sparsity %.4f)", m, plan.outs[m], rep["measured"]["sparsity"],
+             extra=RESULT)
     return record
 
 

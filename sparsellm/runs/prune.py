@@ -19,7 +19,7 @@ from ..allocate.atp_search import ATPSearchConfig
 from ..config import Evaluation, ModelSource, Output, check_finite
 from ..errors import UsageError
 from ..pipeline import PruneConfig, prune, validate_for_model
-from .record import Run, block_rows, evaluate
+from .record import RESULT, Run, block_rows, evaluate
 from .rundir import RunDir, pruned_model
 
 log = logging.getLogger("sparsellm")
@@ -137,7 +137,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     md, figures = record.markdown(), _figures(run)
     if model_dir_out is not None:
         model_dir_out.write(run, md, model_writer=pruned_model(model, tok, details["prune"]), figures=figures)
-        log.info("saved pruned model to %s", model_dir_out.path)
+        log.info("saved pruned model to %s", model_dir_out.path, extra=RESULT)
     if save is not None:
         rates_json = {"rates.json": [round(r, 12) for r in details["allocation"]["rates"]]} \
             if cfg.command == "allocate" else {}

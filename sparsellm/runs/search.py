@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..registry import get, names
 from ..selfpruner import Fitness, SearchConfig, Structure
 from ..selfpruner.backends import ALIAS, all_settings, resolve_alias
-from .record import Run, evaluate
+from .record import RESULT, Run, evaluate
 from .rundir import RunDir
 
 log = logging.getLogger("sparsellm")
@@ -201,7 +201,7 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     _write(cfg, out, record, pruned, tok, state_dir)
     if not cfg.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
-    log.info("saved the pruned model to %s", out.path)
+    log.info("saved the pruned model to %s", out.path, extra=RESULT)
     return record
 
 
