@@ -23,8 +23,9 @@ import types
 class LazyModule(types.ModuleType):
     """Stands in for module `name`; reading any attribute imports the module and returns its attribute."""
 
-    def __getattr__(self, attr: str):
+    def __getattr__(self, attr: str):  # called only for names not yet in this stand-in's namespace
         module = importlib.import_module(self.__name__)
+        self.__dict__.update(module.__dict__)  # later reads are plain attribute reads (~30 ns, not ~2 µs)
         return getattr(module, attr)
 
     def __repr__(self) -> str:

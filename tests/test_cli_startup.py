@@ -40,3 +40,26 @@ def test_help_and_flag_errors_import_no_heavy_library():
     for argv, code, loaded in results:
         assert loaded == [], f"sparsellm {' '.join(argv)} imported {loaded}"
         assert code == (0 if "--help" in argv else 2), (argv, code)
+
+
+def test_lazy_stand_ins_behave_like_the_modules():
+    import torch
+
+    from sparsellm.lazy import LazyModule, lazy_import, no_grad
+
+    assert lazy_import("torch") is torch  # already imported: the module itself
+    lazy = LazyModule("torch")
+    assert lazy.float32 is torch.float32 and lazy.nn.Linear is torch.nn.Linear and lazy.zeros(2).tolist() == [0, 0]
+
+    @no_grad
+    def f(x):
+        return torch.is_grad_enabled(), x * 2
+
+    @no_grad
+    def g():
+        yield torch.is_grad_enabled()
+
+    x = torch.ones(2, requires_grad=True)
+    enabled, y = f(x)
+    assert not enabled and not y.requires_grad and f.__name__ == "f"
+    assert list(g()) == [False] and torch.is_grad_enabled()
