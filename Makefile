@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
-	$(VENV)/bin/sparsellm prune
+	$(VENV)/bin/sparsellm demo
 
 test: venv
 	$(PY) -m pytest -q

@@ -18,6 +18,8 @@ def load_run(path) -> tuple[dict, "Path"]:
         run = json.loads(f.read_text())
     except FileNotFoundError:
         raise UsageError(f"no report.json at {path}") from None
+    except OSError as e:  # e.g. a directory named report.json
+        raise UsageError(f"cannot read {f}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError):
         raise UsageError(f"{f} is not valid JSON") from None
     if not isinstance(run, dict) or "command" not in run:
@@ -84,8 +86,10 @@ def compare_runs(paths, out=None) -> str:
 
     from . import plots
     from .errors import UsageError
-    from .outputs import write_text_atomic
+    from .outputs import check_output_dir, write_text_atomic
 
+    if out is not None:  # before reading anything: an unusable --out is bad input, not an errno at the end
+        check_output_dir(out, overwrite=True, inputs=[], replaces=False)
     rows = []
     for path in paths:
         run, directory = load_run(path)

@@ -10,6 +10,7 @@ before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -91,11 +92,29 @@ def at_least(config, names: tuple[str, ...], least: int = 1) -> None:
             raise UsageError(f"--{name} must be >= {least}, got {value}")
 
 
+def check_finite(config) -> None:
+    """UsageError for any float setting of `config` (a config or run dataclass, walked through its nested
+    configs, lists and dicts) that is NaN or ±inf; the message names the flag. Every float setting must be a
+    finite number; each config's `validate()` checks its own ranges."""
+    if isinstance(config, (list, tuple)):
+        for item in config:
+            check_finite(item)
+    elif isinstance(config, dict):
+        for item in config.values():
+            check_finite(item)
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name} must be a finite number, got {value}")
+            check_finite(value)
+
+
 @dataclass
 class ModelSource:
     """The input model and the precision its forwards run in."""
 
-    model: str = setting("smollm2-135m", "HF hub id, local HF directory, .gguf file or preset")
+    model: str = setting("smollm2-135m", "HF hub id, local HF directory, .gguf file or preset (smollm2-135m)")
     dtype: str = setting("float32", "dtype of the model's forwards (statistics are always accumulated in float32)",
                          choices=("float32", "bfloat16"))
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import check_stats, check_tensor
+from .lazy import lazy_import, no_grad
 from .models import block_linears, get_arch, get_blocks
 from .prune import LayerStats
 from .registry import get
+
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 log = logging.getLogger("sparsellm")
 
@@ -45,7 +47,7 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@torch.no_grad()
+@no_grad
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """Run the model up to block 0 for every window and record its inputs.
 
@@ -108,7 +110,7 @@ def run_block(block: nn.Module, X: torch.Tensor, kwargs: dict, out: torch.Tensor
     return num, den
 
 
-@torch.no_grad()
+@no_grad
 def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, rates: list, nm=None,
                  options: dict | None = None, batch_size: int | None = None, progress: bool = True,
                  on_block_end=None, diag_nsamples: int = 0, captured=None) -> list[dict]:
@@ -178,7 +180,7 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
     return results
 
 
-@torch.no_grad()
+@no_grad
 def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = None,
                batch_size: int | None = None, progress: bool = True):
     """Run the dense model block by block on calibration windows, without pruning, and yield
@@ -202,7 +204,7 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
         X, Y = Y, X
 
 
-@torch.no_grad()
+@no_grad
 def block_outputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int | None = None, progress: bool = True):
     """Run the dense model block by block on calibration windows and yield (i, Y_i) for every block: Y_i
     (nsamples, seqlen, hidden) are block i's outputs (the next block's inputs). LoSA's reference outputs.

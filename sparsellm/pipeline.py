@@ -16,19 +16,21 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from .allocate import resolve_allocation
 from .checks import block_warnings, check_weights
-from .config import Calibration, flat_defaults, setting
+from .config import Calibration, check_finite, flat_defaults, setting
 from .data import calibration_windows, corpus_rows
 from .engine import auto_batch_size, linear_sparsity, prune_blocks
 from .errors import UsageError
+from .lazy import lazy_import
 from .models import block_linears, context_length, get_arch, get_blocks
 from .provenance import peak_rss_mib, tokens_sha256, versions
 from .prune import check_sparsity, parse_pattern
 from .prune.masks import ALREADY_SPARSE
 from .registry import get
+
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 
@@ -106,6 +108,7 @@ class PruneConfig:
     def validate(self) -> "PruneConfig":
         """Check everything that does not need the model; fill the defaults (sparsity_ratio from N:M or 0.5,
         the methods' configs). Raises UsageError."""
+        check_finite(self)
         pruner, allocator = get("pruner", self.prune_method), get("allocator", self.allocation_name)
         nm = parse_pattern(self.sparsity_type)
         if nm is not None:

@@ -172,6 +172,9 @@ def plot_reports(reports, out, labels=None, title: str = "") -> Path:
         raise UsageError(f"--out must be a .png file, got {out}")
     if out.is_dir():
         raise UsageError(f"--out is a directory: {out}")
+    from .outputs import check_output_dir
+
+    check_output_dir(out.parent, overwrite=True, inputs=[], replaces=False)  # a writable directory, or creatable
     if labels is not None and len(labels) != len(reports):
         raise UsageError(f"{len(labels)} labels for {len(reports)} reports")
     if labels is not None and len(set(labels)) != len(labels):

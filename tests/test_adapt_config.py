@@ -114,7 +114,7 @@ def test_no_setting_is_declared_twice():
 def test_defaults_are_the_old_ones():
     from sparsellm.cli import build_parser
 
-    args = vars(build_parser().parse_args(["finetune", "--out", "o"]))
+    args = vars(build_parser().parse_args(["finetune", "--model", "smollm2-135m", "--out", "o"]))  # --model: required
     assert {k: args[k] for k in OLD_DEFAULTS} == OLD_DEFAULTS
     assert args["eval_seqlen"] == 2048  # the shared Evaluation default (was the calibration seqlen, at most 2048)
     flat = _losa().validate().to_dict()

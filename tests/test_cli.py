@@ -340,29 +340,53 @@ def test_bad_allocation(capsys, cli_env, extra):
     _bad(capsys, cli_env, extra)
 
 
-@pytest.mark.parametrize("argv,quiet", [(["prune"], False), (["--quiet", "prune"], True), (["prune", "--quiet"], True),
-                                        (["--quiet", "eval", "ppl"], True), (["eval", "ppl", "--quiet"], True),
-                                        (["eval", "zeroshot"], False), (["plot-errors", "r.json", "--out", "x.png",
-                                                                         "--quiet"], True),
-                                        (["eval", "--quiet", "zeroshot"], True),
-                                        (["--quiet", "finetune", "--out", "o", "--quiet"], True)])
+@pytest.mark.parametrize("argv,quiet", [(["prune", "-m"], False), (["--quiet", "prune", "-m"], True),
+                                        (["prune", "--quiet", "-m"], True), (["--quiet", "eval", "ppl", "-m"], True),
+                                        (["eval", "ppl", "--quiet", "-m"], True), (["eval", "zeroshot", "-m"], False),
+                                        (["plot-errors", "r.json", "--out", "x.png", "--quiet"], True),
+                                        (["eval", "--quiet", "zeroshot", "-m"], True),
+                                        (["--quiet", "finetune", "--out", "o", "--quiet", "-m"], True)])
 def test_quiet_before_or_after_the_subcommand(argv, quiet):
     from sparsellm.cli import build_parser
 
+    argv = [a for x in argv for a in (["--model", "m"] if x == "-m" else [x])]
     assert build_parser().parse_args(argv).quiet is quiet
 
 
 @pytest.mark.parametrize("argv", [["prune"], ["--quiet", "prune"], ["prune", "--quiet"], ["--quiet", "prune", "--quiet"]])
-def test_bare_prune_runs_the_demo(argv, monkeypatch, capsys):
+def test_bare_prune_prints_its_usage(argv, monkeypatch, capsys):
+    """Before: a bare `sparsellm prune` started a 10-16 minute demo run."""
     import sparsellm.cli as cli
 
+    monkeypatch.setattr(cli.prune, "run", lambda args: pytest.fail("a bare prune must not run"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: sparsellm prune --model MODEL") and "--help" in err[0]
+    assert err[1].startswith("sparsellm: error:") and "--model" in err[1] and len(err) == 2
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["--quiet", "demo"], ["demo", "--quiet"]])
+def test_demo_is_a_short_dense_vs_sparse_run(argv, monkeypatch, capsys):
+    import sparsellm.runs.prune as runs_prune
+
     seen = []
-    monkeypatch.setattr(cli.prune, "run", lambda args: seen.append(args) or 0)
-    assert cli.main(argv) == 0
-    (args,) = seen
-    assert (args.nsamples, args.seqlen, args.max_windows, args.eval_dense) == (32, 512, 4, True)
-    assert args.quiet is ("--quiet" in argv)
-    assert "running the demo" in capsys.readouterr().err
+
+    class Record:
+        def to_dict(self):
+            return {}
+
+    monkeypatch.setattr(runs_prune, "run_prune", lambda cfg, progress: seen.append((cfg, progress)) or Record())
+    monkeypatch.setattr("sparsellm.report.terminal", lambda run: "table")
+    from sparsellm.cli import main
+
+    assert main(argv) == 0
+    ((cfg, progress),) = seen
+    assert cfg.source.model == "smollm2-135m" and (cfg.prune.prune_method, cfg.prune.sparsity_ratio) == ("wanda", 0.5)
+    assert cfg.prune.calibration.nsamples * cfg.prune.calibration.seqlen <= 32 * 512
+    assert (cfg.evaluation.eval, cfg.evaluation.max_windows, cfg.evaluation.eval_dense) == ("wikitext2", 4, True)
+    assert cfg.output.out is None and cfg.output.save is None  # writes nothing
+    assert progress is ("--quiet" not in argv)
+    assert capsys.readouterr().out.strip() == "table"
 
 
 def test_help_states_each_default_once():

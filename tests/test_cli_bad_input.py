@@ -101,7 +101,8 @@ def test_ambiguous_flags_are_refused(capsys, env, argv):
 def test_two_spellings_with_one_value_are_fine():
     from sparsellm.cli import build_parser
 
-    args = build_parser().parse_args(["prune", "--out", "x", "--save_model", "x", "--seqlen", "8", "--calib_seqlen", "8"])
+    args = build_parser().parse_args(["prune", "--model", "m", "--out", "x", "--save_model", "x", "--seqlen", "8",
+                                      "--calib_seqlen", "8"])
     assert (args.out, args.seqlen) == ("x", 8)
 
 

@@ -67,7 +67,7 @@ def test_a_new_allocator_is_one_registration(monkeypatch, tokenizer):
     model = make_model("llama")
     report = prune(model, tokenizer, cfg, progress=False)
     assert report["allocation"]["rates"] == pytest.approx([0.3, 0.7]) and report["allocation"]["spread"] == 0.2
-    args = build_parser().parse_args(["prune", "--allocation", "halves", "--halves_spread", "0.3"])
+    args = build_parser().parse_args(["prune", "--model", "m", "--allocation", "halves", "--halves_spread", "0.3"])
     assert args.halves_spread == 0.3
 
 
@@ -128,7 +128,7 @@ def test_cli_defaults_come_from_the_configs():
     """Each flag's default is the config field's default (written once), for every registered method."""
     from sparsellm.cli import build_parser
 
-    args = vars(build_parser().parse_args(["prune"]))
+    args = vars(build_parser().parse_args(["prune", "--model", "m"]))
     expected = {f.name: f.default for f in dataclasses.fields(Calibration)}
     expected.update({f.name: f.default for f in dataclasses.fields(PruneConfig) if f.metadata.get("help")})
     for kind in ("pruner", "allocator"):

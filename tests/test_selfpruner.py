@@ -247,7 +247,7 @@ def test_cli_search_end_to_end(tmp_path, saved_model_dir):
     (["--backend", "openai"], "llm_base_url"), (["--resume"], "no search state"),
     (["--backend", "local", "--llm_retries", "-1"], "--llm_retries must be >= 0"),
     (["--eval_seqlen", "0"], "eval_seqlen"),
-    (["--backend", "local", "--llm_temperature", "nan"], "--llm_temperature must be a finite number"),
+    (["--backend", "local", "--llm_temperature", "nan"], "--llm_temperature: must be a finite number"),
     (["--fitness_seqlen", "1"], "--fitness_seqlen must be >= 2"), (["--resume", "--backend", "uniform"], "uniform"),
 ])
 def test_cli_search_bad_input(tmp_path, saved_model_dir, capsys, extra, match):
@@ -347,7 +347,7 @@ def test_backend_llm_resolves_to_openai_with_a_url_else_local(extra, backend, tm
     from sparsellm.runs.search import SearchRun
     from sparsellm.selfpruner import LocalConfig, OpenAIConfig
 
-    args = build_parser().parse_args(["search", "--backend", "llm", "--out", str(tmp_path / "o"), *extra])
+    args = build_parser().parse_args(["search", "--model", "m", "--backend", "llm", "--out", str(tmp_path / "o"), *extra])
     if extra == ["--llm_model", "m"]:  # local, then --llm_model is another backend's setting
         with pytest.raises(UsageError, match="--llm_model applies only to --backend openai"):
             search_run(args)

@@ -17,7 +17,6 @@ from ..config import setting
 from ..errors import UsageError
 from ..models import block_linears, get_blocks
 from ..registry import NoConfig, register
-from .masked_lora import add_masked_lora, merge, set_ranks
 
 
 @dataclass
@@ -80,6 +79,8 @@ def lora(job) -> None:
 @register("finetune", "masked-lora", MaskedLoRAConfig)
 def masked_lora(job) -> None:
     """prune at S, masked LoRA of uniform rank r (static: no schedule)"""
+    from .masked_lora import add_masked_lora, merge, set_ranks  # imports torch
+
     job.report["prune"] = prune_to(job)
     model, lc = job.model, job.config.lora
     add_masked_lora(model, lc.lora_r, lc.lora_alpha, lc.lora_dropout, job.config.method_config.r_max)

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from .. import pipeline as api
 from ..config import EVAL_SEQLEN
@@ -25,6 +24,7 @@ from ..data import calibration_windows
 from ..engine import linear_sparsity
 from ..errors import UsageError
 from ..evaluate.perplexity import eval_tokens, perplexity
+from ..lazy import lazy_import
 from ..models import block_linears, context_length, get_blocks
 from ..provenance import tokens_sha256
 from ..registry import get
@@ -36,6 +36,7 @@ from .train import train
 
 log = logging.getLogger("sparsellm")
 MERGE_CHECK_TOKENS = 512  # tokens of the first calibration window on which a merge is compared with the adapters
+torch = lazy_import("torch")
 
 
 @dataclass

@@ -26,19 +26,19 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
-import torch
 
 from ..allocate import resolve_allocation
 from ..allocate.rmi import RMIConfig
 from ..config import setting
 from ..engine import block_outputs, linear_sparsity, prune_blocks
 from ..errors import UsageError
+from ..lazy import lazy_import
 from ..models import get_blocks
 from ..registry import register
 from .baselines import MaskedLoRAConfig
-from .checkpoint import examples_sha, load_checkpoint, save_checkpoint, settings_key
-from .masked_lora import add_masked_lora, adapter_ranks, lora_layers, merge, set_ranks, unmerge, unwrapped
 from .schedule import allocate_ranks, cubic_schedule
+
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 
@@ -109,6 +109,9 @@ def normalised_error(dense: torch.Tensor, pruned: torch.Tensor) -> float:
 @register("finetune", "losa", LoSAConfig, needs="checkpoint")
 def losa(job) -> None:
     """LoSA: cubic sparsity ramp, RMI rates and error-proportional ranks at every step"""
+    from .checkpoint import examples_sha, load_checkpoint, save_checkpoint, settings_key  # these import torch
+    from .masked_lora import add_masked_lora, adapter_ranks, lora_layers, merge, set_ranks, unmerge, unwrapped
+
     model, config, calib, report = job.model, job.config, job.calib, job.report
     own, lc, pc = config.method_config, config.lora, config.prune
     L = len(get_blocks(model))

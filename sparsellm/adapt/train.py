@@ -17,10 +17,12 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..lazy import lazy_import
+
+torch = lazy_import("torch")
 
 PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")

@@ -19,7 +19,6 @@ import logging
 import math
 import time
 
-import torch
 from tqdm.auto import tqdm
 
 from dataclasses import dataclass
@@ -29,8 +28,11 @@ from ..data import eval_tokens
 from ..engine import capture_inputs, prune_blocks
 from ..errors import UsageError
 from ..evaluate import perplexity
+from ..lazy import lazy_import, no_grad
 from ..models import block_linears, get_blocks
 from . import atp
+
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 MAX_TRIALS = 200
@@ -89,7 +91,7 @@ def beta_grid(num_blocks: int, target: float, step: float = 0.002) -> list[float
     return grid
 
 
-@torch.no_grad()
+@no_grad
 def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float, step: float = 0.002,
            objective: str = "c4", objective_windows: int = 8, objective_seqlen: int = 2048,
            options: dict | None = None, batch_size: int | None = None, progress: bool = True) -> dict:

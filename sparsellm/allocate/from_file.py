@@ -21,14 +21,19 @@ class FileConfig:
                                                "sparsity will differ)")
 
     def validate(self, target: float) -> "FileConfig":
-        if not Path(self.path).expanduser().is_file():
-            raise UsageError(f"allocation file not found: {self.path}")
+        read_rates(self.path)  # the file's shape and keys, before the model is loaded
         return self
 
 
-def read_rates(path: str | Path, num_blocks: int) -> list[float]:
-    """Rates from a JSON file. Raises UsageError for a missing or malformed file, the wrong length, missing
-    or extra block indices, or non-numeric values (the range and mean are checked by `check_rates`)."""
+def _names(keys) -> str:
+    keys = list(keys)
+    return ", ".join(repr(k) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+def read_rates(path: str | Path, num_blocks: int | None = None) -> list[float]:
+    """Rates from a JSON file. Raises UsageError for a missing or malformed file, keys that are not block
+    indices (named in the message), and, given `num_blocks`, the wrong length or missing or extra block
+    indices, or non-numeric values (the range and mean are checked by `check_rates`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"allocation file not found: {path}")
@@ -36,17 +41,27 @@ def read_rates(path: str | Path, num_blocks: int) -> list[float]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read allocation file {path}: {e.strerror}") from None
+    blocks = "0..N-1" if num_blocks is None else f"0..{num_blocks - 1}"
     if isinstance(data, dict):
-        try:
-            by_index = {int(k): v for k, v in data.items()}
-        except ValueError:
-            raise UsageError(f"{path}: keys must be block indices 0..{num_blocks - 1}") from None
-        if sorted(by_index) != list(range(num_blocks)):
-            raise UsageError(f"{path}: needs exactly the block indices 0..{num_blocks - 1}")
-        data = [by_index[i] for i in range(num_blocks)]
+        unknown = [k for k in data if not (k.isdigit() and k == str(int(k)))]
+        if unknown:
+            raise UsageError(f"{path}: unknown keys {_names(unknown)}; the keys must be block indices {blocks}")
+        by_index = {int(k): v for k, v in data.items()}
+        if num_blocks is None:
+            data = list(by_index.values())
+        else:
+            extra = sorted(set(by_index) - set(range(num_blocks)))
+            missing = sorted(set(range(num_blocks)) - set(by_index))
+            if extra or missing:
+                raise UsageError(f"{path}: needs exactly the block indices {blocks}" +
+                                 (f"; no such block: {_names(extra)}" if extra else "") +
+                                 (f"; missing: {_names(missing)}" if missing else ""))
+            data = [by_index[i] for i in range(num_blocks)]
     if not isinstance(data, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in data):
         raise UsageError(f"{path}: expected a list of numbers or a dict from block index to number")
-    if len(data) != num_blocks:
+    if num_blocks is not None and len(data) != num_blocks:
         raise UsageError(f"{path}: {len(data)} rates for {num_blocks} decoder blocks")
     return [float(r) for r in data]
 

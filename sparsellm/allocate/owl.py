@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 
 from ..config import setting
 from ..errors import UsageError
+from ..lazy import lazy_import, no_grad
 from ..registry import register
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 
 @dataclass
@@ -118,7 +120,7 @@ def allocate(num_blocks: int, target: float, owl_lod: Sequence[float] | None = N
 
 
 @register("allocator", "owl", OWLConfig, needs="data")
-@torch.no_grad()
+@no_grad
 def rates_for_model(model, calib_ids, target: float, config: OWLConfig, *, batch_size=None, progress=True, **_):
     """OWL rates from one dense pass over `calib_ids` (nsamples, seqlen): every block's (or linear's) outlier
     ratio of its Wanda scores |W|·‖X‖. Returns (rates, info): rates[i] is a float, or with layer

@@ -16,13 +16,13 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from scipy.optimize import linprog
-
 from ..config import setting
 from ..errors import UsageError
+from ..lazy import lazy_import, no_grad
 from ..registry import register
+
+np = lazy_import("numpy")
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 
@@ -122,6 +122,8 @@ def rates_from_cka(cka, target: float, rmi_beta: float = 1.0, rmi_delta: float |
         return [float(target)] * L
     # variables y = x − S; the cost is shifted and scaled (same optimum under Σ y = 0) for HiGHS's tolerances
     cost = (imp - imp.mean()) / (imp.max() - imp.min())
+    from scipy.optimize import linprog  # imported here: scipy takes ~0.5 s to import
+
     res = linprog(cost, A_eq=np.ones((1, L)), b_eq=[0.0], bounds=[(-delta, delta)] * L, method="highs")
     if res.status != 0:
         raise UsageError(f"RMI linear programme failed: {res.message}")
@@ -151,7 +153,7 @@ def check_delta(target: float, rmi_delta: float | None) -> None:
 
 
 @register("allocator", "rmi", RMIConfig, needs="data")
-@torch.no_grad()
+@no_grad
 def rates_for_model(model, calib_ids, target: float, config: RMIConfig, *, prune_method: str = "wanda",
                     batch_size=None, progress=True, **_):
     """RMI rates from the (n, n) Gram matrices of every block's inputs over the first `rmi_nsamples`

@@ -7,15 +7,18 @@ every output directory complete or absent (exit 130 / 143).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import logging
 import signal
 import sys
 
 from ..errors import UsageError
-from . import allocate, bench, eval, finetune, plot_errors, prune, report, search
+from . import allocate, bench, demo, eval, finetune, plot_errors, prune, report, search
 from .common import Parser
 
-SUBCOMMANDS = (prune, allocate, finetune, search, plot_errors, bench, report, eval)
+SUBCOMMANDS = (demo, prune, allocate, finetune, search, plot_errors, bench, report, eval)
 
 
 def build_parser() -> Parser:
@@ -28,12 +31,40 @@ def build_parser() -> Parser:
     return parser
 
 
+def _subparser(parser, words: list[str]):
+    """The (sub)parser that the leading subcommand words select, e.g. ["eval", "ppl"]."""
+    for word in words:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or word not in sub.choices:
+            break
+        parser = sub.choices[word]
+    return parser
+
+
+def _usage(parser) -> str:
+    """A short usage line: the required arguments, then [options] and where the full list is."""
+    needed = []
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            needed.append("{" + ",".join(a.choices) + "} ...")
+        elif a.required and a.option_strings:
+            needed.append(f"{a.option_strings[0]} {a.metavar or a.dest.upper()}")
+        elif not a.option_strings and a.nargs != argparse.SUPPRESS:
+            needed.append(f"{a.metavar or a.dest.upper()}{' ...' if a.nargs in ('+', '*') else ''}")
+    return f"usage: {parser.prog} {' '.join(needed)} [options]   (all options: {parser.prog} --help)"
+
+
 class _Terminated(KeyboardInterrupt):
     pass
 
 
 def _terminate(signum, frame):
     raise _Terminated()
+
+
+def _result_or_warning(record: logging.LogRecord) -> bool:
+    """--quiet's filter: warnings and errors, and the lines runs log with extra=runs.record.RESULT."""
+    return record.levelno >= logging.WARNING or getattr(record, "result", False)
 
 
 def _quiet_libraries(quiet: bool) -> None:
@@ -49,17 +80,24 @@ def _quiet_libraries(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if [x for x in argv if x != "--quiet"] == ["prune"]:
-        print("sparsellm: no arguments given, running the demo: sparsellm prune " + " ".join(prune.DEMO),
-              file=sys.stderr)
-        argv = argv + prune.DEMO
+    parser = build_parser()
+    words = [x for x in argv if x != "--quiet"]
+    errors = io.StringIO()
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or an argparse error already printed as one line
+        with contextlib.redirect_stderr(errors):
+            args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or an argparse error (one line)
+        if e.code and not [x for x in words if x.startswith("-")]:  # a bare (sub)command: its usage first
+            print(_usage(_subparser(parser, words)), file=sys.stderr)
+        print(errors.getvalue(), end="", file=sys.stderr)
         return int(e.code or 0)
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     _quiet_libraries(args.quiet)
+    log = logging.getLogger("sparsellm")
+    if args.quiet:  # warnings, and the result lines (where a model was saved), nothing else
+        log.setLevel(logging.INFO)
+        log.addFilter(_result_or_warning)
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -74,3 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print("sparsellm: interrupted (an output directory is either complete or absent)", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        log.removeFilter(_result_or_warning)
+        log.setLevel(logging.NOTSET)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 
@@ -45,10 +46,22 @@ class OneSpelling(argparse._StoreAction):
         setattr(namespace, self.dest, values)
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float setting: a finite number (NaN and ±inf are refused at parse time)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _flag_type(hint):
-    """int | None -> int; bool stays bool."""
+    """int | None -> int; float -> finite_float; bool stays bool."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    typ = args[0] if args else hint
+    return finite_float if typ is float else typ
 
 
 def add_config(group, config, skip=(), required=(), helps: dict | None = None, one_spelling=()) -> list[str]:

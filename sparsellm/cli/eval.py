@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     add_quiet(e)
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=Parser)
     ppl = esub.add_parser("ppl", help="perplexity by the papers' protocol")
-    add_config(ppl.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"})
+    add_config(ppl.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"},
+               required=("model",))
     group = ppl.add_argument_group("evaluation")
     group.add_argument("--dataset", dest="eval", default="wikitext2", help="comma-separated: wikitext2, c4")
     add_config(group, Evaluation(), skip=("eval", "eval_dense", *ZEROSHOT), one_spelling=("eval_seqlen",))
@@ -21,7 +22,8 @@ def add_parser(sub) -> None:
                        "--seqlen is the calibration window)")
     _output(ppl)
     zs = esub.add_parser("zeroshot", help="zero-shot accuracy with lm-evaluation-harness on the bundled tasks")
-    add_config(zs.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"})
+    add_config(zs.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"},
+               required=("model",))
     group = zs.add_argument_group("evaluation")
     add_config(group, Evaluation(), skip=("eval", "eval_seqlen", "max_windows", "eval_dense", "zeroshot_batch_size"))
     group.add_argument("--batch_size", dest="zeroshot_batch_size", type=int, default=8, metavar="N",

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("finetune", help=HELP)
     run_defaults, ft = FinetuneRun(), FinetuneConfig()
-    add_config(p.add_argument_group("model"), ModelSource())
+    add_config(p.add_argument_group("model"), ModelSource(), required=("model",))
     add_config(p.add_argument_group("calibration"), Calibration(), helps=CALIBRATION_HELPS)
     method = p.add_argument_group("method")
     add_config(method, run_defaults, skip=("resume", "keep_checkpoint"))

@@ -1,4 +1,4 @@
-"""`sparsellm prune`: prune a model (no arguments: a demo on the default model)."""
+"""`sparsellm prune`: prune a model (`sparsellm demo` is a short run on the default model)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,13 @@ from ..pipeline import PruneConfig
 from ..registry import get, names
 from .common import add_config, add_quiet, config_from
 
-HELP = "prune a model (no arguments: a demo on the default model, about 10 min on 2 cores)"
-DEMO = ["--model", "smollm2-135m", "--prune_method", "wanda", "--sparsity_ratio", "0.5", "--nsamples", "32",
-        "--seqlen", "512", "--eval", "wikitext2", "--eval_seqlen", "2048", "--max_windows", "4", "--eval_dense"]
+HELP = "prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M; layer-wise rates)"
 METHOD_KINDS = ("pruner", "allocator")
 
 
 def add_flags(p) -> None:
     """Every flag of `prune` (and of `allocate`, which adds its search flags), in groups."""
-    add_config(p.add_argument_group("model"), ModelSource())
+    add_config(p.add_argument_group("model"), ModelSource(), required=("model",))
     add_config(p.add_argument_group("calibration"), Calibration())
     method = p.add_argument_group("method")
     add_config(method, PruneConfig())

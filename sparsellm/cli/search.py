@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("search", help=HELP)
     run_defaults = SearchRun()
-    add_config(p.add_argument_group("model"), ModelSource(), helps={"dtype": DTYPE_HELP})
+    add_config(p.add_argument_group("model"), ModelSource(), helps={"dtype": DTYPE_HELP}, required=("model",))
     add_config(p.add_argument_group("calibration"), run_defaults.calibration, helps=CALIBRATION_HELPS)
     search = p.add_argument_group("search")
     add_config(search, SearchConfig(), skip=("seed",))  # one --seed: the calibration's and the search's

@@ -18,9 +18,11 @@ import random
 from importlib import resources
 from pathlib import Path
 
-import torch
 
 from ..errors import UsageError
+from ..lazy import lazy_import
+
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 

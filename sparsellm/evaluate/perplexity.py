@@ -7,15 +7,17 @@ from __future__ import annotations
 import hashlib
 import math
 
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import eval_source, eval_tokens
 from ..errors import NonFiniteError, UsageError
+from ..lazy import lazy_import, no_grad
+
+torch = lazy_import("torch")
+F = lazy_import("torch.nn.functional")
 
 
-@torch.no_grad()
+@no_grad
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, max_windows: int | None = None,
                progress: bool = True, ids: torch.Tensor | None = None) -> dict:
     """Perplexity of `model` on `dataset` ("wikitext2" test or "c4" validation).

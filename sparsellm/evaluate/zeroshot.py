@@ -11,9 +11,11 @@ reads. Nothing touches the network. HellaSwag is not bundled (it could not be ob
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 from ..errors import UsageError
@@ -156,12 +158,38 @@ def task_config(task: str, hellaswag_file: str | None = None) -> dict:
     return cfg
 
 
+@contextlib.contextmanager
+def _silenced():
+    """Nothing on stderr while lm-eval runs: its and datasets' progress bars and warnings (Python's stderr
+    and warnings, their loggers) and what `git describe`, which lm-eval runs for its record, writes to the
+    file descriptor ("fatal: not a git repository"). Exceptions still propagate."""
+    import warnings
+
+    names = ("lm-eval", "lm_eval", "datasets", "transformers", "accelerate")
+    levels = {n: logging.getLogger(n).level for n in names}
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 2)
+            for n in names:
+                logging.getLogger(n).setLevel(logging.ERROR)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
 def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-             hellaswag_file: str | None = None, lm=None) -> dict:
+             hellaswag_file: str | None = None, lm=None, progress: bool = True) -> dict:
     """Zero-shot accuracy of the in-memory `model` on `tasks` through lm-eval's HFLM.
 
     limit: first N documents of each task (None: all). lm: an lm-eval LM to use instead of HFLM(model)
-    (tests use an oracle). Returns {"tasks": {task: {"acc", "acc_stderr", "acc_norm" (None where the task
+    (tests use an oracle). progress=False: nothing on stderr while lm-eval runs (`--quiet`).
+    Returns {"tasks": {task: {"acc", "acc_stderr", "acc_norm" (None where the task
     has none), "acc_norm_stderr", "n"}}, "mean_acc", "mean_acc_stderr" (tasks independent), "mean_acc_norm"
     (over the tasks that have it), "settings": {limit, batch size, lm-eval version, dtype, device,
     task_files (data and YAML with SHA-256)}, "warnings" (a --limit that leaves a standard error above 5
@@ -172,13 +200,14 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if lm is None:
-        from lm_eval.models.huggingface import HFLM
+    with contextlib.nullcontext() if progress else _silenced():
+        if lm is None:
+            from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=[task_config(t, hellaswag_file) for t in tasks],
-                          task_manager=TaskManager(include_defaults=False), limit=limit, num_fewshot=0,
-                          bootstrap_iters=0, log_samples=False)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = simple_evaluate(model=lm, tasks=[task_config(t, hellaswag_file) for t in tasks],
+                              task_manager=TaskManager(include_defaults=False), limit=limit, num_fewshot=0,
+                              bootstrap_iters=0, log_samples=False)
     res = {}
     for t in tasks:
         r, n = out["results"][t], out["n-samples"][t]["effective"]

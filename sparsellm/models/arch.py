@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from torch import nn
 
 from ..errors import UsageError
+from ..lazy import lazy_import
+
+nn = lazy_import("torch.nn")
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -22,13 +22,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from torch import nn
 
 from ..errors import UsageError
+from ..lazy import lazy_import
 from ..outputs import apply_umask
 from .arch import check_supported, get_blocks, struct_spec
 from .save import DECLARED_DTYPE, dtype_name
+
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 log = logging.getLogger("sparsellm")
 
@@ -43,6 +45,9 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# a model directory needs one of these for AutoTokenizer (tokenizer_config.json alone is not enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -76,7 +81,13 @@ def resolve_model(spec: str) -> tuple[str, Path | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"{spec} is a directory without config.json, not a Hugging Face model directory")
+        if not any(next(path.glob(pattern), None) for pattern in TOKENIZER_FILES):
+            raise UsageError(f"{spec} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                             "tokenizer next to the model (tokenizer.save_pretrained(dir))")
         return "dir", path.resolve()
+    if path.is_file():
+        raise UsageError(f"{spec} is a file, not a model: pass its directory ({path.parent}) if that is a Hugging "
+                         "Face model directory, or a .gguf file")
     if not _HUB_ID.fullmatch(spec) or spec.startswith((".", "~")) or Path(spec.split("/")[0]).is_dir():
         raise UsageError(
             f"model not found: {spec!r} is not a local path, a .gguf file, a hub id (org/name) "
@@ -139,15 +150,16 @@ def _check_loading_info(spec: str, info: dict) -> None:
                     unexpected[0])
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
+def load_model(spec: str, dtype: torch.dtype | None = None):
     """Load (model, tokenizer, source_dir) for `--model`: a preset name, a `.gguf` file, a local HF
-    directory or a hub id. `source_dir` is the local directory the weights came from (None for a hub id).
+    directory or a hub id, in `dtype` (default float32). `source_dir` is the local directory the weights came from (None for a hub id).
     Raises UsageError for a missing path, an unknown preset, an unsupported architecture, files that
     cannot be read as a model and tokenizer, or a checkpoint that lacks weights of its architecture (which
     transformers would initialise at random). The model's `sparsellm_declared_dtype` is the checkpoint's
     declared dtype (bfloat16 for a GGUF source), what saving with `save_dtype="auto"` writes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     kind, path = resolve_model(spec)
     if kind in ("preset", "gguf"):
         try:
@@ -183,12 +195,14 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     return model, tok, path
 
 
-def load_structured(path, dtype=torch.float32):
-    """Build the model saved by `sparsellm.structured.io.write_structured` at `path` (see the module doc).
+def load_structured(path, dtype=None):
+    """Build the model saved by `sparsellm.structured.io.write_structured` at `path` (see the module doc), in
+    `dtype` (default float32).
     Raises UsageError for a malformed directory or a family without structured support."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = torch.float32 if dtype is None else dtype
     path = Path(path)
     try:
         info = json.loads((path / STRUCTURE).read_text())

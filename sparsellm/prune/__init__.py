@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
+from ..lazy import lazy_import
 from .masks import NM, check_sparsity, parse_pattern
+
+torch = lazy_import("torch")
 
 
 @dataclass

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-import torch
 
+from ..lazy import lazy_import
 from ..registry import register
 from .masks import NM, layer_mask, nm_mask
+
+torch = lazy_import("torch")
 
 
 @register("pruner", "magnitude", needs="none")

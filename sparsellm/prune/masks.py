@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 
 from ..errors import UsageError
+from ..lazy import lazy_import
+
+torch = lazy_import("torch")
 
 ALREADY_SPARSE = 0.01
 """A weight (or model) with at least this fraction of exact zeros counts as already pruned: its zeros are

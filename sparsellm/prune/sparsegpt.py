@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 
 from ..config import setting
 from ..errors import NonFiniteError, UsageError
+from ..lazy import lazy_import
 from ..registry import register
 from .masks import NM, existing_zeros
+
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 

@@ -3,10 +3,12 @@ Pruning Approach for Large Language Models", ICLR 2024, §3, Eq. 1; algorithms.m
 
 from __future__ import annotations
 
-import torch
 
+from ..lazy import lazy_import
 from ..registry import register
 from .masks import NM, nm_mask, row_mask
+
+torch = lazy_import("torch")
 
 
 def scores(weight: torch.Tensor, stats) -> torch.Tensor:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import setting
+from ..config import check_finite, setting
 from ..errors import UsageError
 from ..outputs import write_json_atomic
 from .record import Run
@@ -50,6 +50,7 @@ class BenchRun:
     save: str | None = setting(None, "directory to write speed.json into (e.g. the run directory)")
 
     def validate(self) -> "BenchRun":
+        check_finite(self)
         ints(self.prefill, "--prefill")
         ints(self.decode_batches, "--decode_batches")
         if self.repeats < 1 or self.warmup < 0 or self.new_tokens < 1 or self.decode_prompt < 1:

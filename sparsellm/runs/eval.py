@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..checks import check_weights
-from ..config import Evaluation, ModelSource
+from ..config import Evaluation, ModelSource, check_finite
 from ..errors import UsageError
 from .record import Run, evaluate
 from .rundir import RunDir, add_to_record, check_additions, run_record
@@ -26,6 +26,7 @@ class EvalRun:
 
     def validate(self) -> "EvalRun":
         """Raises UsageError for bad settings, before any model is loaded."""
+        check_finite(self)
         self.source.validate()
         if self.kind == "zeroshot":
             self.evaluation.eval = "zeroshot"

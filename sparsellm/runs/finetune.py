@@ -28,10 +28,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..adapt.config import FinetuneConfig
-from ..config import Evaluation, ModelSource, Output, setting
+from ..config import Evaluation, ModelSource, Output, check_finite, setting
 from ..errors import UsageError
 from ..registry import get
-from .record import Run, block_rows, evaluate
+from .record import RESULT, Run, block_rows, evaluate
 from .rundir import RunDir, pruned_model
 
 log = logging.getLogger("sparsellm")
@@ -78,6 +78,7 @@ class FinetuneRun:
     def validate(self) -> "FinetuneRun":
         """Every check before a model is loaded: the settings, then the output directories, checkpoints and
         finished methods (`plan`). Raises UsageError."""
+        check_finite(self)
         self.source.validate()
         self.output.validate()
         configs = {m: c.validate() for m, c in self.configs().items()}
@@ -239,7 +240,8 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
                            model_writer=pruned_model(model, tok, details["prune"], cfg.output.save_dtype))
     if plan.ckpts[m].exists() and not cfg.keep_checkpoint:
         shutil.rmtree(plan.ckpts[m])
-    log.info("%s: saved to %s (measured sparsity %.4f)", m, plan.outs[m], rep["measured"]["sparsity"])
+    log.info("%s: saved to %s (measured sparsity %.4f)", m, plan.outs[m], rep["measured"]["sparsity"],
+             extra=RESULT)
     return record
 
 

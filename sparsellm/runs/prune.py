@@ -17,10 +17,10 @@ from pathlib import Path
 from ..allocate import resolve_allocation
 from ..allocate.atp_search import ATPSearchConfig
 from ..checks import ppl_warnings
-from ..config import Evaluation, ModelSource, Output
+from ..config import Evaluation, ModelSource, Output, check_finite
 from ..errors import UsageError
 from ..pipeline import PruneConfig, prune, validate_for_model
-from .record import Run, block_rows, evaluate
+from .record import RESULT, Run, block_rows, evaluate
 from .rundir import RunDir, pruned_model
 
 log = logging.getLogger("sparsellm")
@@ -42,6 +42,7 @@ class PruneRun:
 
     def validate(self) -> "PruneRun":
         """Every check that needs no model. Raises UsageError."""
+        check_finite(self)
         self.source.validate()
         self.output.validate()
         self.prune.validate()
@@ -144,7 +145,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     if model_dir_out is not None:
         model_dir_out.write(run, md, model_writer=pruned_model(model, tok, details["prune"], out.save_dtype),
                             figures=figures)
-        log.info("saved pruned model to %s", model_dir_out.path)
+        log.info("saved pruned model to %s", model_dir_out.path, extra=RESULT)
     if save is not None:
         rates_json = {"rates.json": [round(r, 12) for r in details["allocation"]["rates"]]} \
             if cfg.command == "allocate" else {}

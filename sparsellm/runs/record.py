@@ -71,6 +71,9 @@ class Run:
         return markdown(self.to_dict())
 
 
+RESULT = {"result": True}  # log.info(..., extra=RESULT): a line `--quiet` still shows (where a model was saved)
+
+
 def block_rows(prune_report: dict | None) -> list[dict]:
     """The per-block table of a prune report, without the per-module detail."""
     keys = ("block", "target", "measured", "rel_error", "cum_error", "seconds")
@@ -90,7 +93,7 @@ def evaluate(model, tokenizer, evaluation, seqlen: int | None, progress: bool = 
             from ..evaluate.zeroshot import zeroshot
 
             r = zeroshot(model, tokenizer, list(tasks or evaluation.zeroshot_tasks()), evaluation.limit,
-                         evaluation.zeroshot_batch_size, evaluation.hellaswag_file)
+                         evaluation.zeroshot_batch_size, evaluation.hellaswag_file, progress=progress)
             log.info("zero-shot mean acc = %.4f over %s", r["mean_acc"], ", ".join(r["tasks"]))
             out["zeroshot"] = r
             continue

@@ -20,13 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Calibration, Evaluation, ModelSource, Output, flatten, setting
+from ..config import Calibration, Evaluation, ModelSource, Output, check_finite, flatten, setting
 from ..errors import UsageError
 from ..provenance import tokens_sha256
 from ..registry import get, names
 from ..selfpruner import Fitness, SearchConfig, Structure
 from ..selfpruner.backends import ALIAS, all_settings, resolve_alias
-from .record import Run, evaluate
+from .record import RESULT, Run, evaluate
 from .rundir import RunDir
 
 log = logging.getLogger("sparsellm")
@@ -61,6 +61,7 @@ class SearchRun:
     def validate(self) -> "SearchRun":
         """Every check that needs no model; resolves the "llm" alias and fills the backend's default
         config. Raises UsageError."""
+        check_finite(self)
         self.source.validate()
         self.output.validate()
         self.search.validate()
@@ -208,7 +209,7 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
         raise
     if not cfg.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
-    log.info("saved the pruned model to %s", out.path)
+    log.info("saved the pruned model to %s", out.path, extra=RESULT)
     return record
 
 

@@ -13,12 +13,14 @@ A head's score is the sum of its head_dim channels' scores.
 
 from __future__ import annotations
 
-import torch
 
 from ..engine import dense_walk
 from ..errors import UsageError
+from ..lazy import lazy_import, no_grad
 from ..models.arch import struct_spec
 from .shrink import geometry
+
+torch = lazy_import("torch")
 
 METRICS = ("wanda-sp", "flap", "magnitude-sp")
 
@@ -29,7 +31,7 @@ def check_metric(metric: str) -> None:
         raise UsageError(f"unknown importance metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
-@torch.no_grad()
+@no_grad
 def collect_stats(model, calib_ids: torch.Tensor, batch_size: int | None = None, progress: bool = True) -> list[dict]:
     """Run the dense model block by block over calibration windows (nsamples, seqlen) and keep, for every
     block, the input moments (Σx, Σx², tokens) of its attention output and MLP down projections:

@@ -20,13 +20,15 @@ import copy
 import json
 from pathlib import Path
 
-import torch
-from torch import nn
 
+from ..lazy import lazy_import, no_grad
 from ..models import STRUCTURE  # the file name load_structured reads
 from ..models.arch import get_blocks, struct_spec
 from ..models.save import reference_shapes, save_model
 from .shrink import block_structure
+
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 
 def structure(model) -> list[dict]:
@@ -73,7 +75,7 @@ def vanilla_config(model):
     return cfg, None
 
 
-@torch.no_grad()
+@no_grad
 def _materialise_biases(model, cfg) -> None:
     """With attention_bias / mlp_bias set for a vanilla config, every projection of that group needs a
     bias tensor: add zeros where there is none (the outputs do not change)."""

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
 
 from ..errors import UsageError
+from ..lazy import lazy_import, no_grad
 from ..models.arch import Spec, struct_spec  # noqa: F401  (the table's view for structured pruning; re-exported)
+
+torch = lazy_import("torch")
+nn = lazy_import("torch.nn")
 
 GQA_MODES = ("query", "group")
 
@@ -102,7 +104,7 @@ def _set(block, name, module):
     setattr(block.get_submodule(parent) if parent else block, attr, module)
 
 
-@torch.no_grad()
+@no_grad
 def shrink_block(model, block, keep: dict, stats: dict | None = None, bias_compensation: bool = False) -> None:
     """Remove everything not in `keep` (from `plan_block`) from one block, in place. With
     `bias_compensation`, `stats` ({"o": LayerStats, "down": LayerStats} from `collect_stats`) are required."""
