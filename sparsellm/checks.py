@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .errors import NonFiniteError
+from .lazy import lazy_import
+
+torch = lazy_import("torch")
 
 PPL_FACTOR = 10.0
 CUM_JUMP = 2.0

@@ -165,6 +165,8 @@ def _reprune(job, dense: list, k: int, s_t: float, mean_rank: float) -> dict:
     """One step's re-pruning: merge the adapters, RMI rates at s_t on the current model, re-prune the merged
     weights recording each block's error against the input's outputs `dense` (first `k` windows), unmerge
     with the new masks, ranks from the errors with mean `mean_rank`. Returns the step's report entries."""
+    from .masked_lora import lora_layers, merge, unmerge, unwrapped  # imports torch
+
     model, calib, own, pc = job.model, job.calib, job.config.method_config, job.config.prune
     merge(model)
     step_pc = replace(pc, sparsity_ratio=s_t, allocation="rmi", allocator=own.rmi, diag_nsamples=0)

@@ -223,7 +223,7 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
                            "lm_eval": _version(), **provenance(model, tasks, hellaswag_file)}}
     result["warnings"] = limit_warnings(result)
     for w in result["warnings"]:
-        logging.getLogger("sparsellm").warning("warning: %s", w)
+        logging.getLogger("sparsellm").warning("sparsellm: warning: %s", w)
     return result
 
 

@@ -17,14 +17,14 @@ import copy
 import logging
 from pathlib import Path
 
-import torch
-
 from ..errors import UsageError
+from ..lazy import lazy_import
+
+torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 
-# The dtypes a model may be saved in; "auto" (see `resolve_save_dtype`) picks one of them.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # what a model may be saved in (config.SAVE_DTYPES adds "auto")
 DECLARED_DTYPE = "sparsellm_declared_dtype"  # attribute `load_model` sets: the checkpoint's declared dtype
 
 
@@ -42,10 +42,10 @@ def resolve_save_dtype(model, save_dtype: str = "auto") -> torch.dtype:
     three (float64, a quantized one) gives float32. Raises UsageError for another `save_dtype`."""
     if save_dtype == "auto":
         declared = getattr(model, DECLARED_DTYPE, None) or dtype_name(next(model.parameters()).dtype)
-        return DTYPES.get(declared, torch.float32)
+        return getattr(torch, declared) if declared in DTYPES else torch.float32
     if save_dtype not in DTYPES:
         raise UsageError(f"--save_dtype must be one of auto, {', '.join(DTYPES)}; got {save_dtype!r}")
-    return DTYPES[save_dtype]
+    return getattr(torch, save_dtype)
 
 
 def reference_shapes(model, config=None) -> dict:
