@@ -212,7 +212,7 @@ class Output:
     out: str | None = setting(None, "output directory: the model, report.json, report.md and figures",
                               aliases=("--save_model",))
     save: str | None = setting(None, "directory to write report.json and report.md into (no model)")
-    overwrite: bool = setting(False, "replace a non-empty --out directory")
+    overwrite: bool = setting(False, "replace a non-empty --out directory, and a run record already in --save")
     save_dtype: str = setting("auto", "dtype of the saved weights: auto is the input checkpoint's declared dtype "
                                       "(bfloat16 for a GGUF source); zeros stay exact in every dtype",
                               choices=SAVE_DTYPES)

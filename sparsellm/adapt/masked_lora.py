@@ -61,9 +61,13 @@ class MaskedLoraLinear(nn.Module):
         self.mask = self.base.weight.detach() != 0
 
     def check_mask(self) -> None:
-        """Raise RuntimeError if the base weight has a non-zero outside the mask (a merge must never do that)."""
+        """Raise NonFiniteError if the merged weight is not finite, RuntimeError if it has a non-zero outside the
+        mask (a merge must never do that)."""
         if not bool(torch.isfinite(self.base.weight.detach()).all()):
-            raise RuntimeError("the merged weight is not finite: training diverged (lower --lr?)")
+            from ..errors import NonFiniteError
+
+            raise NonFiniteError("the merged weight is not finite: training diverged (lower --lr?) or the input's "
+                                 "activations overflowed")
         if bool((self.base.weight.detach()[~self.mask] != 0).any()):
             raise RuntimeError("the merged weight has non-zeros outside the sparsity mask")
 

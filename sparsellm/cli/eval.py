@@ -39,7 +39,7 @@ def _output(p) -> None:
     g.add_argument("--save", default=None, help="directory to write report.json into; the model's own run "
                    "directory (--model RUN --save RUN) adds the results to that run's report.json and report.md")
     g.add_argument("--overwrite", action="store_true", help="with --save RUN: replace a result already in the "
-                   "run's record")
+                   "run's record; with another --save directory: replace the run record (report.json) it holds")
 
 
 def run(args) -> int:

@@ -81,7 +81,7 @@ def check_loadable(model) -> None:
 
 def _cast(state: dict, dtype: torch.dtype) -> dict:
     """`state` with floating tensors cast to `dtype` (new tensors; tied ones stay one tensor). Raises
-    ValueError if a finite weight becomes infinite; logs a warning if non-zeros round to zero."""
+    UsageError if a finite weight becomes infinite; logs a warning if non-zeros round to zero."""
     memo, out, underflow = {}, {}, 0
     for k, t in state.items():
         if t.is_floating_point() and t.dtype != dtype:
@@ -89,7 +89,7 @@ def _cast(state: dict, dtype: torch.dtype) -> dict:
             if key not in memo:
                 c = t.to(dtype)
                 if not bool((torch.isfinite(c) | ~torch.isfinite(t)).all()):
-                    raise ValueError(f"{k} has values beyond the range of {dtype_name(dtype)}: save it in "
+                    raise UsageError(f"{k} has values beyond the range of {dtype_name(dtype)}: save it in "
                                      "bfloat16 or float32 (--save_dtype)")
                 underflow += int(((c == 0) & (t != 0)).sum())
                 memo[key] = c
@@ -105,7 +105,7 @@ def save_model(model, directory, save_dtype: str = "auto", config=None, check: b
     model's own) into `directory`, in `resolve_save_dtype(model, save_dtype)`, with config.json declaring
     that dtype. The in-memory model is left as it was. Returns the dtype written. Raises UsageError for an
     unknown `save_dtype` or (with `check`; a structured model with per-block widths is checked by its own
-    loader) weights plain transformers would not load (`check_loadable`), ValueError if a weight overflows
+    loader) weights plain transformers would not load (`check_loadable`), UsageError if a weight overflows
     the dtype."""
     dtype = resolve_save_dtype(model, save_dtype)
     if check:

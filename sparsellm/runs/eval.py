@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from ..checks import check_weights
+from ..checks import check_weights, ppl_warnings
+from ..compare import load_run
 from ..config import Evaluation, ModelSource, check_finite
 from ..errors import UsageError
 from .record import Run, evaluate
 from .rundir import RunDir, add_to_record, check_additions, run_record
+
+log = logging.getLogger("sparsellm")
 
 
 @dataclass
@@ -51,7 +55,9 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     run_dir = run_record(cfg.save, src)
     if run_dir is not None and cfg.kind == "zeroshot":
         check_additions(run_dir, ["zeroshot"], cfg.overwrite)
-    save = RunDir.prepare(cfg.save, [src], replaces=False) if run_dir is None else None
+    save = RunDir.prepare(cfg.save, [src], cfg.overwrite, replaces=False) if run_dir is None else None
+    if save is not None:
+        save.refuse_replacing_record()
     tasks = cfg.evaluation.zeroshot_tasks()
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
     check_weights(model)
@@ -62,12 +68,17 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     record = Run(f"eval {cfg.kind}", cfg.source.model, str(local) if local else None,
                  {"dtype": cfg.source.dtype, **vars(cfg.evaluation)})
     record.metrics = evaluate(model, tok, cfg.evaluation, seqlen, progress, tasks)
+    run = load_run(run_dir)[0] if run_dir is not None else {}  # its dense results and prune report, if any
+    for w in ppl_warnings(record.metrics, run.get("eval_dense") or {}, getattr(model.config, "vocab_size", None),
+                          run.get("prune")):
+        log.warning("sparsellm: warning: %s", w)
+        record.warnings.append(w)
     record.finish()
     if save is not None:
         save.write(record.to_dict())
     if run_dir is not None:
         add_to_record(run_dir, record.metrics, {"command": record.command, "config": record.config,
                                                 "versions": record.versions, "peak_rss_mib": record.peak_rss_mib},
-                      cfg.overwrite)
+                      cfg.overwrite, record.warnings)
         record.details["added_to"] = str(run_dir / "report.json")
     return record

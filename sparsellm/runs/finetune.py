@@ -28,8 +28,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..adapt.config import FinetuneConfig
+from ..checks import check_weights
 from ..config import Evaluation, ModelSource, Output, check_finite, setting
-from ..errors import UsageError
+from ..errors import NonFiniteError, UsageError
 from ..registry import get
 from .record import RESULT, Run, block_rows, evaluate
 from .rundir import RunDir, pruned_model
@@ -225,6 +226,10 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
                        sidecar=read_sidecar(local if local is not None and Path(local).is_dir() else None))
         record.config = fc.to_dict()  # with the target finetune settled (an already-pruned input's own)
         details["finetune"] = rep
+        try:
+            check_weights(model)  # a diverged run (NaN/inf weights) is not saved
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{m}: after fine-tuning, {e}") from None
         details["prune"] = prune_like_report(model, fc, rep)
         record.calibration = details["prune"]["calibration"]
         record.blocks = block_rows(details["prune"])

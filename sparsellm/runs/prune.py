@@ -94,7 +94,9 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
                          "not supported")
     inputs = [src, *cfg.inputs()]
     model_dir_out = RunDir.prepare(out.out, inputs, out.overwrite)
-    save = RunDir.prepare(out.save, inputs + [model_dir_out and model_dir_out.path], replaces=False)
+    save = RunDir.prepare(out.save, inputs + [model_dir_out and model_dir_out.path], out.overwrite, replaces=False)
+    if save is not None:
+        save.refuse_replacing_record()
     if save is not None:
         save.refuse_overwriting(REPORT_FILES, cfg.inputs())
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())

@@ -44,6 +44,13 @@ class RunDir:
         if model_dir is not None:
             check_output_dir(self.path, self.overwrite or not self.replaces, [model_dir], replaces=self.replaces)
 
+    def refuse_replacing_record(self) -> None:
+        """UsageError if this reports directory already holds a run record (report.json) and `overwrite` is
+        off: writing would replace another run's record with one that does not describe that run's files."""
+        if not self.overwrite and (self.path / "report.json").exists():
+            raise UsageError(f"--save {self.path} already holds a run record (report.json); choose another "
+                             "directory, or pass --overwrite to replace it")
+
     def refuse_overwriting(self, names, inputs) -> None:
         """UsageError if writing `names` into a reports directory would replace one of the input files."""
         written = {(self.path / n).resolve() for n in names}
@@ -148,11 +155,11 @@ def check_additions(run_dir: Path, keys, overwrite: bool) -> None:
         raise UsageError(f"{run_dir / 'report.json'} already holds {', '.join(have)}; pass --overwrite to replace it")
 
 
-def add_to_record(run_dir: Path, metrics: dict, added: dict, overwrite: bool = False) -> dict:
+def add_to_record(run_dir: Path, metrics: dict, added: dict, overwrite: bool = False, warnings=()) -> dict:
     """Add evaluation `metrics` ({name: result}) to the run record in `run_dir`: merged into its "eval", with
     `added` (the evaluation's command, settings, versions) appended to "eval_added"; report.json and
     report.md are written atomically, the model files are not touched. Returns the new record. Raises
-    UsageError for a result already there, unless `overwrite`."""
+    UsageError for a result already there, unless `overwrite`. `warnings` are added to the run's warnings."""
     from ..compare import load_run
     from ..report import markdown, search_markdown
 
@@ -160,6 +167,8 @@ def add_to_record(run_dir: Path, metrics: dict, added: dict, overwrite: bool = F
     run = load_run(run_dir)[0]
     run["eval"] = {**(run.get("eval") or {}), **metrics}
     run.setdefault("eval_added", []).append({**added, "metrics": list(metrics)})
+    if warnings:
+        run["warnings"] = [*(run.get("warnings") or []), *warnings]
     write_json_atomic(run_dir / "report.json", run)
     write_text_atomic(run_dir / "report.md", search_markdown(run) if run.get("command") == "search" else markdown(run))
     return run

@@ -1,0 +1,108 @@
+"""Defects a breaker found after issue 20's fixes: a run record replaced by `prune --save`, a diverged
+fine-tuning saved as an all-NaN model with exit 0, a non-finite merge or a float16 overflow as a traceback,
+and an infinite perplexity accepted without a warning by `eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import sentences
+from sparsellm.cli import main
+from test_cli import _assert_one_line_error, _tree
+
+SMALL = ["--nsamples", "2", "--seqlen", "16"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(sentences(300)), encoding="utf-8")
+    return p
+
+
+def test_prune_save_never_replaces_another_runs_record(tmp_path, saved_model_dir, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+                 "--eval", "none", "--out", str(run)]) == 0
+    before = _tree(run)
+    capsys.readouterr()
+    argv = ["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+            "--prune_method", "magnitude", "--sparsity_ratio", "0.2", "--eval", "none", "--save", str(run)]
+    code = main(argv)
+    _assert_one_line_error(code, capsys.readouterr().err)
+    assert _tree(run) == before  # the record still describes the weights next to it
+    assert main(argv + ["--overwrite"]) == 0  # asked for explicitly
+    assert json.loads((run / "report.json").read_text())["prune"]["method"] == "magnitude"
+
+
+def test_eval_save_never_replaces_a_record_without_overwrite(tmp_path, saved_model_dir, capsys):
+    d = tmp_path / "evals"
+    argv = ["--quiet", "eval", "ppl", "--model", str(saved_model_dir), "--seqlen", "16", "--max_windows", "1",
+            "--save", str(d)]
+    assert main(argv) == 0
+    first = (d / "report.json").read_bytes()
+    capsys.readouterr()
+    _assert_one_line_error(main(argv), capsys.readouterr().err)
+    assert (d / "report.json").read_bytes() == first
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_a_diverged_finetune_is_one_line_and_saves_nothing(tmp_path, saved_model_dir, corpus, capsys):
+    out = tmp_path / "lo"
+    code = main(["--quiet", "finetune", "--model", str(saved_model_dir), *SMALL, "--calib_dataset", str(corpus),
+                 "--method", "lora", "--data", str(corpus), "--ft_nsamples", "8", "--ft_seqlen", "16",
+                 "--ft_batch_size", "2", "--lr", "1e30", "--max_grad_norm", "1e30", "--eval", "none",
+                 "--step_eval_windows", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "not finite" in err or "NaN" in err
+    assert not out.exists() or not (out / "model.safetensors").exists()
+
+
+def test_merge_of_non_finite_weights_is_a_usage_error():
+    from sparsellm.adapt.masked_lora import add_masked_lora, lora_layers, merge
+    from sparsellm.errors import NonFiniteError
+
+    from conftest import make_model
+    model = make_model("llama")
+    for lin in [m for m in model.modules() if isinstance(m, torch.nn.Linear)]:
+        with torch.no_grad():
+            lin.weight[lin.weight.abs() < 0.01] = 0.0
+    add_masked_lora(model, r=2)
+    layer = lora_layers(model)[0]
+    with torch.no_grad():
+        layer.lora_B.fill_(float("inf"))
+    with pytest.raises(NonFiniteError):
+        merge(model)
+
+
+def test_float16_overflow_is_a_usage_error(tmp_path):
+    from sparsellm.errors import UsageError
+    from sparsellm.models.save import save_model
+
+    from conftest import make_model
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = 1e6  # beyond float16's 65504
+    with pytest.raises(UsageError, match="beyond the range of float16"):
+        save_model(model, tmp_path / "m", "float16")
+
+
+def test_eval_warns_on_an_infinite_perplexity_added_to_a_run(tmp_path, saved_model_dir, corpus, capsys,
+                                                             monkeypatch):
+    run = tmp_path / "run"
+    assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+                 "--eval", "none", "--out", str(run)]) == 0
+    import sparsellm.runs.eval as run_eval
+
+    monkeypatch.setattr(run_eval, "evaluate", lambda *a, **k: {"wikitext2_ppl@16": {"ppl": math.inf, "windows": 1, "tokens": 15, "seqlen": 16}})
+    capsys.readouterr()
+    assert main(["eval", "ppl", "--model", str(run), "--save", str(run), "--seqlen", "16",
+                 "--max_windows", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "sparsellm: warning: wikitext2_ppl@16 is inf" in err
+    assert any("wikitext2_ppl@16 is inf" in w for w in json.loads((run / "report.json").read_text())["warnings"])
