@@ -106,3 +106,37 @@ def test_eval_warns_on_an_infinite_perplexity_added_to_a_run(tmp_path, saved_mod
     err = capsys.readouterr().err
     assert "sparsellm: warning: wikitext2_ppl@16 is inf" in err
     assert any("wikitext2_ppl@16 is inf" in w for w in json.loads((run / "report.json").read_text())["warnings"])
+
+
+def test_finetune_resume_refuses_a_finished_run_of_another_model_or_data(tmp_path, saved_model_dir, corpus,
+                                                                         capsys):
+    other = tmp_path / "other"
+    assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+                 "--eval", "none", "--out", str(other)]) == 0
+    out = tmp_path / "ft"
+
+    def ft(model, data, *extra):
+        return main(["--quiet", "finetune", "--model", str(model), *SMALL, "--calib_dataset", str(corpus),
+                     "--method", "losa", "--rmi_nsamples", "4", "--rank_nsamples", "4", "--steps", "2", "--lora_r",
+                     "4", "--r_max", "8", "--rank_start", "2", "--rank_end", "4",
+                     "--data", str(data), "--ft_nsamples", "4", "--ft_seqlen", "16",
+                     "--ft_batch_size", "2", "--eval", "none", "--step_eval_windows", "0", "--out", str(out), *extra])
+
+    assert ft(other, corpus) == 0
+    before = _tree(out)
+    capsys.readouterr()
+    code = ft(saved_model_dir, corpus, "--resume")
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "input model" in err
+    corpus2 = tmp_path / "corpus2.txt"
+    corpus2.write_text("\n".join(sentences(300, seed=1)), encoding="utf-8")
+    _assert_one_line_error(ft(other, corpus2, "--resume"), capsys.readouterr().err)
+    corpus.write_text(corpus.read_text(encoding="utf-8") + "\nmore text", encoding="utf-8")  # same path, new bytes
+    code = ft(other, corpus, "--resume")
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "fine-tuning data" in err
+    assert _tree(out) == before
+    (out / "report.json").write_text("{not json")
+    _assert_one_line_error(ft(other, corpus, "--resume"), capsys.readouterr().err)

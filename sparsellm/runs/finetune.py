@@ -131,10 +131,14 @@ class FinetuneRun:
         for m, cfg in configs.items():
             resumable = get("finetune", m).needs == "checkpoint"
             if resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
-                old = json.loads((outs[m] / "report.json").read_text()).get("config", {})
+                from ..compare import load_run
+
+                finished = load_run(outs[m])[0]  # UsageError for an unreadable record
+                old = finished.get("config", {})
                 new = cfg.validate().to_dict()
                 diff = sorted(k for k in new if old.get(k) != new[k]
                               and not (k == "sparsity_ratio" and requested.sparsity_ratio is None))  # the input's
+                diff += _other_inputs(finished, self.source.model, data)
                 if diff:
                     raise UsageError(f"--resume: {outs[m]} was finished with other settings ({', '.join(diff)})")
                 done.add(m)  # finished before the interruption
@@ -151,6 +155,20 @@ class FinetuneRun:
                 raise UsageError(f"--resume: {root} holds a finished comparison of [{', '.join(listed)}], "
                                  f"not [{', '.join(configs)}]; add --overwrite to start a new one")
         return _Plan(src, root, single, outs, ckpts, dirs, done)
+
+
+def _other_inputs(finished: dict, model: str, data: str) -> list[str]:
+    """Which inputs of a finished run's record differ from this run's: the model (as given), and the
+    fine-tuning data (its path, and its bytes' SHA-256 where the record has one)."""
+    from ..data import file_sha256
+
+    out = ["the input model"] if finished.get("model") != model else []
+    rec = (finished.get("data") or {})
+    sha = (rec.get("rows") or {}).get("sha256")
+    if rec.get("source") != data or (sha and Path(data).expanduser().is_file()
+                                     and file_sha256(Path(data).expanduser()) != sha):
+        out.append("the fine-tuning data")
+    return out
 
 
 @dataclass
