@@ -141,8 +141,8 @@ def run_record(save, model_dir) -> Path | None:
     if own:
         return out
     if not str(run.get("command", "")).startswith("eval"):
-        raise UsageError(f"--save {save} holds the record of a {run.get('command')} run of another model "
-                         f"({run.get('model')}); evaluate that model (--model {save}) or choose another directory")
+        raise UsageError(f"--save {save} holds the record of another run ({run.get('command')} of "
+                         f"{run.get('model')}); evaluate that run's model (--model {save}) or choose another directory")
     return None
 
 
