@@ -70,7 +70,7 @@ def test_an_existing_result_needs_overwrite(run_dir, capsys):
 
 
 def test_other_directories_are_refused(run_dir, saved_model_dir, capsys):
-    for model, save, match in [(saved_model_dir, run_dir, "another model"),
+    for model, save, match in [(saved_model_dir, run_dir, "holds the record of another run"),
                                (saved_model_dir, saved_model_dir, "holds no run record")]:
         before = _tree(run_dir.parent)
         code = main(["--quiet", "eval", "ppl", "--model", str(model), "--save", str(save), "--max_windows", "1"])
