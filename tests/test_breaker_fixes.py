@@ -140,3 +140,31 @@ def test_finetune_resume_refuses_a_finished_run_of_another_model_or_data(tmp_pat
     assert _tree(out) == before
     (out / "report.json").write_text("{not json")
     _assert_one_line_error(ft(other, corpus, "--resume"), capsys.readouterr().err)
+
+
+def test_an_unknown_flag_points_to_the_subcommands_help(capsys):
+    assert main(["prune", "--model", "x", "--sparsty_ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "sparsellm: error: unrecognized arguments: --sparsty_ratio 0.5 (see sparsellm prune --help)"
+    assert main(["eval", "ppl", "--model", "x", "--bogus"]) == 2
+    assert "(see sparsellm eval ppl --help)" in capsys.readouterr().err
+
+
+def test_a_2of4_input_without_sidecar_is_recognised_as_2of4(tmp_path, saved_model_dir, corpus, capsys):
+    src = tmp_path / "w24"
+    assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+                 "--sparsity_type", "2:4", "--eval", "none", "--out", str(src)]) == 0
+    (src / "sparsity_config.json").unlink()
+
+    def ft(out, *extra):
+        return main(["--quiet", "finetune", "--model", str(src), *SMALL, "--calib_dataset", str(corpus),
+                     "--method", "masked-lora", "--data", str(corpus), "--ft_nsamples", "4", "--ft_seqlen", "16",
+                     "--ft_batch_size", "2", "--eval", "none", "--step_eval_windows", "0", "--out", str(out), *extra])
+
+    for out, extra in [(tmp_path / "a", ["--sparsity_type", "2:4"]), (tmp_path / "b", [])]:
+        assert ft(out, *extra) == 0, capsys.readouterr().err
+        assert json.loads((out / "sparsity_config.json").read_text())["sparsity_structure"] == "2:4"
+        from safetensors.torch import load_file
+        for k, w in load_file(out / "model.safetensors").items():
+            if "layers." in k and w.dim() == 2 and "norm" not in k:  # every group of 4 inputs: at most 2 non-zeros
+                assert int((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max()) <= 2, k

@@ -55,8 +55,9 @@ class PrunedInput:
 
     def describe(self) -> str:
         if self.source == "measured":
-            return (f"no {SIDECAR}; measured {self.measured:.4f} sparse, per block "
-                    f"{min(self.rates):.4f} to {max(self.rates):.4f}")
+            pattern = "" if self.sparsity_type == "unstructured" else f", every group {self.sparsity_type}"
+            return (f"measured from the weights: {self.measured:.4f} sparse, per block "
+                    f"{min(self.rates):.4f} to {max(self.rates):.4f}{pattern}")
         return (f"{self.method}, {self.allocation['name']} allocation, {self.sparsity_type} target {self.target:.4f}, "
                 f"measured {self.measured:.4f}, from its {SIDECAR}")
 
@@ -101,6 +102,20 @@ def block_sparsity(model) -> list[float]:
     return out
 
 
+def measured_pattern(model, measured: float) -> str:
+    """"N:M" when every block linear has at most N non-zeros in each group of M consecutive inputs (M = 4,
+    then 8; the smallest such N) and the measured sparsity is that pattern's 1 − N/M (within MEASURED_TOL),
+    else "unstructured". Weight (C_out, C_in) with C_in divisible by M."""
+    lins = [lin for block in get_blocks(model) for lin in block_linears(model, block).values()]
+    for m in (4, 8):
+        if any(lin.in_features % m for lin in lins):
+            continue
+        n = max(int((lin.weight.detach().reshape(lin.out_features, -1, m) != 0).sum(-1).max()) for lin in lins)
+        if n < m and abs(1 - n / m - measured) <= MEASURED_TOL:
+            return f"{n}:{m}"
+    return "unstructured"
+
+
 def pruned_input(model, sidecar: dict | None = None) -> PrunedInput | None:
     """What the loaded `model` was pruned to, or None when it is dense (< PRUNED_MIN zeros). The sidecar is
     used when it matches the weights (its global sparsity, its number of blocks); otherwise the weights'
@@ -118,8 +133,8 @@ def pruned_input(model, sidecar: dict | None = None) -> PrunedInput | None:
     if sidecar is not None:
         log.warning("%s does not describe these weights (%.4f sparse): using the measured per-block sparsity",
                     SIDECAR, measured)
-    return PrunedInput("measured", "measured", measured, "unstructured", {"name": "measured", "rates": blocks},
-                       measured, blocks)
+    return PrunedInput("measured", "measured", measured, measured_pattern(model, measured),
+                       {"name": "measured", "rates": blocks}, measured, blocks)
 
 
 def resolve_target(requested: float | None, sparsity_type: str, inp: PrunedInput) -> float:

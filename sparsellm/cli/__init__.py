@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or an argparse error (one line)
         if e.code and not [x for x in words if x.startswith("-")]:  # a bare (sub)command: its usage first
             print(_usage(_subparser(parser, words)), file=sys.stderr)
-        print(errors.getvalue(), end="", file=sys.stderr)
+        text = errors.getvalue()
+        if e.code:  # an unknown flag is reported by the top parser: point to the subcommand's own --help
+            text = text.replace(f"(see {parser.prog} --help)", f"(see {_subparser(parser, words).prog} --help)")
+        print(text, end="", file=sys.stderr)
         return int(e.code or 0)
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
