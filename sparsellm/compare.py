@@ -44,6 +44,12 @@ def run_row(run: dict, directory) -> dict:
         extra_measured = 1 - s["params_pruned"] / s["params_dense"]
     else:
         extra_measured = None
+    if str(run.get("command", "")).startswith("eval") and run.get("evaluated"):  # the evaluated model itself
+        e = run["evaluated"]
+        dense = e["measured"]["sparsity"] < 0.01 and not e.get("method")
+        p = {"measured": e["measured"], "method": e.get("method") or ("dense" if dense else "unknown (no sidecar)"),
+             "allocation": e.get("allocation") or {}, "sparsity_type": e.get("sparsity_type") or "",
+             "target_sparsity": e.get("target_sparsity", 0.0 if dense else None)}
     ev = run.get("eval", {})
     zs = ev.get("zeroshot")
     speed, spread = {}, {}

@@ -168,3 +168,21 @@ def test_a_2of4_input_without_sidecar_is_recognised_as_2of4(tmp_path, saved_mode
         for k, w in load_file(out / "model.safetensors").items():
             if "layers." in k and w.dim() == 2 and "norm" not in k:  # every group of 4 inputs: at most 2 non-zeros
                 assert int((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max()) <= 2, k
+
+
+def test_report_of_an_eval_record_describes_the_evaluated_model(tmp_path, saved_model_dir, corpus, capsys):
+    from sparsellm.compare import load_run, run_row
+
+    w = tmp_path / "w"
+    assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+                 "--eval", "none", "--out", str(w)]) == 0
+    for model, save in [(w, tmp_path / "e_sparse"), (saved_model_dir, tmp_path / "e_dense")]:
+        assert main(["--quiet", "eval", "ppl", "--model", str(model), "--seqlen", "16", "--max_windows", "1",
+                     "--save", str(save)]) == 0
+    from safetensors.torch import load_file
+    ws = [t for k, t in load_file(w / "model.safetensors").items() if "layers." in k and t.dim() == 2]
+    zeros = sum(int((t == 0).sum()) for t in ws) / sum(t.numel() for t in ws)  # the saved weights, counted here
+    row = run_row(*load_run(tmp_path / "e_sparse"))
+    assert (row["method"], row["target"]) == ("wanda", 0.5) and row["measured"] == pytest.approx(zeros)
+    row = run_row(*load_run(tmp_path / "e_dense"))
+    assert (row["method"], row["target"], row["measured"]) == ("dense", 0.0, 0.0)

@@ -67,6 +67,7 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     local = model_dir or src
     record = Run(f"eval {cfg.kind}", cfg.source.model, str(local) if local else None,
                  {"dtype": cfg.source.dtype, **vars(cfg.evaluation)})
+    record.details["evaluated"] = _evaluated(model, model_dir)
     record.metrics = evaluate(model, tok, cfg.evaluation, seqlen, progress, tasks)
     run = load_run(run_dir)[0] if run_dir is not None else {}  # its dense results and prune report, if any
     for w in ppl_warnings(record.metrics, run.get("eval_dense") or {}, getattr(model.config, "vocab_size", None),
@@ -82,3 +83,22 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
                       cfg.overwrite, record.warnings)
         record.details["added_to"] = str(run_dir / "report.json")
     return record
+
+
+def _evaluated(model, model_dir) -> dict:
+    """What the evaluated model is, for `sparsellm report`: its measured block-linear sparsity, and what its
+    `sparsity_config.json` says (method, target, pattern, allocation), when it has a readable one."""
+    from ..adapt.pruned_input import read_sidecar
+    from ..engine import linear_sparsity
+
+    out = {"measured": linear_sparsity(model)}
+    try:
+        side = read_sidecar(model_dir) or {}
+    except UsageError:
+        side = {}
+    if side:
+        out.update(method=side.get("method"), target_sparsity=side.get("target_sparsity"),
+                   sparsity_type=side.get("sparsity_structure"),
+                   allocation={"name": (side.get("allocation") or {}).get("name"),
+                               "rates": (side.get("allocation") or {}).get("rates")})
+    return out
