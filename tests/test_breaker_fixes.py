@@ -186,3 +186,18 @@ def test_report_of_an_eval_record_describes_the_evaluated_model(tmp_path, saved_
     assert (row["method"], row["target"]) == ("wanda", 0.5) and row["measured"] == pytest.approx(zeros)
     row = run_row(*load_run(tmp_path / "e_dense"))
     assert (row["method"], row["target"], row["measured"]) == ("dense", 0.0, 0.0)
+
+
+def test_resume_after_a_finished_losa_run_that_kept_its_checkpoint(tmp_path, saved_model_dir, corpus, capsys):
+    out = tmp_path / "ft"
+    argv = ["--quiet", "finetune", "--model", str(saved_model_dir), "--nsamples", "4", "--seqlen", "16",
+            "--calib_dataset", str(corpus), "--method", "losa", "--rmi_nsamples", "4", "--rank_nsamples", "4", "--steps", "2", "--lora_r", "4",
+            "--r_max", "8", "--rank_start", "2", "--rank_end", "4", "--keep_checkpoint", "--data", str(corpus),
+            "--ft_nsamples", "4", "--ft_seqlen", "16", "--ft_batch_size", "2", "--eval", "none",
+            "--step_eval_windows", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert (tmp_path / "ft.ckpt").is_dir()
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0, capsys.readouterr().err  # was: output directory not empty
+    assert _tree(out) == before

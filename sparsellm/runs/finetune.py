@@ -130,7 +130,7 @@ class FinetuneRun:
         dirs, done = {}, set()
         for m, cfg in configs.items():
             resumable = get("finetune", m).needs == "checkpoint"
-            if resume and (outs[m] / "report.json").is_file() and not ckpts[m].exists():
+            if resume and (outs[m] / "report.json").is_file():  # finished (a kept checkpoint or not)
                 from ..compare import load_run
 
                 finished = load_run(outs[m])[0]  # UsageError for an unreadable record
