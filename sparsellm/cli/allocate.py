@@ -1,4 +1,4 @@
-"""`sparsellm allocate`: layer-wise sparsity rates (ATP with --search, OWL, RMI, ...) written as rates.json,
+"""`sparsellm allocate`: layer-wise sparsity rates (ATP with --search, OWL, RMI, ...) recorded (rates.json with --save),
 then pruning and evaluation with them."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from ..allocate.atp_search import ATPSearchConfig
 from .common import add_config, add_quiet, config_from
 from .prune import add_flags, prune_run
 
-HELP = ("layer-wise sparsity rates (ATP with --search, OWL, RMI, ...), written as rates.json; then prune and "
+HELP = ("layer-wise sparsity rates (ATP with --search, OWL, RMI, ...), in the run record (and as rates.json in "
+        "--save DIR, ready for --allocation file:DIR/rates.json); then prune and "
         "evaluate with them")
 
 

@@ -71,7 +71,7 @@ def _figures(run: dict) -> dict:
 
     figs = {}
     if run.get("prune") and any(b.get("rel_error") is not None for b in run["prune"]["blocks"]):
-        label = f"{run['prune']['method']} {run['allocation']['name']}"
+        label = f"{run['prune']['method']} {run['allocation']['name']}, {run['prune'].get('sparsity_type', '')}"
         figs["errors.png"] = lambda path: plots.error_curves({label: run["prune"]["blocks"]}, path)
     if run.get("search"):
         figs["atp_search.png"] = lambda path: plots.beta_search(run["search"], path)
