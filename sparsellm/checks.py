@@ -135,7 +135,7 @@ def ppl_warnings(metrics: dict, metrics_dense: dict, vocab_size: int | None, pru
             what = (f"{key} {ppl:,.4g} is {ratio:,.0f}× the dense model's {dense:,.4g} (threshold {PPL_FACTOR:g}×)"
                     if math.isfinite(ratio) else f"{key} is {ppl} (dense {dense:,.4g})")
         elif not math.isfinite(ppl) or (vocab_size and ppl > vocab_size):
-            what = (f"{key} {ppl:,.4g} is above the vocabulary size {vocab_size:,}, worse than a uniform guess"
+            what = (f"{key} {ppl:,.6g} is above the vocabulary size {vocab_size:,}, worse than a uniform guess"
                     if math.isfinite(ppl) else f"{key} is {ppl}")
         else:
             continue

@@ -54,7 +54,12 @@ def run_row(run: dict, directory) -> dict:
     zs = ev.get("zeroshot")
     speed, spread = {}, {}
     if (directory / "speed.json").is_file():
-        sp = json.loads((directory / "speed.json").read_text())
+        try:
+            sp = json.loads((directory / "speed.json").read_text())
+        except (ValueError, UnicodeDecodeError):
+            from .errors import UsageError
+
+            raise UsageError(f"{directory / 'speed.json'} is not valid JSON") from None
         ratios = sp.get("ratios", {})
         speed = dict(ratios.get("model fp32", {}))
         spread = dict(sp.get("ratio_spread", {}).get("model fp32", {}))
@@ -101,6 +106,8 @@ def compare_runs(paths, out=None) -> str:
         run, directory = load_run(path)
         try:
             rows.append(run_row(run, directory))
+        except UsageError:
+            raise
         except (AttributeError, TypeError, KeyError, ValueError):
             raise UsageError(f"{path} is not a sparsellm run report (its sections are not the ones runs write)") from None
     table = runs_table(rows)

@@ -124,6 +124,8 @@ class ModelSource:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
     def validate(self) -> "ModelSource":
+        if not str(self.model).strip():
+            raise UsageError("--model is empty: give a preset name, a .gguf file, an HF directory or a hub id")
         if self.dtype not in ("float32", "bfloat16"):
             raise UsageError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         return self

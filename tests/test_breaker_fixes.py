@@ -201,3 +201,27 @@ def test_resume_after_a_finished_losa_run_that_kept_its_checkpoint(tmp_path, sav
     capsys.readouterr()
     assert main(argv + ["--resume"]) == 0, capsys.readouterr().err  # was: output directory not empty
     assert _tree(out) == before
+
+
+def test_messages_name_the_real_problem(tmp_path, saved_model_dir, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+                 "--eval", "none", "--out", str(run)]) == 0
+    (run / "speed.json").write_text("{broken")
+    capsys.readouterr()
+    code = main(["report", str(run)])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "speed.json is not valid JSON" in err
+    code = main(["eval", "ppl", "--model", ""])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "--model is empty" in err
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("\n".join(json.dumps({"instruction": "word " * 60, "output": "x"}) for _ in range(4)))
+    code = main(["--quiet", "finetune", "--model", str(saved_model_dir), *SMALL, "--calib_dataset", str(corpus),
+                 "--method", "masked-lora", "--data", str(rows), "--ft_nsamples", "2", "--ft_seqlen", "16",
+                 "--eval", "none", "--out", str(tmp_path / "ft")])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "fills --ft_seqlen 16" in err

@@ -75,7 +75,9 @@ def instruction_examples(tokenizer, path, max_length: int = 1024,
             continue
         out.append((torch.tensor(ids), torch.tensor(labels)))
     if not out:
-        raise UsageError(f"{path} has no usable rows (each needs 'instruction' and 'output')")
+        why = (f"the prompt alone fills --ft_seqlen {max_length} in {long_} of them" if long_
+               else "each needs 'instruction' and 'output'")
+        raise UsageError(f"{path} has no usable rows ({why})")
     why = f"{bad} without 'instruction' and 'output', {long_} with a prompt of {max_length} tokens or more"
     count = check_rows(p, len(items), bad + long_, first, why, "row" if is_list else "line")
     logging.getLogger("sparsellm").info("fine-tuning data %s: %d rows used, %d dropped%s", p, len(out), bad + long_,
