@@ -225,3 +225,26 @@ def test_messages_name_the_real_problem(tmp_path, saved_model_dir, corpus, capsy
     err = capsys.readouterr().err
     _assert_one_line_error(code, err)
     assert "fills --ft_seqlen 16" in err
+
+
+def test_a_float16_save_that_cannot_hold_a_weight_is_refused_before_any_work(tmp_path, saved_model_dir, corpus,
+                                                                             capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    big = tmp_path / "big"
+    m = AutoModelForCausalLM.from_pretrained(saved_model_dir)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[0, 0] = 1e6
+    m.save_pretrained(big)
+    for f in saved_model_dir.iterdir():
+        if "token" in f.name:
+            (big / f.name).write_bytes(f.read_bytes())
+    import sparsellm.runs.prune as run_prune
+
+    monkeypatch.setattr(run_prune, "prune", lambda *a, **k: pytest.fail("pruning started"))
+    code = main(["--quiet", "prune", "--model", str(big), "--calib_dataset", str(corpus), *SMALL, "--eval", "none",
+                 "--save_dtype", "float16", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "model.embed_tokens.weight has values beyond the range of float16" in err
+    assert not (tmp_path / "o").exists()

@@ -13,9 +13,9 @@ from .arch import (ARCHITECTURES, ROLES, Arch, Attention, Spec, block_linears, c
                    families, get_arch, get_blocks, struct_spec)
 from .load import (DEFAULT_MODEL, PRESETS, STRUCTURE, _gguf_to_hf_dir, cache_dir, load_model, load_structured,
                    preset_gguf, resolve_model)
-from .save import check_loadable, resolve_save_dtype, save_model
+from .save import check_fits, check_loadable, resolve_save_dtype, save_model
 
 __all__ = ["ARCHITECTURES", "ROLES", "Arch", "Attention", "Spec", "block_linears", "check_supported",
            "context_length", "families", "get_arch", "get_blocks", "struct_spec", "DEFAULT_MODEL", "PRESETS",
            "STRUCTURE", "cache_dir", "load_model", "load_structured", "preset_gguf", "resolve_model", "check_loadable",
-           "resolve_save_dtype", "save_model"]
+           "resolve_save_dtype", "save_model", "check_fits"]

@@ -79,6 +79,18 @@ def check_loadable(model) -> None:
                      f"{missing[:3]}; plain transformers would re-initialise the missing ones at random")
 
 
+def check_fits(model, save_dtype: str = "auto") -> None:
+    """Before any work: UsageError if a weight of `model` is already beyond the range of the dtype it will be
+    saved in (float16: |w| > 65504), so a run is not refused only at its end."""
+    dtype = resolve_save_dtype(model, save_dtype)
+    if dtype == torch.float16:
+        top = torch.finfo(dtype).max
+        for name, p in model.named_parameters():
+            if bool((p.detach().abs() > top).any()):
+                raise UsageError(f"{name} has values beyond the range of float16 (|w| > {top:g}): save in bfloat16 "
+                                 "or float32 (--save_dtype)")
+
+
 def _cast(state: dict, dtype: torch.dtype) -> dict:
     """`state` with floating tensors cast to `dtype` (new tensors; tied ones stay one tensor). Raises
     UsageError if a finite weight becomes infinite; logs a warning if non-zeros round to zero."""

@@ -212,12 +212,13 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     from ..adapt.checkpoint import examples_sha
     from ..adapt.pruned_input import read_sidecar
     from ..adapt.train import finetune_examples
-    from ..models import context_length, load_model
+    from ..models import check_fits, context_length, load_model
 
     ev, t, seed = cfg.evaluation, fc.training, fc.calibration.seed
     evals, tasks = ev.names(), ev.zeroshot_tasks()
     resumable = get("finetune", m).needs == "checkpoint"
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    check_fits(model, cfg.output.save_dtype)  # a float16 save that cannot hold a weight: refused before any work
     plan.dirs[m].check_input(model_dir)
     ctx = context_length(model)
     eval_seqlen = min(ev.eval_seqlen, ctx)

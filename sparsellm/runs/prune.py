@@ -83,7 +83,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     Raises UsageError for bad input, before anything is written."""
     from ..allocate.atp_search import beta_grid, search
     from ..data import calibration_windows
-    from ..models import context_length, get_blocks, load_model, resolve_model
+    from ..models import check_fits, context_length, get_blocks, load_model, resolve_model
 
     cfg.validate()
     pc, ev, out = cfg.prune, cfg.evaluation, cfg.output
@@ -100,6 +100,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     if save is not None:
         save.refuse_overwriting(REPORT_FILES, cfg.inputs())
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    check_fits(model, out.save_dtype)  # a float16 save that cannot hold a weight: refused before any work
     for rd in (model_dir_out, save):
         if rd is not None:
             rd.check_input(model_dir)

@@ -143,7 +143,7 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     report.md, fitness.png, rates.png, search_state.json and llm_log.jsonl are written into `cfg.output.out`.
     Raises UsageError for bad input, before anything is written."""
     from ..data import calibration_windows
-    from ..models import context_length, load_model, resolve_model
+    from ..models import check_fits, context_length, load_model, resolve_model
     from ..selfpruner.driver import describe, self_prune
     from ..structured import struct_spec
 
@@ -155,6 +155,7 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     out = RunDir.prepare(cfg.output.out, inputs, cfg.output.overwrite)
     state_dir = _state_dir(cfg, out, inputs)
     model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    check_fits(model, cfg.output.save_dtype)  # a float16 save that cannot hold a weight: refused before any work
     out.check_input(model_dir)
     struct_spec(model)
     if cfg.output.overwrite and state_dir.exists():
