@@ -248,3 +248,17 @@ def test_a_float16_save_that_cannot_hold_a_weight_is_refused_before_any_work(tmp
     _assert_one_line_error(code, err)
     assert "model.embed_tokens.weight has values beyond the range of float16" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_warns_on_an_infinite_perplexity(tmp_path, saved_model_dir, corpus, capsys, monkeypatch):
+    import sparsellm.runs.finetune as run_ft
+
+    monkeypatch.setattr(run_ft, "evaluate", lambda *a, **k: {"wikitext2_ppl@16": {
+        "ppl": math.inf, "windows": 1, "tokens": 15, "seqlen": 16}})
+    out = tmp_path / "ft"
+    assert main(["--quiet", "finetune", "--model", str(saved_model_dir), *SMALL, "--calib_dataset", str(corpus),
+                 "--method", "masked-lora", "--data", str(corpus), "--ft_nsamples", "4", "--ft_seqlen", "16",
+                 "--ft_batch_size", "2", "--eval", "wikitext2", "--eval_seqlen", "16", "--step_eval_windows", "0",
+                 "--out", str(out)]) == 0
+    assert "sparsellm: warning: wikitext2_ppl@16 is inf" in capsys.readouterr().err
+    assert any("is inf" in w for w in json.loads((out / "report.json").read_text())["warnings"])

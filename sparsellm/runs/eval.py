@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
-from ..checks import check_weights, ppl_warnings
+from ..checks import check_weights
 from ..compare import load_run
 from ..config import Evaluation, ModelSource, check_finite
 from ..errors import UsageError
 from .record import Run, evaluate
 from .rundir import RunDir, add_to_record, check_additions, run_record
-
-log = logging.getLogger("sparsellm")
 
 
 @dataclass
@@ -70,10 +67,7 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     record.details["evaluated"] = _evaluated(model, model_dir)
     record.metrics = evaluate(model, tok, cfg.evaluation, seqlen, progress, tasks)
     run = load_run(run_dir)[0] if run_dir is not None else {}  # its dense results and prune report, if any
-    for w in ppl_warnings(record.metrics, run.get("eval_dense") or {}, getattr(model.config, "vocab_size", None),
-                          run.get("prune")):
-        log.warning("sparsellm: warning: %s", w)
-        record.warnings.append(w)
+    record.warn_quality(model, run.get("prune"), run.get("eval_dense") or {})
     record.finish()
     if save is not None:
         save.write(record.to_dict())

@@ -257,6 +257,7 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
             t0 = time.perf_counter()
             record.metrics = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
             record.timings["eval"] = time.perf_counter() - t0
+            record.warn_quality(model, details["prune"])
         record.finish()
         # the trained adapter in peft's layout, when the method has one
         files = {"adapter": lambda path: shutil.copytree(adir, path)} if any(Path(adir).iterdir()) else {}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..allocate import resolve_allocation
 from ..allocate.atp_search import ATPSearchConfig
-from ..checks import ppl_warnings
 from ..config import Evaluation, ModelSource, Output, check_finite
 from ..errors import UsageError
 from ..pipeline import PruneConfig, prune, validate_for_model
@@ -138,10 +137,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
             t0 = time.perf_counter()
             record.metrics = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
             record.timings["eval"] = time.perf_counter() - t0
-            for w in ppl_warnings(record.metrics, record.metrics_dense, getattr(model.config, "vocab_size", None),
-                                  details["prune"]):
-                log.warning("sparsellm: warning: %s", w)
-                record.warnings.append(w)
+            record.warn_quality(model, details["prune"])
     record.finish()
     run = record.to_dict()
     md, figures = record.markdown(), _figures(run)

@@ -58,6 +58,16 @@ class Run:
                    peak_rss_mib=self.peak_rss_mib, versions=self.versions, warnings=self.warnings)
         return out
 
+    def warn_quality(self, model, prune_report: dict | None = None, dense: dict | None = None) -> None:
+        """Log and keep `checks.ppl_warnings` for this run's perplexities against `dense` (default its own
+        metrics_dense), the model's vocabulary size, and the `prune_report` that names the likely cause."""
+        from ..checks import ppl_warnings
+
+        for w in ppl_warnings(self.metrics, self.metrics_dense if dense is None else dense,
+                              getattr(model.config, "vocab_size", None), prune_report):
+            log.warning("sparsellm: warning: %s", w)
+            self.warnings.append(w)
+
     def summary(self) -> str:
         """The terminal summary (report.summary_table)."""
         from ..report import summary_table

@@ -192,6 +192,7 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
         rest = [n for n in evals if n == "zeroshot"]
         record.metrics = {**(rep["final"][0].get("eval") or {}),
                           **(evaluate(pruned, tok, ev, eval_seqlen, progress, tasks, names=rest) if rest else {})}
+        record.warn_quality(pruned)
     if cfg.bench:
         from ..evaluate.speed import compare
 
