@@ -178,3 +178,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.zeroshot)
         if f"{fname}::{item.name}" in SLOW or f"{fname}::{getattr(item, 'originalname', item.name)}" in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+def drop_unchosen(argv: list[str]) -> list[str]:
+    """A `finetune` argv without the "--X value" pairs of settings that only fine-tuning methods not among its
+    --method (default losa) have: the tests' helpers pass every method's settings, and a non-default setting
+    of a method that does not run is refused."""
+    from sparsellm.config import flat_names
+    from sparsellm.registry import get, names
+
+    chosen = argv[argv.index("--method") + 1].split(",") if "--method" in argv else ["losa"]
+    mine = {k for m in chosen if m in names("finetune") for k in flat_names(get("finetune", m).config)}
+    theirs = {k for m in names("finetune") if m not in chosen for k in flat_names(get("finetune", m).config)} - mine
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith("--") and a[2:] in theirs and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(a)
+    return out

@@ -262,3 +262,14 @@ def test_finetune_warns_on_an_infinite_perplexity(tmp_path, saved_model_dir, cor
                  "--out", str(out)]) == 0
     assert "sparsellm: warning: wikitext2_ppl@16 is inf" in capsys.readouterr().err
     assert any("is inf" in w for w in json.loads((out / "report.json").read_text())["warnings"])
+
+
+def test_a_setting_of_a_method_not_run_is_refused(saved_model_dir, capsys, monkeypatch):
+    import sparsellm.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv in (["--method", "none", "--steps", "3"], ["--method", "lora,masked-lora", "--rmi_nsamples", "4"]):
+        code = main(["--quiet", "finetune", "--model", str(saved_model_dir), "--out", "/nonexistent/x", *argv])
+        err = capsys.readouterr().err
+        _assert_one_line_error(code, err)
+        assert "which --method" in err and argv[2] in err

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model, sentences
+from conftest import drop_unchosen, make_model, sentences
 from sparsellm.adapt import FinetuneConfig, add_masked_lora, lora_layers, merge
 from sparsellm.adapt.driver import Job, finetune
 from sparsellm.adapt.pruned_input import pruned_input
@@ -35,10 +35,10 @@ def corpus(tmp_path):
 
 
 def _ft(model_dir, corpus, out, *extra) -> int:
-    return main(["--quiet", "finetune", "--model", str(model_dir), *SMALL, "--calib_dataset", str(corpus),
+    return main(drop_unchosen(["--quiet", "finetune", "--model", str(model_dir), *SMALL, "--calib_dataset", str(corpus),
                  "--rmi_nsamples", "4", "--rank_nsamples", "4", "--steps", "2", "--lora_r", "4", "--r_max", "8",
                  "--rank_start", "2", "--rank_end", "4", "--data", str(corpus), "--ft_nsamples", "4",
-                 "--ft_seqlen", "32", "--ft_batch_size", "2", "--step_eval_windows", "0", "--out", str(out), *extra])
+                 "--ft_seqlen", "32", "--ft_batch_size", "2", "--step_eval_windows", "0", "--out", str(out), *extra]))
 
 
 def _atp_model(tmp_path, model_dir, corpus):

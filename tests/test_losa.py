@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, make_model, sentences
+from conftest import FAMILIES, drop_unchosen, make_model, sentences
 from sparsellm.adapt import FinetuneConfig, add_masked_lora, finetune, merge, set_ranks, unmerge
 from sparsellm.adapt import driver
 from sparsellm.adapt.adapter_io import load_adapter, save_adapter
@@ -234,11 +234,11 @@ def test_adapter_round_trip_and_peft_layout(tmp_path, tokenizer, corpus):
 
 
 def _cli(model_dir, corpus, out, *extra):
-    return main(["--quiet", "finetune", "--model", str(model_dir), "--sparsity_ratio", "0.5", "--nsamples", "4",
+    return main(drop_unchosen(["--quiet", "finetune", "--model", str(model_dir), "--sparsity_ratio", "0.5", "--nsamples", "4",
                  "--seqlen", "32", "--calib_dataset", str(corpus), "--rmi_nsamples", "4", "--rank_nsamples", "4",
                  "--steps", "2", "--lora_r", "4", "--r_max", "8", "--rank_start", "2", "--rank_end", "4",
                  "--data", str(corpus), "--ft_nsamples", "6", "--ft_seqlen", "32", "--ft_batch_size", "2",
-                 "--step_eval_windows", "0", "--eval", "none", "--out", str(out), *extra])
+                 "--step_eval_windows", "0", "--eval", "none", "--out", str(out), *extra]))
 
 
 def test_cli_finetune_compares_methods_and_saves_plain_sparse_models(tmp_path, saved_model_dir, corpus):

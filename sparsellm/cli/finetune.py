@@ -70,7 +70,7 @@ def finetune_run(args):
                        finetune=FinetuneConfig.from_flat(**flat),
                        method_configs={n: method_config(n, flat) for n in names("finetune")},
                        evaluation=config_from(args, Evaluation), output=config_from(args, Output),
-                       resume=args.resume, keep_checkpoint=args.keep_checkpoint)
+                       resume=args.resume, keep_checkpoint=args.keep_checkpoint).refuse_unchosen_settings()
 
 
 def _settings() -> set[str]:

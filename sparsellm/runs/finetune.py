@@ -76,6 +76,23 @@ class FinetuneRun:
         return {m: replace(self.finetune, method=m, method_config=self.method_configs.get(m),
                            prune=copy.deepcopy(self.finetune.prune)) for m in self.method_names()}
 
+    def refuse_unchosen_settings(self) -> "FinetuneRun":
+        """UsageError for a setting, given a non-default value, of a method that is not among `methods` (e.g.
+        `--steps 3` with `--method none`): it would be silently ignored. For settings given flat (the command
+        line builds every registered method's config from its flags), like `PruneConfig.from_flat`."""
+        from ..config import flat_defaults, flatten
+
+        chosen = self.method_names()
+        mine = {k for m in chosen if self.method_configs.get(m) is not None for k in flatten(self.method_configs[m])}
+        for m, c in self.method_configs.items():
+            if m in chosen or c is None:
+                continue
+            defaults = flat_defaults(type(c))
+            bad = sorted(k for k, v in flatten(c).items() if k not in mine and k in defaults and v != defaults[k])
+            if bad:
+                raise UsageError(f"--{bad[0]} is a setting of {m}, which --method {self.methods} does not run")
+        return self
+
     def validate(self) -> "FinetuneRun":
         """Every check before a model is loaded: the settings, then the output directories, checkpoints and
         finished methods (`plan`). Raises UsageError."""
