@@ -26,12 +26,14 @@ def run(args, method: str, work: Path) -> dict:
     out = work / method
     cmd = [str(ROOT / ".venv/bin/sparsellm"), "--quiet", "finetune", "--model", args.model, "--method", method,
            "--sparsity_ratio", str(args.sparsity), "--prune_method", args.prune_method,
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--rmi_nsamples", str(args.nsamples),
-           "--rank_nsamples", str(args.rank_nsamples), "--steps", str(args.steps), "--data", "c4",
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--data", "c4",
            "--ft_nsamples", str(args.ft_nsamples), "--ft_seqlen", str(args.ft_seqlen),
            "--ft_batch_size", str(args.ft_batch_size), "--grad_accum", str(args.grad_accum), "--lr", str(args.lr),
            "--step_eval_windows", str(args.step_eval_windows), "--eval", "wikitext2", "--eval_seqlen", "2048",
            "--max_windows", str(args.eval_windows), "--out", str(out)]
+    if method == "losa":  # LoSA's own settings (another method refuses them; it never read them)
+        cmd[-2:-2] = ["--rmi_nsamples", str(args.nsamples), "--rank_nsamples", str(args.rank_nsamples),
+                      "--steps", str(args.steps)]
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
