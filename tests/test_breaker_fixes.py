@@ -273,3 +273,49 @@ def test_a_setting_of_a_method_not_run_is_refused(saved_model_dir, capsys, monke
         err = capsys.readouterr().err
         _assert_one_line_error(code, err)
         assert "which --method" in err and argv[2] in err
+
+
+def test_resume_refuses_other_eval_or_save_dtype_and_records_name_the_saved_dtype(tmp_path, saved_model_dir,
+                                                                                  corpus, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "ft"
+    argv = ["--quiet", "finetune", "--model", str(saved_model_dir), "--nsamples", "4", "--seqlen", "16",
+            "--calib_dataset", str(corpus), "--method", "losa", "--rmi_nsamples", "4", "--rank_nsamples", "4",
+            "--steps", "2", "--lora_r", "4", "--r_max", "8", "--rank_start", "2", "--rank_end", "4", "--data",
+            str(corpus), "--ft_nsamples", "4", "--ft_seqlen", "16", "--ft_batch_size", "2", "--eval", "none",
+            "--step_eval_windows", "0", "--out", str(out)]
+    assert main(argv) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        stored = str(f.get_tensor(next(iter(f.keys()))).dtype).removeprefix("torch.")
+    assert json.loads((out / "report.json").read_text())["saved_dtype"] == stored
+    before = _tree(out)
+    capsys.readouterr()
+    for extra, what in ((["--save_dtype", "float16"], "--save_dtype"),
+                        (["--eval", "wikitext2", "--max_windows", "1", "--eval_seqlen", "16"], "--eval")):
+        code = main(argv + ["--resume", *extra])
+        err = capsys.readouterr().err
+        _assert_one_line_error(code, err)
+        assert what in err and "finished with other settings" in err, err
+    assert _tree(out) == before
+    assert main(argv + ["--resume"]) == 0  # the same settings: skipped as finished
+    p = tmp_path / "p"
+    assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus), *SMALL,
+                 "--eval", "none", "--save_dtype", "bfloat16", "--out", str(p)]) == 0
+    assert json.loads((p / "report.json").read_text())["saved_dtype"] == "bfloat16"
+
+
+def test_every_warning_line_says_it_is_one(tmp_path, saved_model_dir, corpus):
+    import subprocess
+    import sys
+
+    code = ("import logging, sys\nfrom sparsellm.cli import main\n"
+            "from sparsellm.runs import prune as p\n"
+            "from sparsellm.errors import UsageError\n"
+            "def fake(cfg, progress=True):\n"
+            "    logging.getLogger('sparsellm').warning('seqlen 9 exceeds')\n"
+            "    raise UsageError('stop')\n"
+            "p.run_prune = fake\n"
+            f"sys.exit(main(['prune', '--model', {str(saved_model_dir)!r}, '--eval', 'none']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stderr.strip().splitlines() == ["sparsellm: warning: seqlen 9 exceeds", "sparsellm: error: stop"], r.stderr

@@ -62,6 +62,16 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
+class _Formatter(logging.Formatter):
+    """The message; a warning or error that does not say so yet gets the `sparsellm: warning: ` prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING and not text.startswith("sparsellm:"):
+            text = f"sparsellm: {'warning' if record.levelno == logging.WARNING else 'error'}: {text}"
+        return text
+
+
 def _result_or_warning(record: logging.LogRecord) -> bool:
     """--quiet's filter: warnings and errors, and the lines runs log with extra=runs.record.RESULT."""
     return record.levelno >= logging.WARNING or getattr(record, "result", False)
@@ -96,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_Formatter())
     _quiet_libraries(args.quiet)
     log = logging.getLogger("sparsellm")
     if args.quiet:  # warnings, and the result lines (where a model was saved), nothing else

@@ -156,6 +156,10 @@ class FinetuneRun:
                 diff = sorted(k for k in new if old.get(k) != new[k]
                               and not (k == "sparsity_ratio" and requested.sparsity_ratio is None))  # the input's
                 diff += _other_inputs(finished, self.source.model, data)
+                diff += [what for what, key, now in (("--eval and its settings", "evaluation", vars(self.evaluation)),
+                                                     ("--dtype", "compute_dtype", self.source.dtype),
+                                                     ("--save_dtype", "save_dtype", self.output.save_dtype))
+                         if key in finished and finished[key] != now]
                 if diff:
                     raise UsageError(f"--resume: {outs[m]} was finished with other settings ({', '.join(diff)})")
                 done.add(m)  # finished before the interruption
@@ -229,7 +233,8 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     from ..adapt.checkpoint import examples_sha
     from ..adapt.pruned_input import read_sidecar
     from ..adapt.train import finetune_examples
-    from ..models import check_fits, context_length, load_model
+    from ..models import check_fits, context_length, load_model, resolve_save_dtype
+    from ..models.save import dtype_name
 
     ev, t, seed = cfg.evaluation, fc.training, fc.calibration.seed
     evals, tasks = ev.names(), ev.zeroshot_tasks()
@@ -249,7 +254,9 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     local = model_dir or plan.src
     details = {"data": {"source": t.data, "ft_nsamples": len(examples), "ft_seqlen": t.ft_seqlen, "seed": seed + 1,
                         "tokens_sha256": examples_sha(examples), "rows": data["rows"]},
-               "eval_seqlen": eval_seqlen}
+               "eval_seqlen": eval_seqlen, "evaluation": vars(ev), "compute_dtype": cfg.source.dtype,
+               "save_dtype": cfg.output.save_dtype,
+               "saved_dtype": dtype_name(resolve_save_dtype(model, cfg.output.save_dtype))}
     record = Run("finetune", cfg.source.model, str(local) if local else None, {}, details=details)
     if ev.eval_dense and evals:
         record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)

@@ -82,7 +82,8 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     Raises UsageError for bad input, before anything is written."""
     from ..allocate.atp_search import beta_grid, search
     from ..data import calibration_windows
-    from ..models import check_fits, context_length, get_blocks, load_model, resolve_model
+    from ..models import check_fits, context_length, get_blocks, load_model, resolve_model, resolve_save_dtype
+    from ..models.save import dtype_name
 
     cfg.validate()
     pc, ev, out = cfg.prune, cfg.evaluation, cfg.output
@@ -138,6 +139,8 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
             record.metrics = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
             record.timings["eval"] = time.perf_counter() - t0
             record.warn_quality(model, details["prune"])
+    if model_dir_out is not None:  # what the saved weights are in (config.json declares it too)
+        details["saved_dtype"] = dtype_name(resolve_save_dtype(model, out.save_dtype))
     record.finish()
     run = record.to_dict()
     md, figures = record.markdown(), _figures(run)
