@@ -17,6 +17,10 @@ def load_run(path) -> tuple[dict, "Path"]:
     try:
         run = json.loads(f.read_text())
     except FileNotFoundError:
+        if p.is_dir() and (p / "comparison.json").is_file():  # a finetune comparison: one record per method
+            methods = sorted(d.name for d in p.iterdir() if (d / "report.json").is_file())
+            raise UsageError(f"{path} is a fine-tuning comparison: give its methods' directories "
+                             f"({', '.join(str(p / m) for m in methods) or 'none finished'})") from None
         raise UsageError(f"no report.json at {path}") from None
     except OSError as e:  # e.g. a directory named report.json
         raise UsageError(f"cannot read {f}: {e.strerror}") from None

@@ -174,10 +174,11 @@ def _foreign_settings(rest: dict) -> str:
     return f"unknown settings: {', '.join(sorted(rest))}"
 
 
-def validate_for_model(model, config: PruneConfig) -> int:
+def validate_for_model(model, config: PruneConfig, warn: bool = True) -> int:
     """Checks that need the model: architecture, every weight finite, N:M divisibility of every in_features,
     the allocation (β range, rates file length and mean). Returns the calibration seqlen, capped at the
-    model's context length. Raises UsageError (NonFiniteError, naming the module, for a NaN/inf weight)."""
+    model's context length (logged when `warn`). Raises UsageError (NonFiniteError, naming the module, for a
+    NaN/inf weight)."""
     blocks = get_blocks(model)
     check_weights(model)
     nm = config.nm
@@ -189,7 +190,7 @@ def validate_for_model(model, config: PruneConfig) -> int:
         resolve_allocation(model, config, None, progress=False)  # fail early: β range, rates file
     ctx = context_length(model)
     seqlen = config.calibration.seqlen
-    if seqlen > ctx:
+    if seqlen > ctx and warn:
         log.warning("seqlen %d exceeds the model's context %d; using %d", seqlen, ctx, ctx)
     return min(seqlen, ctx)
 
@@ -207,7 +208,7 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
     Raises UsageError for bad settings, an unsupported architecture or a too-short corpus, NonFiniteError
     for NaN/inf weights or statistics; the model is untouched when it raises before pruning starts."""
     config.validate()
-    seqlen = validate_for_model(model, config)
+    seqlen = validate_for_model(model, config, warn=calib_ids is None)  # given windows: the caller drew them
     c = config.calibration
     if calib_ids is None:
         calib_ids = calibration_windows(tokenizer, c.calib_dataset, c.nsamples, seqlen, c.seed)

@@ -199,6 +199,8 @@ def plot_reports(reports, out, labels=None, title: str = "") -> Path:
             raise UsageError(f"report not found: {path}") from None
         except OSError as e:  # e.g. a directory named report.json
             raise UsageError(f"cannot read {p}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"{p} is not valid JSON") from None
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             if pruned_nothing:
                 raise UsageError(f"{path} is a run that pruned nothing (allocate with --eval none and no "

@@ -319,3 +319,31 @@ def test_every_warning_line_says_it_is_one(tmp_path, saved_model_dir, corpus):
             f"sys.exit(main(['prune', '--model', {str(saved_model_dir)!r}, '--eval', 'none']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stderr.strip().splitlines() == ["sparsellm: warning: seqlen 9 exceeds", "sparsellm: error: stop"], r.stderr
+
+
+def test_the_context_warning_is_printed_once_and_plot_errors_names_bad_json(tmp_path, saved_model_dir, corpus,
+                                                                            caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sparsellm"):
+        assert main(["--quiet", "prune", "--model", str(saved_model_dir), "--calib_dataset", str(corpus),
+                     "--nsamples", "2", "--seqlen", "100000", "--eval", "none", "--out", str(tmp_path / "o")]) == 0
+    assert sum("exceeds the model's context" in r.getMessage() for r in caplog.records) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    capsys.readouterr()
+    code = main(["plot-errors", str(bad), "--out", str(tmp_path / "e.png")])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "is not valid JSON" in err
+
+
+def test_report_on_a_finetune_comparison_names_its_methods(tmp_path, capsys):
+    root = tmp_path / "ft"
+    (root / "none").mkdir(parents=True)
+    (root / "none" / "report.json").write_text(json.dumps({"command": "finetune"}))
+    (root / "comparison.json").write_text("{}")
+    code = main(["report", str(root)])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "is a fine-tuning comparison" in err and str(root / "none") in err

@@ -364,7 +364,7 @@ def test_cli_plot_errors(capsys, monkeypatch, tmp_path, saved_model_dir, calib_t
     assert out.read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     for argv, match in [([str(tmp_path / "nope.json")], "not found"),
-                        ([str(calib_txt)], "not a sparsellm prune report"),
+                        ([str(calib_txt)], "is not valid JSON"),
                         ([str(tmp_path / "atp"), "--labels", "a,b"], "2 labels for 1"),
                         ([str(tmp_path / "atp"), "--out", str(tmp_path / "x.txt")], ".png")]:
         if "--out" not in argv:
