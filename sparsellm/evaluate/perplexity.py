@@ -4,7 +4,6 @@ shifted targets; ppl = exp(total NLL / total predicted tokens)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 from tqdm.auto import tqdm
@@ -12,6 +11,7 @@ from tqdm.auto import tqdm
 from ..data import eval_source, eval_tokens
 from ..errors import NonFiniteError, UsageError
 from ..lazy import lazy_import, no_grad
+from ..provenance import tokens_sha256
 
 torch = lazy_import("torch")
 F = lazy_import("torch.nn.functional")
@@ -55,9 +55,9 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     except OverflowError:  # mean NLL above ~709 nats: a diverged model
         ppl = float("inf")
     src = eval_source(dataset)
-    scored = ids[:, : windows * seqlen].to("cpu", torch.int64).contiguous()
+    scored = ids[:, : windows * seqlen].to(torch.int64)
     return {"metric": f"{dataset}_ppl@{seqlen}", "ppl": ppl, "nll": nll / count,
             "window_nll": window_nll, "windows": windows, "tokens": count, "seqlen": seqlen, "dataset": dataset,
             "split": src["split"], "source": src["file"], "source_sha256": src["sha256"],
-            "tokens_sha256": hashlib.sha256(scored.numpy().tobytes()).hexdigest(),
+            "tokens_sha256": tokens_sha256(scored),
             "max_windows": max_windows, "total_windows": ids.shape[1] // seqlen}

@@ -124,7 +124,7 @@ class FinetuneRun:
         if src is not None and (Path(src) / "structure.json").is_file():
             raise UsageError(f"{self.source.model} is a structured model with per-block widths; fine-tuning it is "
                              "not supported")
-        pruned = from_sidecar(read_sidecar(src if src is not None and Path(src).is_dir() else None))
+        pruned = from_sidecar(read_sidecar(src))
         requested = self.finetune.prune
         if pruned is not None:  # before any work: the loaded weights are checked again (adapt.finetune)
             resolve_target(requested.sparsity_ratio, requested.sparsity_type, pruned)
@@ -266,7 +266,7 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
         rep = finetune(model, tok, fc, examples, checkpoint_dir=plan.ckpts[m] if resumable else None,
                        resume=cfg.resume and resumable, model_id=f"{local or cfg.source.model} ({cfg.source.dtype})",
                        adapter_dir=adir, progress=progress, eval_seqlen=eval_seqlen,
-                       sidecar=read_sidecar(local if local is not None and Path(local).is_dir() else None))
+                       sidecar=read_sidecar(local))
         record.config = fc.to_dict()  # with the target finetune settled (an already-pruned input's own)
         details["finetune"] = rep
         try:
