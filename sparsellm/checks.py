@@ -54,8 +54,11 @@ def check_tensor(t: torch.Tensor, where: str, what: str) -> None:
 
 
 def check_weights(model) -> None:
-    """Every parameter of `model` finite, else NonFiniteError naming the module and the parameter."""
+    """Every parameter of `model` finite, else NonFiniteError naming the module and the parameter. Weights
+    not loaded yet (a lazy model's blocks, on the meta device) are checked by the engine when they are."""
     for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
         module, _, param = name.rpartition(".")
         check_tensor(p.detach(), module or name, param)
 

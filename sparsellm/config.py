@@ -13,6 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .devices import DEVICE_HELP, DTYPE_HELP, DTYPES
 from .errors import UsageError
 
 EVAL_SEQLEN = 2048  # the papers' perplexity window, capped at the model's context
@@ -112,22 +113,36 @@ def check_finite(config) -> None:
 
 @dataclass
 class ModelSource:
-    """The input model and the precision its forwards run in."""
+    """The input model, the device its forwards run on and their precision (`sparsellm.devices`)."""
 
     model: str = setting("smollm2-135m", "HF hub id, local HF directory, .gguf file or preset (smollm2-135m)")
-    dtype: str = setting("float32", "dtype of the model's forwards (statistics are always accumulated in float32)",
-                         choices=("float32", "bfloat16"))
+    dtype: str = setting("auto", DTYPE_HELP, choices=DTYPES)
+    device: str = setting("auto", DEVICE_HELP, metavar="{auto,cpu,cuda,cuda:N}")
+
+    def resolve(self):
+        """(torch.device, torch.dtype) of this run's forwards. --dtype auto on a GPU reads the dtype the
+        checkpoint declares (float16 stays float16). Raises UsageError (see `devices`)."""
+        from .devices import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        stored = None
+        if self.dtype == "auto" and device.type == "cuda":
+            from .models.load import declared_dtype
+
+            stored = declared_dtype(self.model)
+        return device, resolve_dtype(self.dtype, device, stored)
 
     def torch_dtype(self):
-        import torch
-
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+        """The forward dtype (`resolve`)."""
+        return self.resolve()[1]
 
     def validate(self) -> "ModelSource":
+        from .devices import check_device_spec, check_dtype_spec
+
         if not str(self.model).strip():
             raise UsageError("--model is empty: give a preset name, a .gguf file, an HF directory or a hub id")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise UsageError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_dtype_spec(self.dtype)
+        check_device_spec(self.device)
         return self
 
 

@@ -15,6 +15,7 @@ activation buffers of shape (nsamples, seqlen, hidden) in the model's dtype.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from tqdm.auto import tqdm
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from .checks import check_stats, check_tensor
 from .lazy import lazy_import, no_grad
 from .models import block_linears, get_arch, get_blocks
+from .onload import fits_on_device, onloader
 from .prune import LayerStats
 from .registry import get
 
@@ -52,10 +54,13 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Ten
     """Run the model up to block 0 for every window and record its inputs.
 
     input_ids: (nsamples, seqlen) int64. Returns X (nsamples, seqlen, hidden) in the model's dtype, and
-    for every block the keyword arguments the model passes to it (recorded once, on the first window,
-    whose forward runs up to the last block; they do not depend on the window's tokens)."""
+    for every block the keyword arguments the model passes to it (recorded once, on the first window, with
+    every block's forward replaced by the identity: they do not depend on the hidden states). Only the
+    modules before block 0 run, on the compute device (`onload`). X is on that device when it fits next to
+    one block's work (`onload.fits_on_device`), else in pinned CPU memory, streamed per micro-batch."""
     blocks = get_blocks(model)
-    device = next(model.parameters()).device
+    on = onloader(model)
+    device = on.device
     kwargs_per_block: list[dict | None] = [None] * len(blocks)
     X: torch.Tensor | None = None
     state = {"sample": 0, "stop_at": len(blocks) - 1}
@@ -71,57 +76,87 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Ten
                 kwargs_per_block[idx] = kw
             if idx == 0:
                 if X is None:
-                    X = torch.empty((input_ids.shape[0], *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+                    X = _activation_buffer(model, (input_ids.shape[0], *hidden.shape[1:]), hidden.dtype, device)
                 X[state["sample"]] = hidden[0]
             if idx == state["stop_at"]:
                 raise _Stop
 
         return hook
 
+    def identity(hidden_states=None, *args, **kwargs):
+        return hidden_states
+
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for b in blocks:
+        b.forward = identity
     try:
-        for s in range(input_ids.shape[0]):
-            state["sample"] = s
-            state["stop_at"] = len(blocks) - 1 if s == 0 else 0
-            try:
-                model(input_ids[s : s + 1].to(device), use_cache=False)
-            except _Stop:
-                pass
+        with on.embeddings():
+            for s in range(input_ids.shape[0]):
+                state["sample"] = s
+                state["stop_at"] = len(blocks) - 1 if s == 0 else 0
+                try:
+                    model(input_ids[s : s + 1].to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
+        for b in blocks:
+            del b.forward
     return X, kwargs_per_block
+
+
+def _activation_buffer(model, shape, dtype, device) -> torch.Tensor:
+    """A calibration activation buffer: on `device` when the engine's buffers (two, four with the
+    diagnostic stream) fit there next to two blocks and a Hessian, else in pinned CPU memory (logged)."""
+    if torch.device(device).type == "cpu":
+        return torch.empty(shape, dtype=dtype)
+    nbytes = 4 * math.prod(shape) * dtype.itemsize
+    block = get_blocks(model)[0]
+    block_bytes = sum(p.numel() * dtype.itemsize for p in block.parameters())
+    widest = max(lin.in_features for lin in block_linears(model, block).values())
+    if fits_on_device(device, nbytes, 2 * block_bytes + 3 * 4 * widest ** 2):
+        log.info("calibration activations (%.2f GiB) stay on %s", nbytes / 2**30, device)
+        return torch.empty(shape, dtype=dtype, device=device)
+    log.info("calibration activations (%.2f GiB) do not fit on %s: kept in pinned CPU memory and streamed "
+             "per micro-batch", nbytes / 2**30, device)
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 def run_block(block: nn.Module, X: torch.Tensor, kwargs: dict, out: torch.Tensor, batch_size: int = 1,
               compare: bool = False) -> tuple[float, float]:
     """out[b] = block(X[b]) over micro-batches. With `compare`, out holds the reference outputs on entry
-    and the function returns (Σ‖ref − new‖², Σ‖ref‖²) before overwriting them."""
+    and the function returns (Σ‖ref − new‖², Σ‖ref‖²) before overwriting them. Micro-batches of X held
+    off the block's device (pinned CPU memory) are moved there and back."""
     kw = dict(kwargs)
     args = kw.pop("_args", ())
+    device = next(block.parameters()).device
     num = den = 0.0
     for b in range(0, X.shape[0], batch_size):
-        y = _first(block(X[b : b + batch_size], *args, **kw))
+        y = _first(block(X[b : b + batch_size].to(device, non_blocking=True), *args, **kw))
         if compare:
-            ref = out[b : b + batch_size].float()
+            ref = out[b : b + batch_size].to(device).float()
             num += float(((ref - y.float()) ** 2).sum())
             den += float((ref ** 2).sum())
-        out[b : b + batch_size] = y
+        out[b : b + batch_size] = y.to(out.device)
     return num, den
 
 
 @no_grad
 def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, rates: list, nm=None,
                  options: dict | None = None, batch_size: int | None = None, progress: bool = True,
-                 on_block_end=None, diag_nsamples: int = 0, captured=None) -> list[dict]:
+                 on_block_end=None, diag_nsamples: int = 0, captured=None, resume: dict | None = None) -> list[dict]:
     """Prune every decoder block of `model` in place, block by block, with `method` at `rates[i]`.
 
     input_ids: (nsamples, seqlen) calibration windows, or None with `captured` = (X, kwargs) from
     `capture_inputs` (X is not modified, so one capture serves many runs, as in ATP's β search).
     rates[i]: block i's sparsity, or a dict {linear name: sparsity} (OWL's layer granularity).
     nm: an N:M pattern or None. options: the pruner's config as keyword arguments (SparseGPT: blocksize, percdamp).
-    batch_size: windows per block forward (None: auto). on_block_end(i, X_next) is called after each
-    block with its pruned outputs (nsamples, seqlen, hidden).
+    batch_size: windows per block forward (None: auto). on_block_end(i, X_next, D_next, result) is called
+    after each block with its pruned outputs (nsamples, seqlen, hidden), the dense stream's outputs (or None)
+    and its report entry. resume: {"block": k, "X": X_k, "D": D_k or None, "results": the first k entries}
+    continues at block k from the inputs `on_block_end` gave for it (the result is that of a run without a
+    break). Each block is on the compute device only while it is worked on (`onload`).
 
     diag_nsamples > 0 turns on the reconstruction-error-explosion diagnostic (ATP, §3.2): the first
     diag_nsamples windows also run through the dense blocks, and each block reports `cum_error`
@@ -131,16 +166,25 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
 
     Returns one dict per block: target, measured sparsity, per-module sparsity (target, measured, and
     `input`: the fraction of zeros before pruning), `refilled` (zeros before pruning that are not zero
-    after it), rel_error, cum_error and seconds.
+    after it), params (the block linears' weights), rel_error, cum_error and seconds.
     Raises NonFiniteError, naming the linear, for a NaN/inf weight, calibration statistic or pruned weight."""
     pruner = get("pruner", method)
     blocks = get_blocks(model)
+    on = onloader(model)
     if len(rates) != len(blocks):
         raise ValueError(f"{len(rates)} rates for {len(blocks)} blocks")
     options = options or {}
+    start = resume["block"] if resume else 0
+    results = list(resume["results"]) if resume else []
     if pruner.needs == "none" and not diag_nsamples:  # magnitude: no forwards, no reconstruction error
-        return [_log_block(_prune_block(model, i, block, pruner, None, rates[i], nm, options, time.perf_counter()))
-                for i, block in enumerate(blocks)]
+        for i in range(start, len(blocks)):
+            t0 = time.perf_counter()
+            res = _log_block(_prune_block(model, i, on.block(i), pruner, None, rates[i], nm, options, t0))
+            on.release(i, changed=True)
+            results.append(res)
+            if on_block_end is not None:
+                on_block_end(i, None, None, res)
+        return results
     t0 = time.perf_counter()
     if captured is None:
         if pruner.needs == "none":
@@ -152,13 +196,16 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
         X = X[:diag_nsamples] if pruner.needs == "none" else X
         X = X.clone()
     batch_size = batch_size or auto_batch_size(X.shape[1])
-    Y = torch.empty_like(X)
     k = min(diag_nsamples, X.shape[0])
-    D = X[:k].clone() if k else None  # dense-model stream for the cumulative error
+    if resume:
+        X.copy_(resume["X"])
+    Y = torch.empty_like(X)
+    D = (resume["D"].to(X.device) if resume else X[:k]).clone() if k else None  # dense stream (cumulative error)
     Dn = torch.empty_like(D) if k else None
-    results = []
-    for i, block in enumerate(tqdm(blocks, desc=method, unit="block", disable=not progress, leave=False)):
+    for i in tqdm(range(start, len(blocks)), desc=method, unit="block", disable=not progress, leave=False,
+                  initial=start, total=len(blocks)):
         t0 = time.perf_counter()
+        block = on.block(i)
         if k:
             run_block(block, D, kwargs[i], Dn, batch_size)  # dense block on dense inputs
         stats = _gather_stats(block, block_linears(model, block), pruner.needs,
@@ -166,17 +213,19 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
         check_stats(f"{get_arch(model).blocks}.{i}", stats)
         res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
                            lambda: run_block(block, X, kwargs[i], Y, batch_size, compare=True))  # Y = pruned
+        del stats
+        on.release(i, changed=True)
         X, Y = Y, X
         if k:
             ref = Dn.float()
-            num = float(((ref - X[:k].float()) ** 2).sum())
+            num = float(((ref - X[:k].to(ref.device).float()) ** 2).sum())
             den = float((ref ** 2).sum())
             res["cum_error"] = (num / den) ** 0.5 if den > 0 else 0.0
             D, Dn = Dn, D
         res["seconds"] = time.perf_counter() - t0
         results.append(_log_block(res))
         if on_block_end is not None:
-            on_block_end(i, X)
+            on_block_end(i, X, D, res)
     return results
 
 
@@ -191,8 +240,9 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
     X, kwargs = capture_inputs(model, input_ids)
     batch_size = batch_size or auto_batch_size(X.shape[1])
     Y = torch.empty_like(X)
-    blocks = get_blocks(model)
-    for i, block in enumerate(tqdm(blocks, desc="dense pass", unit="block", disable=not progress, leave=False)):
+    on = onloader(model)
+    for i in tqdm(range(len(get_blocks(model))), desc="dense pass", unit="block", disable=not progress, leave=False):
+        block = on.block(i)
         forward = lambda: run_block(block, X, kwargs[i], Y, batch_size)  # noqa: E731
         stats = None
         if need is not None:
@@ -201,6 +251,7 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
         yield i, block, X, stats
         if need is None:
             forward()
+        on.release(i)
         X, Y = Y, X
 
 
@@ -212,9 +263,11 @@ def block_outputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int | N
     X, kwargs = capture_inputs(model, input_ids)
     batch_size = batch_size or auto_batch_size(X.shape[1])
     Y = torch.empty_like(X)
-    for i, block in enumerate(tqdm(get_blocks(model), desc="dense outputs", unit="block", disable=not progress,
-                                   leave=False)):
-        run_block(block, X, kwargs[i], Y, batch_size)
+    on = onloader(model)
+    for i in tqdm(range(len(get_blocks(model))), desc="dense outputs", unit="block", disable=not progress,
+                  leave=False):
+        run_block(on.block(i), X, kwargs[i], Y, batch_size)
+        on.release(i)
         yield i, Y
         X, Y = Y, X
 
@@ -272,8 +325,10 @@ def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=N
         num, den = replay()
         err = (num / den) ** 0.5 if den > 0 else 0.0
     zeros = sum(m["measured"] * linears[n].weight.numel() for n, m in modules.items())
+    zeros_before = sum(round(m["input"] * linears[n].weight.numel()) for n, m in modules.items())
     res = {"block": i, "target": target, "measured": zeros / total, "rel_error": err, "cum_error": None,
-           "seconds": time.perf_counter() - t0, "modules": modules, "refilled": refilled}
+           "seconds": time.perf_counter() - t0, "modules": modules, "refilled": refilled, "params": total,
+           "zeros": round(zeros), "input_zeros": zeros_before}
     return res
 
 
@@ -284,6 +339,14 @@ def _log_block(res: dict) -> dict:
     log.info("block %3d  target %.4f  measured %.4f  rel_error %s  cum_error %s  %.2fs", res["block"],
              res["target"], res["measured"], fmt(res["rel_error"]), fmt(res["cum_error"]), res["seconds"])
     return res
+
+
+def blocks_sparsity(results: list[dict], before: bool = False) -> dict:
+    """`linear_sparsity` from `prune_blocks`' report entries (after pruning, or `before` it): what a lazy
+    model, whose blocks are no longer in memory, reports."""
+    zeros = sum(r["input_zeros" if before else "zeros"] for r in results)
+    total = sum(r["params"] for r in results)
+    return {"zeros": zeros, "params": total, "sparsity": zeros / total if total else 0.0}
 
 
 def linear_sparsity(model: nn.Module) -> dict:

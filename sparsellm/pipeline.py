@@ -21,7 +21,7 @@ from .allocate import resolve_allocation
 from .checks import block_warnings, check_weights
 from .config import Calibration, check_finite, flat_defaults, setting
 from .data import calibration_windows, corpus_rows
-from .engine import auto_batch_size, linear_sparsity, prune_blocks
+from .engine import auto_batch_size, blocks_sparsity, prune_blocks
 from .errors import UsageError
 from .lazy import lazy_import
 from .models import block_linears, context_length, get_arch, get_blocks
@@ -196,11 +196,13 @@ def validate_for_model(model, config: PruneConfig, warn: bool = True) -> int:
 
 
 def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None = None,
-          progress: bool = True, rates: tuple[list, dict] | None = None) -> dict:
+          progress: bool = True, rates: tuple[list, dict] | None = None, on_block_end=None,
+          resume: dict | None = None) -> dict:
     """Prune the linears of every decoder block of `model` in place and return the prune report.
 
     calib_ids: optional (nsamples, seqlen) token windows; drawn from the calibration config when None.
     rates: optional (rates, info) from `resolve_allocation`, computed here when None.
+    on_block_end, resume: passed to `engine.prune_blocks` (a streamed run saves its progress and resumes).
     The report records the input's sparsity (`input`: zeros, params, sparsity of the block linears before
     pruning, and `refilled`: how many of those zeros are non-zero after it, 0 unless SparseGPT met a linear
     under `prune.masks.ALREADY_SPARSE` zeros; `input_already_sparse`: at least that fraction overall)
@@ -213,13 +215,14 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
     if calib_ids is None:
         calib_ids = calibration_windows(tokenizer, c.calib_dataset, c.nsamples, seqlen, c.seed)
     rates, alloc = rates or resolve_allocation(model, config, calib_ids, progress)
-    before = linear_sparsity(model)
-    if before["sparsity"] >= ALREADY_SPARSE:
-        log.info("the input is already %.4f sparse (%d zeros)", before["sparsity"], before["zeros"])
     t0 = time.perf_counter()
     blocks = prune_blocks(model, calib_ids, config.prune_method, rates, config.nm, options=config.options(),
-                          batch_size=c.batch_size, progress=progress, diag_nsamples=config.diag)
+                          batch_size=c.batch_size, progress=progress, diag_nsamples=config.diag,
+                          on_block_end=on_block_end, resume=resume)
     seconds = time.perf_counter() - t0
+    before = blocks_sparsity(blocks, before=True)  # the blocks of a lazy model are no longer in memory
+    if before["sparsity"] >= ALREADY_SPARSE:
+        log.info("the input was already %.4f sparse (%d zeros)", before["sparsity"], before["zeros"])
     used = (get("pruner", config.prune_method).needs != "none" or config.diag > 0
             or get("allocator", config.allocation_name).needs == "data")
     before["refilled"] = sum(b["refilled"] for b in blocks)
@@ -238,7 +241,7 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
         "options": {**config.options(), "batch_size": c.batch_size or auto_batch_size(int(calib_ids.shape[1])),
                     "diag_nsamples": config.diag},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "measured": linear_sparsity(model),
+        "measured": blocks_sparsity(blocks),
         "input": before,
         "input_already_sparse": before["sparsity"] >= ALREADY_SPARSE,
         "blocks": blocks,

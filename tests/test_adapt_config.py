@@ -24,7 +24,7 @@ OLD_DEFAULTS = dict(sparsity_ratio=None, sparsity_type="unstructured", prune_met
                     weight_decay=0.001, max_grad_norm=0.3, gradient_checkpointing=False, step_eval_windows=4,
                     data="c4", ft_nsamples=64, ft_seqlen=512, methods="losa", overwrite=False, resume=False,
                     keep_checkpoint=False, eval="wikitext2", max_windows=None, eval_dense=False, model="smollm2-135m",
-                    dtype="float32")
+                    dtype="auto")  # float32 on a CPU (sparsellm.devices)
 
 
 def _losa(**flat):

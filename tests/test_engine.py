@@ -43,7 +43,7 @@ def _reference_block_outputs(model, ids, per_window=False):
 def _engine_outputs(model, ids, method, rates, **kw):
     got = {}
     results = prune_blocks(model, ids, method, rates, progress=False,
-                           on_block_end=lambda i, X: got.__setitem__(i, X.detach().clone()), **kw)
+                           on_block_end=lambda i, X, *_: got.__setitem__(i, X.detach().clone()), **kw)
     return got, results
 
 

@@ -59,7 +59,7 @@ def test_several_methods_return_the_comparison(tmp_path, saved_model_dir, corpus
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda r: setattr(r.source, "dtype", "float16"), "--dtype"),
+    (lambda r: setattr(r.source, "dtype", "float64"), "--dtype"),
     (lambda r: setattr(r, "methods", "none,bogus"), "unknown fine-tuning method 'bogus'"),
     (lambda r: setattr(r, "methods", "none,none"), "distinct"),
     (lambda r: setattr(r.finetune.prune, "sparsity_ratio", 1.5), "sparsity"),

@@ -172,7 +172,7 @@ def _reprune(job, dense: list, k: int, s_t: float, mean_rank: float) -> dict:
     step_pc = replace(pc, sparsity_ratio=s_t, allocation="rmi", allocator=own.rmi, diag_nsamples=0)
     errors = [0.0] * len(dense)
 
-    def record(i, X):
+    def record(i, X, D=None, res=None):
         errors[i] = normalised_error(dense[i], X[:k])
 
     with unwrapped(model):

@@ -96,6 +96,23 @@ def resolve_model(spec: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+def declared_dtype(spec: str) -> str | None:
+    """The dtype the checkpoint of `--model` declares ("bfloat16" for a GGUF file or preset, whose quantized
+    weights load in bfloat16), None when it declares none or cannot be read (loading then says why)."""
+    kind, path = resolve_model(spec)
+    if kind in ("preset", "gguf"):
+        return "bfloat16"
+    try:
+        if kind == "dir":
+            cfg = json.loads((Path(path) / "config.json").read_text())
+            return cfg.get("dtype") or cfg.get("torch_dtype")
+        from transformers import AutoConfig
+
+        return dtype_name(AutoConfig.from_pretrained(spec).dtype)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _gguf_to_hf_dir(gguf: Path) -> Path:
     """Convert a `.gguf` file once into a plain HF directory in the cache and return it.
     GGUF tensors are de-quantized to fp32; the quantizer that transformers attaches is removed so
