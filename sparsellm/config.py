@@ -118,6 +118,11 @@ class ModelSource:
     model: str = setting("smollm2-135m", "HF hub id, local HF directory, .gguf file or preset (smollm2-135m)")
     dtype: str = setting("auto", DTYPE_HELP, choices=DTYPES)
     device: str = setting("auto", DEVICE_HELP, metavar="{auto,cpu,cuda,cuda:N}")
+    load: str = setting("auto", "memory: load the whole model; lazy: read each decoder block from the checkpoint's "
+                                "safetensors only when its turn comes (memory bounded by about two blocks; an HF "
+                                "directory, a hub id or a GGUF file, converted once); auto: lazy when the model in "
+                                "the forward dtype would take more than half of the free memory",
+                        choices=("auto", "memory", "lazy"))
 
     def resolve(self):
         """(torch.device, torch.dtype) of this run's forwards. --dtype auto on a GPU reads the dtype the
@@ -143,6 +148,8 @@ class ModelSource:
             raise UsageError("--model is empty: give a preset name, a .gguf file, an HF directory or a hub id")
         check_dtype_spec(self.dtype)
         check_device_spec(self.device)
+        if self.load not in ("auto", "memory", "lazy"):
+            raise UsageError(f"--load must be auto, memory or lazy; got {self.load!r}")
         return self
 
 

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -210,6 +211,78 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
     if len(tok) > rows:
         raise UsageError(f"tokenizer of {spec!r} has {len(tok)} tokens but the model embeds only {rows}")
     return model, tok, path
+
+
+def local_dir(spec: str) -> Path:
+    """The local HF directory of `--model`: a directory as it is, a GGUF file or preset converted once into
+    the cache, a hub id downloaded (safetensors, config and tokenizer files) into the hub cache.
+    Raises UsageError when the hub cannot be reached or the repository has no safetensors weights."""
+    kind, path = resolve_model(spec)
+    if kind in ("preset", "gguf"):
+        return _gguf_to_hf_dir(path)
+    if kind == "dir":
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                            "*.tiktoken", "*.txt"]))
+    except Exception as e:  # offline, no such repository, gated
+        raise UsageError(f"could not download {spec!r} for lazy loading: {_one_line(e)}") from None
+
+
+def free_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable; the free pages where it is unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def wants_lazy(load: str, spec: str, dtype) -> bool:
+    """Whether `--load` (auto, memory, lazy) reads `spec` lazily: auto does for an HF directory (or a cached
+    GGUF conversion) of safetensors whose weights in `dtype` would take more than half the free memory."""
+    if load != "auto":
+        return load == "lazy"
+    from .sharded import LazyCheckpoint, is_safetensors_dir
+
+    kind, path = resolve_model(spec)
+    if kind != "dir" or not is_safetensors_dir(path) or (Path(path) / STRUCTURE).is_file():
+        return False
+    ckpt = LazyCheckpoint(path)
+    params = sum(math.prod(shape) for shape in ckpt.shapes.values())
+    return params * dtype.itemsize > free_memory() / 2
+
+
+def load_lazy(spec: str, dtype=None):
+    """(model, tokenizer, source_dir) like `load_model`, with the model a lazy skeleton
+    (`sharded.lazy_model`): only the modules outside the decoder blocks are in memory."""
+    from transformers import AutoTokenizer
+
+    from .sharded import is_safetensors_dir, lazy_model
+
+    path = local_dir(spec)
+    if (path / STRUCTURE).is_file():
+        raise UsageError(f"{spec} is a structured model with per-block widths; lazy loading does not read those")
+    if not is_safetensors_dir(path):
+        raise UsageError(f"{spec}: lazy loading reads safetensors weights, and {path} has none (re-save it with "
+                         "save_pretrained, or use --load memory)")
+    model = lazy_model(path, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise UsageError(f"could not load the tokenizer of {spec!r}: {_one_line(e)}") from None
+    if kind_of(spec) in ("preset", "gguf"):
+        setattr(model, DECLARED_DTYPE, "bfloat16")
+    return model, tok, path
+
+
+def kind_of(spec: str) -> str:
+    """"preset", "gguf", "dir" or "hub" (`resolve_model`)."""
+    return resolve_model(spec)[0]
 
 
 def load_structured(path, dtype=None):
