@@ -28,7 +28,11 @@ def add_flags(p) -> None:
             cfg = get(kind, name).config()
             seen.update(add_config(method, cfg, skip=seen))
     add_config(p.add_argument_group("evaluation"), Evaluation())
-    add_config(p.add_argument_group("output"), Output())
+    output = p.add_argument_group("output")
+    add_config(output, Output())
+    output.add_argument("--resume", action="store_true",
+                        help="continue an interrupted streamed prune (--load lazy) from its last finished block, "
+                             "with the same settings and model (kept in OUT.partial); the result is identical")
 
 
 def add_parser(sub) -> None:
@@ -56,7 +60,7 @@ def prune_run(args, command: str = "prune", search=None):
     from ..runs.prune import PruneRun
 
     return PruneRun(config_from(args, ModelSource), prune_config(args), config_from(args, Evaluation),
-                    config_from(args, Output), search, command)
+                    config_from(args, Output), search, command, resume=args.resume)
 
 
 def run(args) -> int:

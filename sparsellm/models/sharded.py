@@ -238,7 +238,9 @@ class ShardWriter:
                     total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
         (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2) + "\n")
-        config = model.config
+        import copy
+
+        config = copy.deepcopy(model.config)
         config.dtype = dtype_name(self.dtype)
         config.save_pretrained(self.dir)
 

@@ -21,6 +21,7 @@ from ..errors import UsageError
 from ..pipeline import PruneConfig, prune, validate_for_model
 from .record import RESULT, Run, block_rows, evaluate
 from .rundir import RunDir, pruned_model
+from .stream import Partial, check_room, output_bytes
 
 log = logging.getLogger("sparsellm")
 
@@ -38,6 +39,7 @@ class PruneRun:
     output: Output = field(default_factory=Output)
     search: ATPSearchConfig | None = None
     command: str = "prune"
+    resume: bool = False
 
     def validate(self) -> "PruneRun":
         """Every check that needs no model. Raises UsageError."""
@@ -55,7 +57,19 @@ class PruneRun:
             self.search.validate()
         self.evaluation.validate()
         self.prune.calibration.validate(check_file=True)
+        if self.resume and self.output.out is None:
+            raise UsageError("--resume continues a streamed prune into --out: give the same --out")
         return self
+
+    def check_streamable(self) -> None:
+        """What a lazy (streamed) prune cannot do, refused before any work. Raises UsageError."""
+        if self.output.out is None:
+            raise UsageError("--load lazy streams the pruned blocks into --out: give --out")
+        if self.search is not None:
+            raise UsageError("ATP's β search prunes the model many times and needs it in memory: use --load memory")
+        if self.evaluation.zeroshot_tasks():
+            raise UsageError("zero-shot evaluation needs the whole model: evaluate the saved model with "
+                             "`sparsellm eval zeroshot` (--device_map auto), or use --load memory")
 
     def inputs(self) -> list:
         c = self.prune.calibration
@@ -79,11 +93,14 @@ def _figures(run: dict) -> dict:
 
 def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     """Run `cfg` and return its record; the pruned model and reports are written where `cfg.output` says.
-    Raises UsageError for bad input, before anything is written."""
+    A lazy model (`--load`) is pruned block by block from its shards and streamed into the output
+    (`runs.stream`). Raises UsageError for bad input, before anything is written."""
     from ..allocate.atp_search import beta_grid, search
     from ..data import calibration_windows
     from ..models import check_fits, context_length, get_blocks, load_model, resolve_model, resolve_save_dtype
+    from ..models.load import load_lazy, wants_lazy
     from ..models.save import dtype_name
+    from ..onload import attach
 
     cfg.validate()
     pc, ev, out = cfg.prune, cfg.evaluation, cfg.output
@@ -99,7 +116,14 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         save.refuse_replacing_record()
     if save is not None:
         save.refuse_overwriting(REPORT_FILES, cfg.inputs())
-    model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    device, dtype = cfg.source.resolve()
+    lazy = wants_lazy(cfg.source.load, cfg.source.model, dtype)
+    if lazy:
+        cfg.check_streamable()
+    elif cfg.resume:
+        raise UsageError("--resume continues a streamed prune: use it with --load lazy")
+    model, tok, model_dir = (load_lazy if lazy else load_model)(cfg.source.model, dtype)
+    attach(model, device)
     check_fits(model, out.save_dtype)  # a float16 save that cannot hold a weight: refused before any work
     for rd in (model_dir_out, save):
         if rd is not None:
@@ -109,9 +133,12 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         beta_grid(len(get_blocks(model)), pc.sparsity_ratio, cfg.search.atp_step)  # before any calibration
     c = pc.calibration
     calib = calibration_windows(tok, c.calib_dataset, c.nsamples, seqlen, c.seed)
+    partial = _streamed_output(cfg, model, calib, device, dtype) if lazy else None
+    if model_dir_out is not None and partial is None:
+        check_room(out.out, output_bytes([p.shape for p in model.parameters()], resolve_save_dtype(model, out.save_dtype)))
     eval_seqlen = min(ev.eval_seqlen, context_length(model))
     local = model_dir or src
-    details: dict = {"eval_seqlen": eval_seqlen}
+    details: dict = {"eval_seqlen": eval_seqlen, "device": str(device), "lazy": lazy}
     record = Run(cfg.command, cfg.source.model, str(local) if local else None, pc.to_dict(), details=details)
     if ev.eval_dense and names:
         record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
@@ -129,8 +156,12 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     record.timings["allocation"] = rates[1]["seconds"]
     if cfg.command == "prune" or names or model_dir_out is not None:
         t0 = time.perf_counter()
-        details["prune"] = prune(model, tok, pc, calib_ids=calib, progress=progress, rates=rates)
+        stream = partial.begin(model, rates[0], resolve_save_dtype(model, out.save_dtype)) if partial else {}
+        details["prune"] = prune(model, tok, pc, calib_ids=calib, progress=progress, rates=rates, **stream)
         record.timings["prune"] = time.perf_counter() - t0
+        if partial is not None:
+            details["resumed_at_block"] = stream["resume"]["block"] if stream["resume"] else 0
+            model = partial.finish(model, tok, details["prune"], dtype, device)  # the pruned model, from its shards
         record.calibration = details["prune"]["calibration"]
         record.blocks = block_rows(details["prune"])
         record.warnings = list(details["prune"]["warnings"])  # logged by prune()
@@ -145,11 +176,28 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     run = record.to_dict()
     md, figures = record.markdown(), _figures(run)
     if model_dir_out is not None:
-        model_dir_out.write(run, md, model_writer=pruned_model(model, tok, details["prune"], out.save_dtype),
-                            figures=figures)
+        writer = partial.model_writer() if partial else pruned_model(model, tok, details["prune"], out.save_dtype)
+        model_dir_out.write(run, md, model_writer=writer, figures=figures)
+        if partial is not None:
+            partial.remove()
         log.info("saved pruned model to %s", model_dir_out.path, extra=RESULT)
     if save is not None:
         rates_json = {"rates.json": [round(r, 12) for r in details["allocation"]["rates"]]} \
             if cfg.command == "allocate" else {}
         save.write(run, md, json_files=rates_json, figures=figures)
     return record
+
+
+def _streamed_output(cfg: PruneRun, model, calib, device, dtype) -> Partial:
+    """The OUT.partial of a lazy prune, checked against an interrupted run (`--resume`) and the disk's room."""
+    from ..models import resolve_save_dtype
+    from ..models.save import dtype_name
+    from ..provenance import tokens_sha256
+
+    settings = {"command": cfg.command, **cfg.prune.to_dict(), "dtype": dtype_name(dtype), "device": device.type,
+                "save_dtype": dtype_name(resolve_save_dtype(model, cfg.output.save_dtype)),
+                "calibration_sha256": tokens_sha256(calib), "input": model.sparsellm_lazy.fingerprint()}
+    partial = Partial(cfg.output.out, settings, cfg.resume)
+    shapes = model.sparsellm_lazy.shapes.values()
+    check_room(cfg.output.out, output_bytes(shapes, resolve_save_dtype(model, cfg.output.save_dtype)), partial.written)
+    return partial
