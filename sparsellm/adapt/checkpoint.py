@@ -32,14 +32,17 @@ def save_checkpoint(path: Path, model, state: dict) -> None:
     atomically: a temporary directory renamed over the previous checkpoint."""
     from ..outputs import atomic_dir_write
 
-    tensors = {}
+    tensors, device = {}, torch.device("cpu")
     for n, m in model.named_modules():
         if isinstance(m, MaskedLoraLinear):
-            tensors[f"{n}.base.weight"] = m.base.weight.detach().contiguous()
-            tensors[f"{n}.lora_A"] = m.lora_A.detach().contiguous()
-            tensors[f"{n}.lora_B"] = m.lora_B.detach().contiguous()
-            tensors[f"{n}.mask"] = m.mask.contiguous()
+            tensors[f"{n}.base.weight"] = m.base.weight.detach().contiguous().cpu()
+            tensors[f"{n}.lora_A"] = m.lora_A.detach().contiguous().cpu()
+            tensors[f"{n}.lora_B"] = m.lora_B.detach().contiguous().cpu()
+            tensors[f"{n}.mask"] = m.mask.contiguous().cpu()
+            device = m.base.weight.device
     tensors["rng_state"] = torch.get_rng_state()
+    if device.type == "cuda":  # dropout on the GPU draws from its own generator
+        tensors["cuda_rng_state"] = torch.cuda.get_rng_state(device)
 
     def write(tmp: Path):
         save_file(tensors, str(tmp / "state.safetensors"))
@@ -67,6 +70,7 @@ def load_checkpoint(path: Path, model, key: dict) -> dict:
                       if old.get("config", {}).get(k) != key["config"].get(k))
         diff += [k for k in ("model", "data_sha256") if old.get(k) != key[k]]
         raise UsageError(f"--resume: the checkpoint at {path} was made with other settings ({', '.join(diff)})")
+    device = torch.device("cpu")
     with torch.no_grad():
         for n, m in model.named_modules():
             if isinstance(m, MaskedLoraLinear):
@@ -75,8 +79,11 @@ def load_checkpoint(path: Path, model, key: dict) -> dict:
                 m.lora_B.copy_(tensors[f"{n}.lora_B"])
                 m.mask = tensors[f"{n}.mask"].to(m.base.weight.device)
                 m.merged = True
+                device = m.base.weight.device
     set_ranks(model, state["ranks"])
     torch.set_rng_state(tensors["rng_state"])
+    if device.type == "cuda" and "cuda_rng_state" in tensors:
+        torch.cuda.set_rng_state(tensors["cuda_rng_state"], device)
     return state
 
 

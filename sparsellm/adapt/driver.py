@@ -63,6 +63,7 @@ class Job:
     progress: bool = True
     report: dict = field(default_factory=dict)
     pruned_input: PrunedInput | None = None
+    autocast_dtype: object = None  # the model's forward dtype: training autocasts to it on a GPU (`train`)
 
     def train(self, model, examples) -> dict:
         """Fine-tune the trainable parameters of `model` on `examples` with the config's optimiser loop;
@@ -70,7 +71,8 @@ class Job:
         t = self.config.training
         out = train(model, examples, lr=t.lr, batch_size=t.ft_batch_size, grad_accum=t.grad_accum,
                     warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                    gradient_checkpointing=t.gradient_checkpointing, pad_id=self.pad_id, progress=self.progress)
+                    gradient_checkpointing=t.gradient_checkpointing, pad_id=self.pad_id, progress=self.progress,
+                    autocast_dtype=self.autocast_dtype)
         out.pop("optimizer")
         out["examples"] = len(examples)
         return out
@@ -80,7 +82,7 @@ class Job:
         """Merge the adapters with `merge_fn()` and measure what the merge changed: the max |logit difference|
         between the model with its adapters (unmerged) before and the merged model after, on the first
         calibration window (at most MERGE_CHECK_TOKENS tokens). Sets and returns report["merge"]."""
-        ids = self.calib[:1, :MERGE_CHECK_TOKENS]
+        ids = self.calib[:1, :MERGE_CHECK_TOKENS].to(next(self.model.parameters()).device)
         training = self.model.training
         self.model.eval()  # no dropout: the adapters' output is deterministic
         adapted = self.model(ids).logits.float()
@@ -114,7 +116,11 @@ def finetune(model, tokenizer, config: FinetuneConfig, examples: list, checkpoin
 
     An already-pruned `model` (`pruned_input`) keeps its masks and per-block rates: no method prunes it
     again, and `config`'s sparsity_ratio, when None, becomes the input's (set in `config`); another one
-    raises UsageError. The report's `input` says what was found. Raises UsageError for bad settings or data."""
+    raises UsageError. The report's `input` says what was found. Raises UsageError for bad settings or data.
+
+    Devices: training runs where `model`'s parameters are (the run moves it to its device first,
+    `runs.placement`), with autocast to the model's dtype on a GPU; the adapters are float32. Pruning goes
+    through the engine, which follows an attached onloader (`sparsellm.onload`)."""
     requested = config.prune.sparsity_ratio  # None: left out
     config.validate()
     if not examples:
@@ -148,7 +154,7 @@ def finetune(model, tokenizer, config: FinetuneConfig, examples: list, checkpoin
               "examples": len(examples), "steps": [], "merge": None}
     job = Job(model, tokenizer, config, examples, calib, pad_id, eval_seqlen, wiki_ids,
               Path(checkpoint_dir) if checkpoint_dir is not None else None, resume, model_id,
-              adapter_dir, progress, report, inp)
+              adapter_dir, progress, report, inp, next(model.parameters()).dtype)
     method.fn(job)
     if report["merge"] is None and report["steps"]:  # a LoSA run resumed after its last step
         report["merge"] = report["steps"][-1].get("merge")

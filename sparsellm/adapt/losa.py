@@ -103,7 +103,7 @@ def normalised_error(dense: torch.Tensor, pruned: torch.Tensor) -> float:
     is the L2 norm of each hidden unit of the dense output Y over all tokens. Shapes (k, seqlen, hidden)."""
     Y = dense.float().reshape(-1, dense.shape[-1])
     nu = Y.norm(dim=0).clamp_min(1e-12)
-    return float((((Y - pruned.float().reshape(Y.shape)) / nu) ** 2).sum()) / Y.shape[1]
+    return float((((Y - pruned.to(Y.device).float().reshape(Y.shape)) / nu) ** 2).sum()) / Y.shape[1]
 
 
 @register("finetune", "losa", LoSAConfig, needs="checkpoint")

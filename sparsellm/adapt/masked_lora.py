@@ -7,7 +7,11 @@ zero (LoSA, Huang et al., ICLR 2025, §3.2; algorithms.md §8.1).
     unmerge: W_s ← W_s − (α/r)·ΔW               with the same mask, which is kept from before the merge
 
 Merges and unmerges compute ΔW and the sum in float32 and cast to the weight's dtype once, so a bf16 weight
-is rounded once, not three times (a bf16 product, a bf16 scaling, a bf16 add).
+is rounded once, not three times (a bf16 product, a bf16 scaling, a bf16 add); autocast is off inside them, so
+a merge under `torch.autocast` is still float32.
+
+The factors A and B are float32 whatever the base weight's dtype (master weights: a bf16 or fp16 model trains
+fp32 adapters, with autocast on a GPU); the adapter's output is cast to the input's dtype.
 
 A (r_max × C_in) and B (C_out × r_max) are created at `r_max` and the active rank r_l is a slice, so a rank
 above the default 8 is real (the reference code silently truncates it). The scaling uses the configured
@@ -40,8 +44,8 @@ class MaskedLoraLinear(nn.Module):
         self.base, self.r, self.r_max, self.scaling = base, r, r_max, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r_max, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r_max, dtype=w.dtype, device=w.device))
+        self.lora_A = nn.Parameter(torch.empty(r_max, base.in_features, dtype=torch.float32, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r_max, dtype=torch.float32, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft's LoRA
         self.register_buffer("mask", base.weight.detach() != 0, persistent=False)
         self.rank = r if rank is None else rank
@@ -84,14 +88,16 @@ class MaskedLoraLinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + F.linear(self.dropout(x), self.delta())
+        x = self.dropout(x)
+        return y + F.linear(x, self.delta().to(x.dtype))  # under autocast F.linear casts both anyway
 
     @torch.no_grad()
     def merge(self) -> None:
         """W ← cast(float32(W) + ΔW computed in float32): one rounding to the weight's dtype."""
         if not self.merged:
             W = self.base.weight
-            W.copy_((W.float() + self.delta(torch.float32)).to(W.dtype))
+            with _no_autocast(W):
+                W.copy_((W.float() + self.delta(torch.float32)).to(W.dtype))
             self.merged = True
             self.check_mask()
 
@@ -100,8 +106,14 @@ class MaskedLoraLinear(nn.Module):
         """W ← cast((float32(W) − ΔW) ⊙ M), ΔW in float32; positions outside the mask are exactly zero again."""
         if self.merged:
             W = self.base.weight
-            W.copy_(((W.float() - self.delta(torch.float32)) * self.mask).to(W.dtype))
+            with _no_autocast(W):
+                W.copy_(((W.float() - self.delta(torch.float32)) * self.mask).to(W.dtype))
             self.merged = False
+
+
+def _no_autocast(w: torch.Tensor):
+    """Autocast off on `w`'s device (a merge's product must stay float32 even inside an autocast region)."""
+    return torch.autocast(device_type=w.device.type, enabled=False)
 
 
 def add_masked_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.1,

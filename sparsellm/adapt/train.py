@@ -2,6 +2,11 @@
 algorithms.md §8.4): AdamW, linear decay with warm-up, gradient clipping, gradient accumulation, optional
 gradient checkpointing, a progress bar with loss and tokens/s.
 
+The loop runs where the model is (its parameters' device). With `autocast_dtype` bfloat16 or float16 on a
+GPU the forwards run under `torch.autocast` in that dtype while the trained parameters stay float32 (the
+adapters are created in float32: master weights); float16 adds a gradient scaler. On the CPU there is no
+autocast: the float32 path is what it always was.
+
 Data:
 - plain text (next-token loss on every token): `text_examples(tokenizer, source, n, seqlen, seed)`
   reuses the calibration windows (C4 or a local file);
@@ -12,6 +17,7 @@ Each example is (input_ids (T,), labels (T,)) with -100 where no loss is taken.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -109,10 +115,12 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 2, epochs: int = 1,
           warmup_ratio: float = 0.03, weight_decay: float = 0.001, max_grad_norm: float = 0.3,
           gradient_checkpointing: bool = False, pad_id: int = 0, progress: bool = True, optimizer=None,
-          state: dict | None = None) -> dict:
-    """Train the parameters of `model` that require grad on `examples` (list of (input_ids, labels)).
-    Returns {"losses": [mean loss per optimiser step], "tokens", "seconds", "steps", "optimizer": state}.
-    `optimizer` (an AdamW state dict) resumes the moments; raises UsageError for bad settings."""
+          state: dict | None = None, autocast_dtype=None) -> dict:
+    """Train the parameters of `model` that require grad on `examples` (list of (input_ids, labels)), on the
+    device of the model's parameters. Returns {"losses": [mean loss per optimiser step], "tokens", "seconds",
+    "steps", "optimizer": state}. `optimizer` (an AdamW state dict) resumes the moments. `autocast_dtype`: the
+    forward dtype under autocast on a GPU (None, float32, or any dtype on the CPU: no autocast). Raises
+    UsageError for bad settings."""
     if lr <= 0 or batch_size < 1 or grad_accum < 1 or epochs < 1 or not 0 <= warmup_ratio < 1:
         raise UsageError("lr must be > 0, batch size / gradient accumulation / epochs >= 1, warm-up ratio in [0, 1)")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -124,6 +132,9 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
     micro = math.ceil(len(examples) / batch_size) * epochs
     total = max(1, math.ceil(micro / grad_accum))
     warmup = int(total * warmup_ratio)
+    device = params[0].device
+    amp = autocast_dtype if device.type == "cuda" and autocast_dtype in (torch.bfloat16, torch.float16) else None
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None  # fp16 gradients underflow unscaled
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -137,16 +148,25 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
     try:
         for _ in range(epochs):
             for k, (ids, labels, mask) in enumerate(_batches(examples, batch_size, pad_id)):
-                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-                (out.loss / grad_accum).backward()
+                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                with torch.autocast(device_type="cuda", dtype=amp) if amp is not None else contextlib.nullcontext():
+                    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                loss = out.loss / grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 acc_loss += float(out.loss.detach())
                 acc_n += 1
                 tokens += int(mask.sum())
                 if acc_n == grad_accum or (k + 1) * batch_size >= len(examples):
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, lr, warmup)
+                    if scaler is not None:
+                        scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    opt.step()
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
                     opt.zero_grad(set_to_none=True)
                     losses.append(acc_loss / acc_n)
                     acc_loss, acc_n, step = 0.0, 0, step + 1

@@ -12,7 +12,8 @@ from .common import add_config, add_quiet, config_from
 
 HELP = ("Self-Pruner: structured pruning (heads and MLP channels) at layer-wise rates found by an evolutionary "
         "search with LLM (openai, local) or GA operators")
-DTYPE_HELP = ("dtype of the model for calibration forwards, pruning and evaluation (statistics are always "
+DTYPE_HELP = ("dtype of the model for calibration forwards, fitness and evaluation: auto (bfloat16 on a GPU, float16 "
+              "for a float16 checkpoint; float32 on a CPU), float32, bfloat16 or float16 (statistics are always "
               "accumulated in float32)")
 CALIBRATION_HELPS = {"nsamples": "calibration windows for the importance", "seqlen": "tokens per calibration window",
                      "calib_dataset": "c4 (bundled) or a local text file",

@@ -14,6 +14,11 @@ the model is loaded, so a --sparsity_ratio or N:M --sparsity_type other than the
 left out, the target is the input's. The record says what was found (`finetune.input`) and holds the
 SHA-256 of the calibration tokens (`calibration.tokens_sha256`) and of the fine-tuning examples
 (`data.tokens_sha256`).
+
+Devices: `--device` and `--dtype` are resolved before anything is written (`ModelSource.resolve`: --device
+cuda without CUDA is a UsageError); the model is loaded in the resolved dtype and moved whole to the device
+when it fits (`placement.place`; training needs it whole), and the record holds the resolved names
+(`compute_dtype`, `device`), which --resume compares.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class FinetuneRun:
         finished methods (`plan`). Raises UsageError."""
         check_finite(self)
         self.source.validate()
+        self.source.resolve()  # --device cuda without CUDA, a dtype the device cannot run: before any work
         self.output.validate()
         configs = {m: c.validate() for m, c in self.configs().items()}
         if self.resume and not any(get("finetune", m).needs == "checkpoint" for m in configs):
@@ -113,6 +119,12 @@ class FinetuneRun:
         self.finetune.calibration.validate(check_file=True)
         self.plan()
         return self
+
+    def dtype_name(self) -> str:
+        """The resolved forward dtype's name ("float32", "bfloat16", ...): what the record holds."""
+        from ..models.save import dtype_name
+
+        return dtype_name(self.source.resolve()[1])
 
     def plan(self) -> "_Plan":
         """The output directory of each method, its checkpoint directory, and the methods that finished
@@ -157,9 +169,10 @@ class FinetuneRun:
                               and not (k == "sparsity_ratio" and requested.sparsity_ratio is None))  # the input's
                 diff += _other_inputs(finished, self.source.model, data)
                 diff += [what for what, key, now in (("--eval and its settings", "evaluation", vars(self.evaluation)),
-                                                     ("--dtype", "compute_dtype", self.source.dtype),
+                                                     ("--dtype", "compute_dtype", self.dtype_name()),
                                                      ("--save_dtype", "save_dtype", self.output.save_dtype))
-                         if key in finished and finished[key] != now]
+                         if key in finished and finished[key] != now
+                         and not (key == "compute_dtype" and finished[key] == self.source.dtype == "auto")]
                 if diff:
                     raise UsageError(f"--resume: {outs[m]} was finished with other settings ({', '.join(diff)})")
                 done.add(m)  # finished before the interruption
@@ -234,14 +247,20 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     from ..adapt.pruned_input import read_sidecar
     from ..adapt.train import finetune_examples
     from ..models import check_fits, context_length, load_model, resolve_save_dtype
+    from ..devices import describe
     from ..models.save import dtype_name
+    from .placement import place
 
     ev, t, seed = cfg.evaluation, fc.training, fc.calibration.seed
     evals, tasks = ev.names(), ev.zeroshot_tasks()
     resumable = get("finetune", m).needs == "checkpoint"
-    model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    device, dtype = cfg.source.resolve()
+    model, tok, model_dir = load_model(cfg.source.model, dtype)
     check_fits(model, cfg.output.save_dtype)  # a float16 save that cannot hold a weight: refused before any work
     plan.dirs[m].check_input(model_dir)
+    # every method but "none" trains: the whole model must be on the device; "none" only prunes (the engine
+    # onloads block by block) and evaluates
+    placement = place(model, device, need_whole=m != "none", what=f"fine-tuning ({m})")
     ctx = context_length(model)
     eval_seqlen = min(ev.eval_seqlen, ctx)
     if "examples" not in data:
@@ -254,7 +273,8 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     local = model_dir or plan.src
     details = {"data": {"source": t.data, "ft_nsamples": len(examples), "ft_seqlen": t.ft_seqlen, "seed": seed + 1,
                         "tokens_sha256": examples_sha(examples), "rows": data["rows"]},
-               "eval_seqlen": eval_seqlen, "evaluation": vars(ev), "compute_dtype": cfg.source.dtype,
+               "eval_seqlen": eval_seqlen, "evaluation": vars(ev), "compute_dtype": dtype_name(dtype),
+               "device": describe(device), "placement": placement,
                "save_dtype": cfg.output.save_dtype,
                "saved_dtype": dtype_name(resolve_save_dtype(model, cfg.output.save_dtype))}
     record = Run("finetune", cfg.source.model, str(local) if local else None, {}, details=details)
@@ -264,7 +284,7 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
         shutil.rmtree(plan.ckpts[m])
     with tempfile.TemporaryDirectory(prefix="sparsellm-adapter-") as adir:
         rep = finetune(model, tok, fc, examples, checkpoint_dir=plan.ckpts[m] if resumable else None,
-                       resume=cfg.resume and resumable, model_id=f"{local or cfg.source.model} ({cfg.source.dtype})",
+                       resume=cfg.resume and resumable, model_id=f"{local or cfg.source.model} ({dtype_name(dtype)})",
                        adapter_dir=adir, progress=progress, eval_seqlen=eval_seqlen,
                        sidecar=read_sidecar(local))
         record.config = fc.to_dict()  # with the target finetune settled (an already-pruned input's own)

@@ -9,6 +9,12 @@ The search state lives in `OUT.search/` (state.json after every generation, llm_
 interrupted search continues with `resume`; it is copied into OUT (search_state.json, llm_log.jsonl) and
 removed at the end unless `keep_state`, only once OUT is written (a failed save leaves it to `resume`).
 Everything is validated before the model is loaded.
+
+Devices: `--device` / `--dtype` are resolved in `validate` (`ModelSource.resolve`: --device cuda without CUDA
+is a UsageError before anything is written). The dense model is moved whole to the device when it fits twice
+(a candidate is a shrunk copy of it), else it stays in CPU memory with its blocks onloaded for the importance
+pass (`placement.place`); fitness and final scores run on the device either way. The record holds the
+resolved names (`config.dtype`, `config.device`, `device`), and a resumed search must have the same dtype.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class SearchRun:
         config. Raises UsageError."""
         check_finite(self)
         self.source.validate()
+        self.source.resolve()  # --device cuda without CUDA, a dtype the device cannot run: before any work
         self.output.validate()
         self.search.validate()
         self.structure.validate()
@@ -128,12 +135,20 @@ def _state_dir(cfg: SearchRun, out: RunDir, inputs: list) -> Path:
     return state_dir
 
 
+def _resolved(cfg: SearchRun) -> tuple:
+    """(torch.device, torch.dtype, dtype name) of the run (`ModelSource.resolve`)."""
+    from ..models.save import dtype_name
+
+    device, dtype = cfg.source.resolve()
+    return device, dtype, dtype_name(dtype)
+
+
 def _state_settings(cfg: SearchRun, model_path: str, seqlen: int, digest: str | None) -> dict:
     """What a resumed search must share with the interrupted one besides the evolution's settings (the same
     list as before the backends had configs: the unchosen backends' settings at their defaults)."""
     c = cfg.calibration
     llm = {**{k: d for k, (d, _) in all_settings().items()}, **flatten(cfg.backend_config)}
-    return {"model": model_path, "backend": cfg.backend, "dtype": cfg.source.dtype,
+    return {"model": model_path, "backend": cfg.backend, "dtype": _resolved(cfg)[2],
             "calibration": [c.calib_dataset, c.nsamples, seqlen, c.seed, digest],
             "llm": [llm[k] for k in ("llm_base_url", "llm_model", "local_model", "llm_temperature", "llm_retries")]}
 
@@ -143,9 +158,11 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     report.md, fitness.png, rates.png, search_state.json and llm_log.jsonl are written into `cfg.output.out`.
     Raises UsageError for bad input, before anything is written."""
     from ..data import calibration_windows
+    from ..devices import describe as describe_device
     from ..models import check_fits, context_length, load_model, resolve_model
     from ..selfpruner.driver import describe, self_prune
     from ..structured import struct_spec
+    from .placement import place
 
     cfg.validate()
     ev, c = cfg.evaluation, cfg.calibration
@@ -154,10 +171,12 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     inputs = cfg.inputs(src)
     out = RunDir.prepare(cfg.output.out, inputs, cfg.output.overwrite)
     state_dir = _state_dir(cfg, out, inputs)
-    model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
+    device, dtype, dtype_name = _resolved(cfg)
+    model, tok, model_dir = load_model(cfg.source.model, dtype)
     check_fits(model, cfg.output.save_dtype)  # a float16 save that cannot hold a weight: refused before any work
     out.check_input(model_dir)
     struct_spec(model)
+    placement = place(model, device, copies=2)  # the dense model and one shrunk copy at a time
     if cfg.output.overwrite and state_dir.exists():
         shutil.rmtree(state_dir)
     ops = get("search_backend", cfg.backend).fn(cfg.backend_config, describe=describe(model, cfg.source.model),
@@ -177,13 +196,15 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
         pruned, rep = self_prune(model, tok, cfg.search, ops, calib, cfg.structure, cfg.fitness,
                                  state_dir / "state.json", cfg.resume, final_eval,
                                  _state_settings(cfg, str(local or cfg.source.model), seqlen, digest), progress,
-                                 batch_size=c.batch_size)
+                                 batch_size=c.batch_size, device=device)
     except BaseException:
         if not (state_dir / "state.json").is_file() and not (state_dir / "llm_log.jsonl").is_file():
             shutil.rmtree(state_dir, ignore_errors=True)  # nothing to resume from
         raise
-    details: dict = {"search": rep}
-    record = Run("search", cfg.source.model, model_path, cfg.to_dict(), details=details)
+    details: dict = {"search": rep, "compute_dtype": dtype_name, "device": describe_device(device),
+                     "placement": placement}
+    record = Run("search", cfg.source.model, model_path, {**cfg.to_dict(), "dtype": dtype_name, "device": str(device)},
+                 details=details)
     if calib is not None:
         record.calibration = {"dataset": c.calib_dataset, "nsamples": int(calib.shape[0]),
                               "seqlen": int(calib.shape[1]), "seed": c.seed,
@@ -196,6 +217,10 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     if cfg.bench:
         from ..evaluate.speed import compare
 
+        if device.type != "cpu":  # the speed comparison is a CPU measurement (its prompts are CPU tensors)
+            log.info("--bench: measuring on the CPU; moving the dense and the pruned model there")
+            model.to("cpu")
+            pruned.to("cpu")
         details["speed"] = compare({"dense fp32": model, "model fp32": pruned}, (128, 512), (1,), repeats=3,
                                    progress=progress)
     details["seconds"] = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from ..config import at_least, setting
 from ..errors import UsageError
 from ..evaluate.perplexity import eval_tokens, perplexity
 from ..models import context_length, get_blocks
+from ..onload import ATTR
 from ..structured import GQA_MODES, METRICS, count_params, geometry, importance, prune_structured, struct_spec
 from .evolution import SearchConfig, evolve, repair
 
@@ -67,14 +68,18 @@ def describe(model, name: str) -> str:
 
 def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Structure | None = None,
                fitness: Fitness | None = None, state_path=None, resume: bool = False, final_eval=None,
-               settings: dict | None = None, progress: bool = True, batch_size: int | None = None):
+               settings: dict | None = None, progress: bool = True, batch_size: int | None = None, device=None):
     """Search rates for `model` (left dense) and return (pruned copy at the best rates, report).
 
     ops: a backend's operators (`backends.operators`), or None for the uniform vector (no search). calib_ids: the calibration
     windows of the importance (None for magnitude-sp); batch_size: windows per block forward. With
     `state_path` the search state is written after every generation, and `resume` continues it (the same
     `settings` required). final_eval(model) -> dict scores the best `fitness.final_k` candidates at the
-    end (the returned model is the best by fitness, never chosen on the test)."""
+    end (the returned model is the best by fitness, never chosen on the test).
+
+    Devices: the importance pass goes through the engine (blocks onloaded to an attached onloader's device,
+    `sparsellm.onload`); every candidate is shrunk from a copy of `model` where `model` is, then moved to
+    `device` (None: left there) for its fitness and final scores. The returned model is on `device`."""
     structure, fit = structure or Structure(), fitness or Fitness()
     metric, gqa, seqlen = structure.metric, structure.gqa, min(fit.fitness_seqlen, context_length(model))
     t0 = time.perf_counter()
@@ -87,7 +92,11 @@ def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Stru
 
     def shrunk(rates):
         m = copy.deepcopy(model)
+        if hasattr(m, ATTR):  # the copy's onloader (if any) points at the copy; the candidate needs none
+            delattr(m, ATTR)
         rep = prune_structured(m, rates, imp, gqa=gqa)
+        if device is not None:
+            m.to(device)
         return m, rep
 
     def score(rates):

@@ -44,18 +44,20 @@ def collect_stats(model, calib_ids: torch.Tensor, batch_size: int | None = None,
 
 
 def channel_scores(weight: torch.Tensor, stats, metric: str) -> torch.Tensor:
-    """Scores (C_in,) of the input channels of `weight` (C_out, C_in) under `metric` (see the module doc)."""
+    """Scores (C_in,) of the input channels of `weight` (C_out, C_in) under `metric` (see the module doc),
+    computed where the weight is (the statistics follow it) and returned on the CPU."""
     W = weight.detach().double()
     if metric == "magnitude-sp":
-        return W.norm(dim=0)
+        return W.norm(dim=0).cpu()
     if stats is None or stats.ntokens == 0:
         raise ValueError(f"{metric} needs calibration statistics")
+    sq_norm = stats.sq_norm.to(W.device)
     if metric == "wanda-sp":
-        return W.abs().mean(0) * stats.sq_norm.sqrt()
+        return (W.abs().mean(0) * sq_norm.sqrt()).cpu()
     if metric == "flap":
-        mean = stats.total / stats.ntokens
-        var = (stats.sq_norm / stats.ntokens - mean * mean).clamp_min(0)
-        return var * (W * W).sum(0)
+        mean = stats.total.to(W.device) / stats.ntokens
+        var = (sq_norm / stats.ntokens - mean * mean).clamp_min(0)
+        return (var * (W * W).sum(0)).cpu()
     raise UsageError(f"unknown importance metric {metric!r}")
 
 

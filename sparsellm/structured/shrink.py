@@ -91,11 +91,11 @@ def _cols(lin: nn.Linear, idx: torch.Tensor, comp: torch.Tensor | None) -> nn.Li
 
 def _compensation(lin: nn.Linear, keep: torch.Tensor, stats) -> torch.Tensor | None:
     """W[:, removed] @ mean(x[removed]) in float64; None when nothing is removed (no bias is created then)."""
-    removed = torch.ones(lin.in_features, dtype=torch.bool)
-    removed[keep] = False
+    removed = torch.ones(lin.in_features, dtype=torch.bool, device=lin.weight.device)
+    removed[keep.to(removed.device)] = False
     if not removed.any():
         return None
-    mean = (stats.total / stats.ntokens).to(torch.float64)
+    mean = (stats.total / stats.ntokens).to(device=lin.weight.device, dtype=torch.float64)
     return lin.weight.data.double()[:, removed] @ mean[removed]
 
 
@@ -111,9 +111,10 @@ def shrink_block(model, block, keep: dict, stats: dict | None = None, bias_compe
     spec = struct_spec(model)
     _, _, hd = geometry(model, block)
     attn = block.get_submodule(spec.attn)
-    qi = torch.tensor([h * hd + d for h in keep["q"] for d in range(hd)], dtype=torch.long)
-    kvi = torch.tensor([h * hd + d for h in keep["kv"] for d in range(hd)], dtype=torch.long)
-    ci = torch.tensor(keep["channels"], dtype=torch.long)
+    dev = block.get_submodule(spec.q).weight.device  # indices where the weights are (a model on a GPU)
+    qi = torch.tensor([h * hd + d for h in keep["q"] for d in range(hd)], dtype=torch.long, device=dev)
+    kvi = torch.tensor([h * hd + d for h in keep["kv"] for d in range(hd)], dtype=torch.long, device=dev)
+    ci = torch.tensor(keep["channels"], dtype=torch.long, device=dev)
     o, down = block.get_submodule(spec.o), block.get_submodule(spec.down)
     comp_o = _compensation(o, qi, stats["o"]) if bias_compensation else None
     comp_d = _compensation(down, ci, stats["down"]) if bias_compensation else None
