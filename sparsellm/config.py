@@ -181,13 +181,16 @@ class Calibration:
 @dataclass
 class Evaluation:
     """What is scored after a run: perplexity datasets and/or zero-shot tasks (`eval`, comma-separated or
-    "none"), with windows of `eval_seqlen` tokens (the papers' 2048, capped at the model's context)."""
+    "none"), with windows of `eval_seqlen` tokens (the papers' 2048, capped at the model's context),
+    `eval_batch_size` of them per forward (zero-shot's batch is `zeroshot_batch_size`, lm-eval's)."""
 
     eval: str = setting("wikitext2", "comma-separated: wikitext2, c4 (perplexity), zeroshot (lm-eval, see --tasks), "
                                      "or none")
     eval_seqlen: int = setting(EVAL_SEQLEN, "window length for perplexity (capped at the model's context)")
     max_windows: int | None = setting(None, "score only the first N windows")
     eval_dense: bool = setting(False, "also evaluate the input model first")
+    eval_batch_size: int = setting(1, "perplexity windows per forward (the same perplexity as 1, up to float "
+                                      "rounding; the logits of a batch are held at once)", metavar="N")
     tasks: str = setting("boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa",
                          "zero-shot tasks, comma-separated, from: boolq, rte, winogrande, arc_easy, arc_challenge, "
                          "openbookqa, piqa, hellaswag")
@@ -211,7 +214,7 @@ class Evaluation:
         """The zero-shot tasks when zero-shot is asked for (validated, lm-eval installed), else []."""
         if "zeroshot" not in self.names():
             return []
-        from .evaluate.zeroshot import check_tasks, require_lm_eval
+        from .data.zeroshot_tasks import check_tasks, require_lm_eval
 
         if self.zeroshot_batch_size < 1:
             raise UsageError(f"zero-shot batch size must be >= 1, got {self.zeroshot_batch_size}")
@@ -222,7 +225,7 @@ class Evaluation:
     def validate(self) -> "Evaluation":
         self.names()
         self.zeroshot_tasks()
-        at_least(self, ("max_windows",))
+        at_least(self, ("max_windows", "eval_batch_size"))
         at_least(self, ("eval_seqlen",), 2)
         return self
 

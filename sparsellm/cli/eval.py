@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     add_config(zs.add_argument_group("model"), ModelSource(), helps={"dtype": "dtype of the model for evaluation"},
                required=("model",))
     group = zs.add_argument_group("evaluation")
-    add_config(group, Evaluation(), skip=("eval", "eval_seqlen", "max_windows", "eval_dense", "zeroshot_batch_size"))
+    add_config(group, Evaluation(), skip=("eval", "eval_seqlen", "max_windows", "eval_dense", "eval_batch_size",
+                                          "zeroshot_batch_size"))
     group.add_argument("--batch_size", dest="zeroshot_batch_size", type=int, default=8, metavar="N",
                        help="zero-shot batch size")
     _output(zs)

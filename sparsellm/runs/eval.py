@@ -8,7 +8,7 @@ from ..checks import check_weights
 from ..compare import load_run
 from ..config import Evaluation, ModelSource, check_finite
 from ..errors import UsageError
-from .record import Run, evaluate
+from .record import ZEROSHOT_WHOLE, Run, evaluate, place_for_eval
 from .rundir import RunDir, add_to_record, check_additions, run_record
 
 
@@ -17,7 +17,9 @@ class EvalRun:
     """Perplexity ("ppl": `evaluation.eval` lists wikitext2 and/or c4) or zero-shot accuracy ("zeroshot":
     `evaluation.tasks`) of one model; `save`: a directory to write report.json into, or the model's own run
     directory, whose record (report.json, report.md) the results are then added to; `overwrite`: replace
-    results already in that record."""
+    results already in that record. `source.device` / `source.dtype` say where and in what the forwards run;
+    `source.load` lazy (or auto picking lazy) scores perplexity block by block from the checkpoint's shards
+    (zero-shot refuses it: lm-eval runs the whole model)."""
 
     source: ModelSource = field(default_factory=ModelSource)
     evaluation: Evaluation = field(default_factory=Evaluation)
@@ -42,13 +44,23 @@ class EvalRun:
 
 def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     """Load the model, evaluate it, and write `report.json` into `cfg.save` if given; when `cfg.save` is the
-    model's own run directory, add the results to its record instead (`details["added_to"]`). Raises
-    UsageError, before any evaluation and with nothing written (NonFiniteError for a NaN/inf weight, naming the
-    module, or a non-finite loss)."""
+    model's own run directory, add the results to its record instead (`details["added_to"]`). The model is
+    read lazily (`--load`) or loaded whole; on a CUDA device it is moved there when it fits, else scored
+    block by block (`record.place_for_eval`). The record's config holds the resolved device and dtype.
+    Raises UsageError, before any evaluation and with nothing written (a CUDA device where there is none,
+    zero-shot with --load lazy; NonFiniteError for a NaN/inf weight, naming the module (a lazy model's blocks
+    are checked as they are read), or a non-finite loss)."""
     from ..models import context_length, load_model, resolve_model
+    from ..models.load import load_lazy, wants_lazy
+    from ..models.save import dtype_name
 
     cfg.validate()
+    device, dtype = cfg.source.resolve()
     _, src = resolve_model(cfg.source.model)
+    lazy = wants_lazy(cfg.source.load, cfg.source.model, dtype)
+    if lazy and cfg.kind == "zeroshot":
+        how = "--load lazy" if cfg.source.load == "lazy" else "--load auto picks lazy loading for this model"
+        raise UsageError(f"{how}; {ZEROSHOT_WHOLE}")
     run_dir = run_record(cfg.save, src)
     if run_dir is not None and cfg.kind == "zeroshot":
         check_additions(run_dir, ["zeroshot"], cfg.overwrite)
@@ -56,16 +68,22 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     if save is not None:
         save.refuse_replacing_record()
     tasks = cfg.evaluation.zeroshot_tasks()
-    model, tok, model_dir = load_model(cfg.source.model, cfg.source.torch_dtype())
-    check_weights(model)
+    model, tok, model_dir = (load_lazy if lazy else load_model)(cfg.source.model, dtype)
+    check_weights(model)  # a lazy model's blocks: by `visit`, as they are read
     seqlen = None if tasks else min(cfg.evaluation.eval_seqlen, context_length(model))
     if run_dir is not None and seqlen is not None:
         check_additions(run_dir, [f"{n}_ppl@{seqlen}" for n in cfg.evaluation.names()], cfg.overwrite)
+    logits = 3 * 4 * cfg.evaluation.eval_batch_size * (seqlen or 2048) * model.config.vocab_size
+    placement = place_for_eval(model, device, reserve=logits, whole=cfg.kind == "zeroshot")
     local = model_dir or src
     record = Run(f"eval {cfg.kind}", cfg.source.model, str(local) if local else None,
-                 {"dtype": cfg.source.dtype, **vars(cfg.evaluation)})
-    record.details["evaluated"] = _evaluated(model, model_dir)
-    record.metrics = evaluate(model, tok, cfg.evaluation, seqlen, progress, tasks)
+                 {"dtype": dtype_name(dtype), "device": str(device), "load": "lazy" if lazy else "memory",
+                  **vars(cfg.evaluation)})
+    record.details["placement"] = placement
+    counts: dict = {}
+    record.metrics = evaluate(model, tok, cfg.evaluation, seqlen, progress, tasks,
+                              visit=_block_visitor(model, counts) if lazy else None)
+    record.details["evaluated"] = _evaluated(model, model_dir, counts if lazy else None)
     run = load_run(run_dir)[0] if run_dir is not None else {}  # its dense results and prune report, if any
     record.warn_quality(model, run.get("prune"), run.get("eval_dense") or {})
     record.finish()
@@ -79,13 +97,37 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     return record
 
 
-def _evaluated(model, model_dir) -> dict:
-    """What the evaluated model is, for `sparsellm report`: its measured block-linear sparsity, and what its
+def _block_visitor(model, counts: dict):
+    """visit(i, block) for a lazy model's evaluation: block i's weights finite (else NonFiniteError naming the
+    module), and its linears' zeros and weights into counts[i]."""
+    from ..checks import check_tensor
+    from ..models import block_linears, get_arch
+
+    prefix = get_arch(model).blocks
+
+    def visit(i, block):
+        for name, p in block.named_parameters():
+            module, _, param = name.rpartition(".")
+            check_tensor(p.detach(), f"{prefix}.{i}.{module}", param)
+        linears = block_linears(model, block).values()
+        counts[i] = (sum(int((lin.weight == 0).sum()) for lin in linears), sum(lin.weight.numel() for lin in linears))
+
+    return visit
+
+
+def _evaluated(model, model_dir, counts: dict | None = None) -> dict:
+    """What the evaluated model is, for `sparsellm report`: its measured block-linear sparsity (from
+    `counts`, {block: (zeros, weights)} of the blocks read, for a lazy model), and what its
     `sparsity_config.json` says (method, target, pattern, allocation), when it has a readable one."""
     from ..adapt.pruned_input import read_sidecar
     from ..engine import linear_sparsity
 
-    out = {"measured": linear_sparsity(model)}
+    if counts is None:
+        measured = linear_sparsity(model)
+    else:
+        zeros, total = sum(z for z, _ in counts.values()), sum(n for _, n in counts.values())
+        measured = {"zeros": zeros, "params": total, "sparsity": zeros / total if total else 0.0}
+    out = {"measured": measured}
     try:
         side = read_sidecar(model_dir) or {}
     except UsageError:

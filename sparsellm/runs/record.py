@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from ..provenance import peak_rss_mib, versions
 
 log = logging.getLogger("sparsellm")
@@ -91,23 +92,66 @@ def block_rows(prune_report: dict | None) -> list[dict]:
 
 
 def evaluate(model, tokenizer, evaluation, seqlen: int | None, progress: bool = True, tasks=None,
-             names: list[str] | None = None) -> dict:
+             names: list[str] | None = None, visit=None) -> dict:
     """Score `model` on `evaluation.names()` (or `names`): perplexity at `seqlen` tokens per window on
-    the first `max_windows` windows, and zero-shot accuracy on `tasks` (validated zero-shot tasks).
-    Returns {metric name: result}."""
+    the first `max_windows` windows, `eval_batch_size` windows per forward (block by block for a model whose
+    blocks are not all resident: `evaluate.blockwise`; `visit(i, block)` is then called while block i is on
+    the device), and zero-shot accuracy on `tasks` (validated zero-shot tasks). Returns {metric name:
+    result}. Raises UsageError for zero-shot on a model whose blocks are not all resident (lm-eval runs the
+    whole model)."""
     from ..evaluate import perplexity
+    from ..evaluate.blockwise import is_blockwise
 
     out = {}
     for name in evaluation.names() if names is None else names:
         if name == "zeroshot":
             from ..evaluate.zeroshot import zeroshot
 
+            if is_blockwise(model):
+                raise UsageError(f"{_NOT_RESIDENT}; {ZEROSHOT_WHOLE}")
             r = zeroshot(model, tokenizer, list(tasks or evaluation.zeroshot_tasks()), evaluation.limit,
                          evaluation.zeroshot_batch_size, evaluation.hellaswag_file, progress=progress)
             log.info("zero-shot mean acc = %.4f over %s", r["mean_acc"], ", ".join(r["tasks"]))
             out["zeroshot"] = r
             continue
-        r = perplexity(model, tokenizer, name, seqlen, evaluation.max_windows, progress=progress)
-        log.info("%s = %.3f (%d windows, %d tokens)", r["metric"], r["ppl"], r["windows"], r["tokens"])
+        r = perplexity(model, tokenizer, name, seqlen, evaluation.max_windows, progress=progress,
+                       batch_size=evaluation.eval_batch_size, visit=visit)
+        log.info("%s = %.3f (%d windows, %d tokens%s)", r["metric"], r["ppl"], r["windows"], r["tokens"],
+                 ", block by block" if r["blockwise"] else "")
         out[r["metric"]] = r
     return out
+
+
+ZEROSHOT_WHOLE = ("zero-shot evaluation runs the whole model at once through lm-eval: use --load memory and a "
+                  "device the model fits on (--device cpu)")
+_NOT_RESIDENT = "this model's blocks are not all in memory on the device (lazy, or too large for it)"
+
+
+def place_for_eval(model, device, reserve: int = 0, whole: bool = False) -> str:
+    """Put `model` where its evaluation runs on `device` (a torch.device) and say how it will run:
+    "resident" (every weight on `device`: an in-memory model already there, or moved there whole because
+    it fits next to `reserve` bytes, as `devices.free_bytes` estimates) or "blockwise" (a lazy model, or an
+    in-memory one too large for the device: an onloader is attached and the blocks visit the device one at
+    a time). whole: the evaluation needs the whole model (zero-shot), so "blockwise" raises UsageError."""
+    import torch
+
+    from ..onload import attach, fits_on_device, onloader
+
+    device = torch.device(device)
+    if onloader(model).lazy is not None:
+        if whole:
+            raise UsageError(f"{_NOT_RESIDENT}; {ZEROSHOT_WHOLE}")
+        attach(model, device)
+        return "blockwise"
+    home = next(model.parameters()).device
+    if home == device:
+        return "resident"
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if fits_on_device(device, nbytes, reserve):
+        model.to(device)
+        return "resident"
+    if whole:
+        raise UsageError(f"{_NOT_RESIDENT}; {ZEROSHOT_WHOLE}")
+    log.info("the model (%.2f GiB) does not fit on %s: evaluating block by block", nbytes / 2**30, device)
+    attach(model, device)
+    return "blockwise"
