@@ -29,10 +29,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sparsellm.devices import describe, resolve_device, resolve_dtype
-    from sparsellm.evaluate.perplexity import perplexity_from_ids
+    from sparsellm.evaluate.perplexity import perplexity
     from sparsellm.onload import attach
     from sparsellm.pipeline import PruneConfig, prune
     from sparsellm.provenance import versions
+    from sparsellm.runs.record import place_for_eval
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
@@ -94,15 +95,16 @@ def main() -> None:
     if args.eval_tokens and time.perf_counter() - t_start <= args.budget:
         model.load_state_dict(dense)
         n = max(1, args.eval_tokens // args.seqlen)
-        ids = torch.randint(0, config.vocab_size, (n, args.seqlen), generator=gen)
+        ids = torch.randint(0, config.vocab_size, (1, n * args.seqlen), generator=gen)
+        placement = place_for_eval(model, device)  # moved whole when it fits, else block by block
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        ppl = perplexity_from_ids(model, ids, batch_size=args.eval_batch)
+        ppl = perplexity(model, None, "wikitext2", args.seqlen, ids=ids, batch_size=args.eval_batch, progress=False)
         seconds = time.perf_counter() - t0
-        out["perplexity"] = {"windows": n, "tokens": n * args.seqlen, "seconds": seconds, "ppl": ppl,
+        out["perplexity"] = {"windows": n, "tokens": n * args.seqlen, "seconds": seconds, "ppl": ppl["ppl"],
                              "tokens_per_second": n * args.seqlen / seconds, "peak_gpu_gib": peak(),
-                             "batch": args.eval_batch}
+                             "batch": args.eval_batch, "placement": placement}
         print(json.dumps(out["perplexity"]), flush=True)
     out["total_seconds"] = time.perf_counter() - t_start
     save()

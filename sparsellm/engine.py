@@ -199,7 +199,7 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
     k = min(diag_nsamples, X.shape[0])
     if resume:
         X.copy_(resume["X"])
-    Y = torch.empty_like(X)
+    Y = torch.empty_like(X, pin_memory=X.is_pinned())
     D = (resume["D"].to(X.device) if resume else X[:k]).clone() if k else None  # dense stream (cumulative error)
     Dn = torch.empty_like(D) if k else None
     for i in tqdm(range(start, len(blocks)), desc=method, unit="block", disable=not progress, leave=False,
@@ -239,7 +239,7 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
     consume it before asking for the next block."""
     X, kwargs = capture_inputs(model, input_ids)
     batch_size = batch_size or auto_batch_size(X.shape[1])
-    Y = torch.empty_like(X)
+    Y = torch.empty_like(X, pin_memory=X.is_pinned())
     on = onloader(model)
     for i in tqdm(range(len(get_blocks(model))), desc="dense pass", unit="block", disable=not progress, leave=False):
         block = on.block(i)
@@ -262,7 +262,7 @@ def block_outputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int | N
     Y_i is reused: consume (or copy) it before asking for the next block."""
     X, kwargs = capture_inputs(model, input_ids)
     batch_size = batch_size or auto_batch_size(X.shape[1])
-    Y = torch.empty_like(X)
+    Y = torch.empty_like(X, pin_memory=X.is_pinned())
     on = onloader(model)
     for i in tqdm(range(len(get_blocks(model))), desc="dense outputs", unit="block", disable=not progress,
                   leave=False):

@@ -34,11 +34,17 @@ class Onloader:
 
     def __init__(self, model, device=None, lazy=None):
         self.model, self.lazy = model, lazy or getattr(model, "sparsellm_blocks", None)
-        first = next((p for p in model.parameters() if p.device.type != "meta"), None)
-        self.home = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device) if device is not None else self.home
         self.loads = self.peak_resident = 0
         self.resident: set[int] = set()
+
+    @property
+    def home(self):
+        """Where the weights live: the device of the first loaded parameter outside the blocks (a model moved
+        whole to the compute device afterwards then needs no onloading)."""
+        inside = {id(p) for p in get_blocks(self.model).parameters()}
+        first = next((p for p in self.model.parameters() if id(p) not in inside and p.device.type != "meta"), None)
+        return first.device if first is not None else torch.device("cpu")
 
     @property
     def moves(self) -> bool:
@@ -48,11 +54,12 @@ class Onloader:
     def block(self, i: int):
         """Block i, materialised on the compute device."""
         block = get_blocks(self.model)[i]
+        moves = self.moves
         if self.lazy is not None:
             self.lazy.load_block(self.model, i, self.device)
-        elif self.device != self.home:
+        elif moves:
             block.to(self.device)
-        if self.moves:
+        if moves:
             self.loads += 1
             self.resident.add(i)
             self.peak_resident = max(self.peak_resident, len(self.resident))
@@ -72,8 +79,8 @@ class Onloader:
     def embeddings(self):
         """The modules outside the blocks on the compute device (those with weights loaded; a lazy model's
         output head stays unloaded), for capturing the block-0 inputs; moved back afterwards."""
-        moved = []
-        if self.device != self.home:
+        moved, home = [], self.home
+        if self.device != home:
             blocks = get_blocks(self.model)
             inside = {id(m) for m in blocks.modules()}
             for module in self.model.modules():
@@ -88,7 +95,7 @@ class Onloader:
             yield
         finally:
             for module in moved:
-                module._apply(lambda t: t.to(self.home), recurse=False)
+                module._apply(lambda t: t.to(home), recurse=False)
 
 
 def attach(model, device=None, lazy=None) -> Onloader:
@@ -99,8 +106,14 @@ def attach(model, device=None, lazy=None) -> Onloader:
 
 
 def onloader(model) -> Onloader:
-    """`model`'s onloader: the attached one, else one that works where the parameters are."""
-    return getattr(model, ATTR, None) or Onloader(model)
+    """`model`'s onloader: the attached one, else one that works where the parameters are (attached for a
+    lazy model, so its counts persist)."""
+    found = getattr(model, ATTR, None)
+    if found is not None:
+        return found
+    if getattr(model, "sparsellm_blocks", None) is not None:
+        return attach(model)
+    return Onloader(model)
 
 
 def fits_on_device(device, nbytes: int, reserve: int) -> bool:

@@ -295,3 +295,25 @@ def test_block_linears_of_a_lazy_model_are_meta_until_onloaded(tmp_path):
     on.release(1)
     assert all(lin.weight.device.type == "meta" for lin in block_linears(model, block).values())
     assert model.get_input_embeddings().weight.device.type == "cpu"
+
+
+def test_cli_lazy_prune_evaluates_the_pruned_shards_like_the_in_memory_run(tmp_path, tokenizer, calib_txt):
+    """The perplexity a streamed prune reports is that of its output, evaluated block by block from the
+    written shards: the in-memory run's own number on the same windows."""
+    from sparsellm.cli import main
+
+    d = _model_dir(tmp_path, tokenizer)
+    ev = ["--eval", "wikitext2", "--eval_seqlen", "16", "--max_windows", "3", "--eval_dense"]
+    lazy = _argv(d, tmp_path / "lazy", calib_txt)
+    mem = list(lazy)
+    mem[mem.index("lazy")] = "memory"
+    mem[mem.index(str(tmp_path / "lazy"))] = str(tmp_path / "mem")
+    assert main(lazy[:-3] + ev + lazy[-3:]) == 0
+    assert main(mem[:-3] + ev + mem[-3:]) == 0
+    a, b = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("lazy", "mem"))
+    for key in ("metrics", "metrics_dense"):
+        pa, pb = a["eval" if key == "metrics" else "eval_dense"], b["eval" if key == "metrics" else "eval_dense"]
+        assert pa.keys() == pb.keys()
+        for metric in pa:
+            assert pa[metric]["ppl"] == pytest.approx(pb[metric]["ppl"], rel=1e-5)
+    assert a["eval"] != a["eval_dense"]
