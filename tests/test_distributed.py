@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_model
 from sparsellm import distributed
-from sparsellm.engine import prune_blocks
+from sparsellm.engine import dense_walk, prune_blocks
 from sparsellm.errors import UsageError
 from sparsellm.prune import LayerStats, parse_pattern
 
@@ -67,7 +67,10 @@ def _collectives(rank):
                    total=torch.full((2,), 2.0 * rank, dtype=torch.float64))
     stats = distributed.all_reduce_stats({"q": a, "k": a, "v": a, "down": b})
     out = {"stats": stats, "sums": distributed.all_reduce_sums(1.5, rank, 7)}
-    for name, fn in (("different windows", lambda: distributed.check_same_windows(_ids(4, seed=rank))),
+    walk = lambda ids: next(dense_walk(make_model("llama"), ids, need="norm", progress=False))  # noqa: E731
+    for name, fn in (("different windows", lambda: prune_blocks(make_model("llama"), _ids(4, seed=rank), "wanda",
+                                                                [0.5] * 2, progress=False)),
+                     ("different windows, walk", lambda: walk(_ids(4, seed=rank))),
                      ("one window", lambda: prune_blocks(make_model("llama"), _ids(1), "wanda", [0.5] * 2,
                                                          progress=False))):
         try:
@@ -100,6 +103,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The two processes take ~15 s of wall time on an idle 2-core machine (each imports torch and transformers
+# and runs every case; twice that under load): the tests that read their results are marked slow.
+slow = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Both processes' results (a deadlock fails after 300 s instead of hanging the suite)."""
@@ -123,12 +131,14 @@ def single():
     return {name: _run_case(*case) for name, case in CASES.items()}, _walks()
 
 
+@slow
 def test_processes_join_one_group(ranks):
     assert [r["world"] for r in ranks] == [(0, 2), (1, 2)]
     assert [r["main"] for r in ranks] == [True, False]
     assert all(r["device"] == "cpu" and r["backend"] == "gloo" for r in ranks)
 
 
+@slow
 @pytest.mark.parametrize("case", CASES)
 def test_ranks_prune_identical_weights_equal_to_one_process(ranks, single, case):
     one, two = ranks[0]["cases"][case], ranks[1]["cases"][case]
@@ -165,6 +175,7 @@ def test_ranks_prune_identical_weights_equal_to_one_process(ranks, single, case)
                 assert got[key] == pytest.approx(want[key], rel=1e-4), key
 
 
+@slow
 def test_owl_and_structured_walks_are_summed(ranks, single):
     ref = single[1]
     for r in ranks:
@@ -178,6 +189,7 @@ def test_owl_and_structured_walks_are_summed(ranks, single):
                 torch.testing.assert_close(got[name][2], want[name][2], rtol=1e-9, atol=1e-12)
 
 
+@slow
 def test_all_reduce_stats_reduces_an_aliased_entry_once(ranks):
     for r in ranks:
         c = r["collectives"]
@@ -192,10 +204,12 @@ def test_all_reduce_stats_reduces_an_aliased_entry_once(ranks):
         assert c["sums"] == (3.0, 1.0, 14.0)
 
 
+@slow
 def test_every_rank_refuses_what_cannot_be_sharded(ranks):
     for r in ranks:
         c = r["collectives"]
         assert "different calibration windows" in c["different windows"]
+        assert "different calibration windows" in c["different windows, walk"]
         assert "1 calibration windows for 2 processes" in c["one window"]
 
 
