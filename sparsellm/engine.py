@@ -20,6 +20,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checks import check_stats, check_tensor
 from .lazy import lazy_import, no_grad
 from .models import block_linears, get_arch, get_blocks
@@ -156,7 +157,9 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
     after each block with its pruned outputs (nsamples, seqlen, hidden), the dense stream's outputs (or None)
     and its report entry. resume: {"block": k, "X": X_k, "D": D_k or None, "results": the first k entries}
     continues at block k from the inputs `on_block_end` gave for it (the result is that of a run without a
-    break). Each block is on the compute device only while it is worked on (`onload`).
+    break). Each block is on the compute device only while it is worked on (`onload`). Under several
+    processes (`distributed`) each runs its share of the windows (X, D and on_block_end's tensors hold those)
+    and every process prunes from the statistics summed over all: the same weights and report on each.
 
     diag_nsamples > 0 turns on the reconstruction-error-explosion diagnostic (ATP, §3.2): the first
     diag_nsamples windows also run through the dense blocks, and each block reports `cum_error`
@@ -186,21 +189,31 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
                 on_block_end(i, None, None, res)
         return results
     t0 = time.perf_counter()
+    # several processes (distributed.py): each runs its share of the windows, the diagnostic windows among
+    # them; statistics and error sums are added over the processes. Magnitude (no statistics): every
+    # process runs all the (few) diagnostic windows itself, with nothing to add.
+    n = (input_ids if captured is None else captured[0]).shape[0]
+    sharded = distributed.world()[1] > 1 and pruner.needs != "none"
+    part = distributed.shard_windows(n) if sharded else slice(0, n)
+    add_up = distributed.all_reduce_sums if sharded else (lambda *sums: sums)
     if captured is None:
         if pruner.needs == "none":
             input_ids = input_ids[:diag_nsamples]
+        elif sharded:
+            input_ids, part = distributed.local_windows(input_ids)
         X, kwargs = capture_inputs(model, input_ids)
         log.info("captured block-0 inputs %s in %.1fs", tuple(X.shape), time.perf_counter() - t0)
     else:
         X, kwargs = captured
-        X = X[:diag_nsamples] if pruner.needs == "none" else X
+        X = X[:diag_nsamples] if pruner.needs == "none" else X[part]
         X = X.clone()
     batch_size = batch_size or auto_batch_size(X.shape[1])
-    k = min(diag_nsamples, X.shape[0])
+    k = min(diag_nsamples, n)  # diagnostic windows in all; this process holds the first `kl` of its share
+    kl = distributed.local_prefix(n, k, part) if sharded else k
     if resume:
         X.copy_(resume["X"])
     Y = torch.empty_like(X, pin_memory=X.is_pinned())
-    D = (resume["D"].to(X.device) if resume else X[:k]).clone() if k else None  # dense stream (cumulative error)
+    D = (resume["D"].to(X.device) if resume else X[:kl]).clone() if k else None  # dense stream (cumulative error)
     Dn = torch.empty_like(D) if k else None
     for i in tqdm(range(start, len(blocks)), desc=method, unit="block", disable=not progress, leave=False,
                   initial=start, total=len(blocks)):
@@ -210,16 +223,18 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
             run_block(block, D, kwargs[i], Dn, batch_size)  # dense block on dense inputs
         stats = _gather_stats(block, block_linears(model, block), pruner.needs,
                               lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
+        if sharded:
+            distributed.all_reduce_stats(stats)
         check_stats(f"{get_arch(model).blocks}.{i}", stats)
         res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
-                           lambda: run_block(block, X, kwargs[i], Y, batch_size, compare=True))  # Y = pruned
+                           lambda: add_up(*run_block(block, X, kwargs[i], Y, batch_size, compare=True)))
         del stats
         on.release(i, changed=True)
         X, Y = Y, X
         if k:
             ref = Dn.float()
-            num = float(((ref - X[:k].to(ref.device).float()) ** 2).sum())
-            den = float((ref ** 2).sum())
+            num = float(((ref - X[:kl].to(ref.device).float()) ** 2).sum())
+            num, den = add_up(num, float((ref ** 2).sum()))
             res["cum_error"] = (num / den) ** 0.5 if den > 0 else 0.0
             D, Dn = Dn, D
         res["seconds"] = time.perf_counter() - t0
@@ -236,7 +251,12 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
     (i, block, X_i, stats) for every block: X_i (nsamples, seqlen, hidden) are block i's inputs and
     `stats` its linears' LayerStats ("norm" or "hessian"), or None when `need` is None. The pre-pass of
     the data-driven allocators (OWL's outlier ratios, RMI's Gram matrices). X_i is reused afterwards:
-    consume it before asking for the next block."""
+    consume it before asking for the next block. Under several processes (`distributed`) a walk with `need`
+    runs this process's share of the windows (X_i holds those) and `stats` are the sums over all of them;
+    without `need` every process walks all windows."""
+    sharded = need is not None and distributed.world()[1] > 1
+    if sharded:
+        input_ids, _ = distributed.local_windows(input_ids)
     X, kwargs = capture_inputs(model, input_ids)
     batch_size = batch_size or auto_batch_size(X.shape[1])
     Y = torch.empty_like(X, pin_memory=X.is_pinned())
@@ -247,6 +267,8 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
         stats = None
         if need is not None:
             stats = _gather_stats(block, block_linears(model, block), need, forward)
+            if sharded:
+                distributed.all_reduce_stats(stats)
             check_stats(f"{get_arch(model).blocks}.{i}", stats)
         yield i, block, X, stats
         if need is None:
