@@ -261,3 +261,35 @@ def test_init_from_env_refuses_a_partial_launch_and_a_foreign_gpu(monkeypatch):
     with pytest.raises(UsageError, match="each uses cuda:LOCAL_RANK"):
         distributed.init_from_env("cuda:1")
     assert distributed.world() == (0, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("load", ["memory", "lazy"])
+def test_cli_torchrun_prune_equals_the_single_process_run(tmp_path, tokenizer, calib_txt, load):
+    """`torchrun --nproc_per_node 2 -m sparsellm prune` (gloo on this CPU): one output, written by the main
+    process, equal to a single-process run's up to float summation order."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "model"
+    make_model("llama", seed=4, num_hidden_layers=3).save_pretrained(d, max_shard_size="30KB")
+    tokenizer.save_pretrained(d)
+    common = ["prune", "--model", str(d), "--load", load, "--prune_method", "sparsegpt", "--nsamples", "4",
+              "--seqlen", "16", "--calib_dataset", str(calib_txt), "--eval", "none", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "sparsellm", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "sparsellm", *common, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k] == 0, b[k] == 0), k  # the same masks
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "model", "one", "two"]

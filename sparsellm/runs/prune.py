@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import distributed
 from ..allocate import resolve_allocation
 from ..allocate.atp_search import ATPSearchConfig
 from ..config import Evaluation, ModelSource, Output, check_finite
@@ -103,6 +104,15 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     from ..onload import attach
 
     cfg.validate()
+    launched = distributed.launched()
+    if launched:  # torchrun / accelerate launch: each process runs its share of the windows (distributed.py)
+        distributed.init_from_env(cfg.source.device)
+        if cfg.resume:
+            raise UsageError("--resume continues a single-process streamed prune; run it without torchrun")
+        if not distributed.is_main():
+            progress = False
+            log.setLevel(logging.WARNING)
+    main = distributed.is_main()
     pc, ev, out = cfg.prune, cfg.evaluation, cfg.output
     names, tasks = ev.names(), ev.zeroshot_tasks()
     _, src = resolve_model(cfg.source.model)
@@ -133,14 +143,14 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         beta_grid(len(get_blocks(model)), pc.sparsity_ratio, cfg.search.atp_step)  # before any calibration
     c = pc.calibration
     calib = calibration_windows(tok, c.calib_dataset, c.nsamples, seqlen, c.seed)
-    partial = _streamed_output(cfg, model, calib, device, dtype) if lazy else None
-    if model_dir_out is not None and partial is None:
+    partial = _streamed_output(cfg, model, calib, device, dtype) if lazy and main else None
+    if model_dir_out is not None and not lazy:
         check_room(out.out, output_bytes([p.shape for p in model.parameters()], resolve_save_dtype(model, out.save_dtype)))
     eval_seqlen = min(ev.eval_seqlen, context_length(model))
     local = model_dir or src
     details: dict = {"eval_seqlen": eval_seqlen, "device": str(device), "lazy": lazy}
     record = Run(cfg.command, cfg.source.model, str(local) if local else None, pc.to_dict(), details=details)
-    if ev.eval_dense and names:
+    if ev.eval_dense and names:  # every process (a long evaluation on one alone could time the others out)
         record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
     if cfg.search is not None:
         s = cfg.search
@@ -165,7 +175,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         record.calibration = details["prune"]["calibration"]
         record.blocks = block_rows(details["prune"])
         record.warnings = list(details["prune"]["warnings"])  # logged by prune()
-        if names:
+        if names and main:  # no collective after pruning: the other processes are done
             t0 = time.perf_counter()
             record.metrics = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
             record.timings["eval"] = time.perf_counter() - t0
@@ -173,6 +183,8 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     if model_dir_out is not None:  # what the saved weights are in (config.json declares it too)
         details["saved_dtype"] = dtype_name(resolve_save_dtype(model, out.save_dtype))
     record.finish()
+    if not main:  # the main process writes the outputs
+        return record
     run = record.to_dict()
     md, figures = record.markdown(), _figures(run)
     if model_dir_out is not None:
