@@ -335,7 +335,7 @@ def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=N
         before = float(was_zero.sum()) / W.numel()
         r = (rate[name] if isinstance(rate, dict) else rate) if nm is None else nm.sparsity
         if r > 0 or nm is not None:
-            new = pruner.fn(W.float(), stats and stats[name], r, nm, **options)
+            new = pruner.fn(W.float(), stats and stats.pop(name), r, nm, **options)  # popped: freed when used
             check_tensor(new, where, f"the {pruner.name}-pruned weight")
             W.copy_(new.to(W.dtype))
             refilled += int((was_zero & (W != 0)).sum()) if before else 0

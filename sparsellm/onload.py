@@ -77,9 +77,14 @@ class Onloader:
 
     @contextlib.contextmanager
     def embeddings(self):
-        """The modules outside the blocks on the compute device (those with weights loaded; a lazy model's
-        output head stays unloaded), for capturing the block-0 inputs; moved back afterwards."""
+        """The modules outside the blocks on the compute device, for capturing the block-0 inputs; moved back
+        afterwards. A lazy model's input embeddings are read onto the device for this and dropped again (its
+        output head stays unloaded)."""
+        from .models.sharded import drop_embeddings, load_embeddings
+
         moved, home = [], self.home
+        if self.lazy is not None:
+            load_embeddings(self.model, self.device)
         if self.device != home:
             blocks = get_blocks(self.model)
             inside = {id(m) for m in blocks.modules()}
@@ -87,7 +92,7 @@ class Onloader:
                 if id(module) in inside:
                     continue
                 own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-                if any(t.device.type == "meta" for t in own) or not own:
+                if not own or any(t.device.type == "meta" for t in own) or all(t.device == self.device for t in own):
                     continue
                 module._apply(lambda t: t.to(self.device), recurse=False)
                 moved.append(module)
@@ -96,6 +101,8 @@ class Onloader:
         finally:
             for module in moved:
                 module._apply(lambda t: t.to(home), recurse=False)
+            if self.lazy is not None:
+                drop_embeddings(self.model)
 
 
 def attach(model, device=None, lazy=None) -> Onloader:

@@ -293,3 +293,6 @@ def test_cli_torchrun_prune_equals_the_single_process_run(tmp_path, tokenizer, c
         assert torch.equal(a[k] == 0, b[k] == 0), k  # the same masks
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "model", "one", "two"]
+    import json
+
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["processes"] == 2

@@ -294,7 +294,12 @@ def test_block_linears_of_a_lazy_model_are_meta_until_onloaded(tmp_path):
     assert all(lin.weight.device.type == "cpu" for lin in block_linears(model, block).values())
     on.release(1)
     assert all(lin.weight.device.type == "meta" for lin in block_linears(model, block).values())
-    assert model.get_input_embeddings().weight.device.type == "cpu"
+    emb = model.get_input_embeddings()
+    assert emb.weight.device.type == "meta"  # read only while the block-0 inputs are captured
+    with on.embeddings():
+        assert emb.weight.device.type == "cpu"
+        assert torch.equal(emb.weight, AutoModelForCausalLM.from_pretrained(d).get_input_embeddings().weight)
+    assert emb.weight.device.type == "meta"
 
 
 def test_cli_lazy_prune_evaluates_the_pruned_shards_like_the_in_memory_run(tmp_path, tokenizer, calib_txt):

@@ -113,8 +113,9 @@ def _params(module) -> dict:
 
 
 def lazy_model(path, dtype=None):
-    """The model at `path` (an HF directory with safetensors) as a skeleton: the modules outside the blocks
-    loaded in `dtype` (an untied output head stays on "meta" until `load_head`), every block on "meta"
+    """The model at `path` (an HF directory with safetensors) as a skeleton: the small modules outside the
+    blocks loaded in `dtype`; the input embeddings and the output head on "meta" until they are needed
+    (`load_embeddings` while the block-0 inputs are captured, `load_head` for evaluation), every block on "meta"
     until `onload.Onloader` reads it (`onload.attach(model, device)` chooses the compute device). Raises UsageError for an unsupported architecture, shards that are missing or disagree with
     the index, or a checkpoint that lacks a weight of the architecture or holds one of another shape."""
     from accelerate import init_empty_weights
@@ -137,28 +138,57 @@ def lazy_model(path, dtype=None):
         if ckpt.shapes[k] != tuple(p.shape):
             raise UsageError(f"{path}: {k} has shape {list(ckpt.shapes[k])}, the architecture needs {list(p.shape)}")
     blocks_prefix = get_arch(model).blocks + "."
-    head = model.get_output_embeddings()
-    head_names = {n for n, m in model.named_modules() if m is head}
-    rest = [n for n in _params(model) if not n.startswith(blocks_prefix)
-            and n.rpartition(".")[0] not in head_names]
-    _assign(model, ckpt.read(rest, dtype))
-    if getattr(config, "tie_word_embeddings", False) or tied:
-        model.tie_weights()
+    big = {n for n, m in model.named_modules() if m is model.get_output_embeddings() or m is model.get_input_embeddings()}
+    rest = [n for n in _params(model) if not n.startswith(blocks_prefix) and n.rpartition(".")[0] not in big]
+    _assign(model, ckpt.read(rest, dtype))  # norms, learned positions, OPT's projections: small
     setattr(model, DECLARED_DTYPE, dtype_name(config.dtype))
     model.sparsellm_lazy = ckpt
     model.sparsellm_blocks = _Blocks(ckpt, dtype)  # what `onload.Onloader` reads and drops the blocks with
     return model
 
 
+def _module_params(model, module) -> list[str]:
+    prefix = next(n for n, m in model.named_modules() if m is module)
+    return [f"{prefix}.{n}" for n in dict(module.named_parameters())]
+
+
+def _read_into(model, module, device) -> None:
+    """Read `module`'s parameters from the lazy checkpoint onto `device`; a head tied to the input embeddings
+    (no checkpoint key of its own) reads theirs."""
+    names = _module_params(model, module)
+    ckpt, dtype = model.sparsellm_lazy, model.sparsellm_blocks.dtype
+    own = [n for n in names if ckpt.key(n) is not None]
+    tensors = ckpt.read(own, dtype, device or "cpu")
+    if len(own) < len(names):  # tied: lm_head.weight is the embedding matrix
+        emb = _module_params(model, model.get_input_embeddings())[0]
+        t = ckpt.read([emb], dtype, device or "cpu")[emb]
+        tensors.update({n: t for n in names if n not in own})
+    _assign(model, tensors)
+
+
 def load_head(model, device=None) -> None:
     """Read a lazy model's output head (and nothing else) from its checkpoint, for evaluation."""
     head = model.get_output_embeddings()
-    if head.weight.device.type != "meta":
-        return
-    prefix = next(n for n, m in model.named_modules() if m is head)
-    names = [f"{prefix}.{n}" for n in dict(head.named_parameters())]
-    dtype = next(p.dtype for p in model.parameters())
-    _assign(model, model.sparsellm_lazy.read(names, dtype, device or "cpu"))
+    if head.weight.device.type == "meta":
+        _read_into(model, head, device)
+
+
+def load_embeddings(model, device=None) -> None:
+    """Read a lazy model's input embeddings onto `device` (they are dropped again with `drop_embeddings`)."""
+    emb = model.get_input_embeddings()
+    if emb.weight.device.type == "meta":
+        _read_into(model, emb, device)
+
+
+def drop_embeddings(model) -> None:
+    """Put a lazy model's input embeddings back on the meta device (they take ~0.8 GB for a 7B model in
+    float32, and only the capture of the block-0 inputs reads them)."""
+    emb = model.get_input_embeddings()
+    for name in _module_params(model, emb):
+        owner, _, attr = name.rpartition(".")
+        sub = model.get_submodule(owner)
+        setattr(sub, attr, torch.nn.Parameter(torch.empty_like(getattr(sub, attr), device="meta"),
+                                              requires_grad=False))
 
 
 def _assign(module, tensors: dict) -> None:
@@ -190,6 +220,20 @@ class _Blocks:
         if changed and self.writer is not None:
             self.writer.write_block(model, i, block)
         block.to_empty(device="meta")
+        _trim()
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise, and the peak RSS of a block-by-
+    block run would grow with fragmentation)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 class ShardWriter:
@@ -221,8 +265,9 @@ class ShardWriter:
     def write_rest(self, model) -> None:
         """The tensors outside the blocks, read again from the input checkpoint (an untied head too)."""
         prefix = get_arch(model).blocks + "."
-        keys = set(model.state_dict())
-        names = [n for n in _params(model) if not n.startswith(prefix) and n in keys]
+        ckpt = model.sparsellm_lazy  # what the input has (a tied head has no key of its own)
+        names = [n for n in dict(model.named_parameters(remove_duplicate=False))
+                 if not n.startswith(prefix) and ckpt.key(n) is not None]
         self._save(self.n - 1, model.sparsellm_lazy.read(names))
 
     def finish(self, model) -> None:

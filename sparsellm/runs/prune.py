@@ -148,7 +148,8 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         check_room(out.out, output_bytes([p.shape for p in model.parameters()], resolve_save_dtype(model, out.save_dtype)))
     eval_seqlen = min(ev.eval_seqlen, context_length(model))
     local = model_dir or src
-    details: dict = {"eval_seqlen": eval_seqlen, "device": str(device), "lazy": lazy}
+    details: dict = {"eval_seqlen": eval_seqlen, "device": str(device), "lazy": lazy,
+                     "processes": distributed.world()[1]}
     record = Run(cfg.command, cfg.source.model, str(local) if local else None, pc.to_dict(), details=details)
     if ev.eval_dense and names:  # every process (a long evaluation on one alone could time the others out)
         record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
