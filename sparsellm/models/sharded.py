@@ -53,8 +53,12 @@ class LazyCheckpoint:
             if (self.path / INDEX).is_file():
                 self.weight_map = dict(json.loads((self.path / INDEX).read_text())["weight_map"])
             elif (self.path / SINGLE).is_file():
-                with safe_open(str(self.path / SINGLE), "pt") as f:
-                    self.weight_map = {k: SINGLE for k in f.keys()}
+                try:
+                    with safe_open(str(self.path / SINGLE), "pt") as f:
+                        self.weight_map = {k: SINGLE for k in f.keys()}
+                except Exception as e:  # a truncated or corrupt file (safetensors' own error type)
+                    raise UsageError(f"{self.path / SINGLE} is not a readable safetensors file: "
+                                     f"{' '.join(str(e).split())}") from None
             else:
                 raise UsageError(f"{self.path} has no {INDEX} or {SINGLE}: lazy loading reads safetensors only")
         except (OSError, ValueError, KeyError, TypeError) as e:
