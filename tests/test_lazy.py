@@ -115,9 +115,9 @@ def test_at_most_two_blocks_are_materialised(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the prune run: streamed output, resume
 
 
-def _model_dir(tmp_path, tokenizer, family="llama", layers=4, **kw):
+def _model_dir(tmp_path, tokenizer, family="llama", layers=4, dtype=torch.float32, **kw):
     d = tmp_path / "model"
-    _save(make_model(family, seed=3, num_hidden_layers=layers, **kw), d, shard="30KB")
+    _save(make_model(family, seed=3, num_hidden_layers=layers, **kw).to(dtype), d, shard="30KB")
     tokenizer.save_pretrained(d)
     return d
 
@@ -131,20 +131,24 @@ def _shards(out):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.glob("*.safetensors"))}
 
 
-def test_cli_streamed_output_equals_the_in_memory_save(tmp_path, tokenizer, calib_txt):
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_cli_streamed_output_equals_the_in_memory_save(tmp_path, tokenizer, calib_txt, stored):
+    """Forwards in float32 either way; the output is saved in the checkpoint's own dtype, like --load memory's."""
     from sparsellm.cli import main
 
-    d = _model_dir(tmp_path, tokenizer)
+    d = _model_dir(tmp_path, tokenizer, dtype=stored)
     assert main(_argv(d, tmp_path / "lazy", calib_txt)) == 0
     assert main(_argv(d, tmp_path / "mem", calib_txt)[:4] + ["memory"] + _argv(d, tmp_path / "mem", calib_txt)[5:]) == 0
     lazy, mem = tmp_path / "lazy", tmp_path / "mem"
     index = json.loads((lazy / INDEX).read_text())
     assert sorted(set(index["weight_map"].values())) == sorted(_shards(lazy))  # one shard per block + the rest
     assert len(_shards(lazy)) == 4 + 1
-    a = AutoModelForCausalLM.from_pretrained(lazy).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(mem).state_dict()
+    a = AutoModelForCausalLM.from_pretrained(lazy, dtype="auto").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(mem, dtype="auto").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((lazy / "config.json").read_text())["dtype"] == json.loads((mem / "config.json").read_text())["dtype"]
+    assert json.loads((lazy / "config.json").read_text())["dtype"] == str(stored).removeprefix("torch.")
+    assert json.loads((mem / "config.json").read_text())["dtype"] == str(stored).removeprefix("torch.")
+    assert all(t.dtype == stored for t in a.values())
     ra, rb = (json.loads((p / "report.json").read_text()) for p in (lazy, mem))
     assert ra["prune"]["measured"] == rb["prune"]["measured"]
     assert json.loads((lazy / "sparsity_config.json").read_text())["modules"] == \

@@ -129,6 +129,7 @@ def lazy_model(path, dtype=None):
     ckpt = LazyCheckpoint(path)
     config = AutoConfig.from_pretrained(path)
     check_supported(config.model_type)
+    declared = dtype_name(config.dtype)  # before from_config, which sets config.dtype to `dtype`
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
@@ -145,7 +146,7 @@ def lazy_model(path, dtype=None):
     big = {n for n, m in model.named_modules() if m is model.get_output_embeddings() or m is model.get_input_embeddings()}
     rest = [n for n in _params(model) if not n.startswith(blocks_prefix) and n.rpartition(".")[0] not in big]
     _assign(model, ckpt.read(rest, dtype))  # norms, learned positions, OPT's projections: small
-    setattr(model, DECLARED_DTYPE, dtype_name(config.dtype))
+    setattr(model, DECLARED_DTYPE, declared)
     model.sparsellm_lazy = ckpt
     model.sparsellm_blocks = _Blocks(ckpt, dtype)  # what `onload.Onloader` reads and drops the blocks with
     return model
