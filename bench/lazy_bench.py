@@ -30,7 +30,7 @@ def run_job(args, method: str, rate: float, load: str, out: Path) -> dict:
     cmd = [sys.executable, "-m", "sparsellm", "prune", "--model", args.model, "--load", load,
            "--prune_method", method, "--sparsity_ratio", str(rate), "--nsamples", str(args.nsamples),
            "--seqlen", str(args.seqlen), "--diag_nsamples", str(args.diag_nsamples), "--eval", args.eval,
-           "--out", str(out), "--overwrite", "--quiet"]
+           "--save_dtype", args.save_dtype, "--out", str(out), "--overwrite", "--quiet"]
     if args.max_windows:
         cmd += ["--max_windows", str(args.max_windows)]
     t0 = time.perf_counter()
@@ -86,6 +86,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--diag_nsamples", type=int, default=2)
     p.add_argument("--eval", default="none")
+    p.add_argument("--save_dtype", default="auto", help="float32 makes a streamed run's perplexity (scored from its "
+                                                         "shards) comparable with --load memory's (in memory, fp32)")
     p.add_argument("--max_windows", type=int, default=None)
     p.add_argument("--workdir", default="/tmp")
     p.add_argument("--verify", action="store_true")
