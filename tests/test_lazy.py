@@ -326,3 +326,55 @@ def test_cli_lazy_prune_evaluates_the_pruned_shards_like_the_in_memory_run(tmp_p
         for metric in pa:
             assert pa[metric]["ppl"] == pytest.approx(pb[metric]["ppl"], rel=1e-5)
     assert a["eval"] != a["eval_dense"]
+
+
+def test_cli_a_kill_between_the_next_inputs_and_the_state_resumes_byte_identically(tmp_path, tokenizer, calib_txt,
+                                                                                  monkeypatch):
+    """Killed after block 2's inputs were saved but before the state said so: the run resumes at block 1
+    from block 1's own inputs (found by a breaker: a single inputs file was then already block 2's)."""
+    from sparsellm.cli import main
+    from sparsellm.runs import stream
+
+    d = _model_dir(tmp_path, tokenizer)
+    assert main(_argv(d, tmp_path / "ref", calib_txt)) == 0
+    real = stream.write_json_atomic
+
+    def write_json_atomic(path, obj):
+        if path.name == "resume.json" and obj.get("block") == 2:
+            raise _Killed
+        return real(path, obj)
+
+    monkeypatch.setattr(stream, "write_json_atomic", write_json_atomic)
+    with pytest.raises(_Killed):
+        main(_argv(d, tmp_path / "out", calib_txt))
+    monkeypatch.undo()
+    assert main(_argv(d, tmp_path / "out", calib_txt, "--resume")) == 0
+    assert _shards(tmp_path / "out") == _shards(tmp_path / "ref")
+
+
+def test_cli_resume_refuses_a_changed_config_and_a_damaged_partial(tmp_path, tokenizer, calib_txt, capsys):
+    d = _model_dir(tmp_path, tokenizer)
+    _interrupted(tmp_path, d, calib_txt)
+    partial = tmp_path / "out.partial"
+    original = (d / "config.json").read_text()
+    (d / "config.json").write_text(json.dumps({**json.loads(original), "rms_norm_eps": 0.5}))
+    _one_line_error(capsys, _argv(d, tmp_path / "out", calib_txt, "--resume"), "input.files.config.json")
+    (d / "config.json").write_text(original)
+    for f in partial.glob("inputs-*.pt"):
+        f.write_bytes(b"garbage")
+    _one_line_error(capsys, _argv(d, tmp_path / "out", calib_txt, "--resume"), "damaged")
+    next(partial.glob("model-*.safetensors")).unlink()
+    _one_line_error(capsys, _argv(d, tmp_path / "out", calib_txt, "--resume"), "lacks the shard")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_a_refused_run_leaves_no_partial_and_an_input_named_like_it_is_not_touched(tmp_path, tokenizer,
+                                                                                        calib_txt, capsys):
+    d = _model_dir(tmp_path, tokenizer)
+    _one_line_error(capsys, _argv(d, tmp_path / "o", calib_txt, "--sparsity_ratio", "0.5", "--allocation", "file:x.json"),
+                    "x.json")
+    assert not (tmp_path / "o.partial").exists()
+    named = tmp_path / "m.partial"
+    d.rename(named)
+    _one_line_error(capsys, _argv(named, tmp_path / "m", calib_txt), "is the input")
+    assert (named / "config.json").is_file()

@@ -67,6 +67,9 @@ def run(args) -> int:
     from ..report import terminal
     from ..runs.prune import run_prune
 
+    from ..distributed import is_main
+
     record = run_prune(prune_run(args), progress=not args.quiet)
-    print(terminal(record.to_dict()))
+    if is_main():  # under torchrun, one summary
+        print(terminal(record.to_dict()))
     return 0

@@ -14,6 +14,7 @@ embeddings, one or two blocks and the calibration activations, whatever the mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -105,10 +106,14 @@ class LazyCheckpoint:
         return out
 
     def fingerprint(self) -> dict:
-        """What identifies this checkpoint for `--resume`: every shard's name, size and modification time."""
+        """What identifies this checkpoint for `--resume`: every shard's name, size and modification time,
+        and the other files of the directory (config, tokenizer) by their SHA-256."""
         files = sorted(set(self.weight_map.values()))
+        small = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(self.path.iterdir())
+                 if f.is_file() and f.suffix != ".safetensors" and f.stat().st_size < 64 << 20}
         return {"path": str(self.path.resolve()),
-                "shards": {f: [os.stat(self.path / f).st_size, os.stat(self.path / f).st_mtime_ns] for f in files}}
+                "shards": {f: [os.stat(self.path / f).st_size, os.stat(self.path / f).st_mtime_ns] for f in files},
+                "files": small}  # config.json, the tokenizer's files, ...: by content
 
 
 def _params(module) -> dict:
@@ -250,7 +255,6 @@ class ShardWriter:
     def __init__(self, directory, model, save_dtype):
         self.dir, self.dtype = Path(directory), save_dtype
         self.n = len(get_blocks(model)) + 1
-        self.dir.mkdir(parents=True, exist_ok=True)
 
     def shard(self, k: int) -> str:
         return f"model-{k + 1:05d}-of-{self.n:05d}.safetensors"
@@ -258,6 +262,7 @@ class ShardWriter:
     def _save(self, k: int, tensors: dict) -> None:
         from safetensors.torch import save_file
 
+        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{self.shard(k)}.tmp"
         save_file({n: t.contiguous() for n, t in _cast(tensors, self.dtype).items()}, str(tmp),
                   metadata={"format": "pt"})

@@ -109,6 +109,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         distributed.init_from_env(cfg.source.device)
         if cfg.resume:
             raise UsageError("--resume continues a single-process streamed prune; run it without torchrun")
+        distributed.shard_windows(cfg.prune.calibration.nsamples)  # every process needs a window: refused now
         if not distributed.is_main():
             progress = False
             log.setLevel(logging.WARNING)
@@ -143,7 +144,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         beta_grid(len(get_blocks(model)), pc.sparsity_ratio, cfg.search.atp_step)  # before any calibration
     c = pc.calibration
     calib = calibration_windows(tok, c.calib_dataset, c.nsamples, seqlen, c.seed)
-    partial = _streamed_output(cfg, model, calib, device, dtype) if lazy and main else None
+    partial = _streamed_output(cfg, model, calib, device, dtype, [src, model_dir]) if lazy and main else None
     if model_dir_out is not None and not lazy:
         check_room(out.out, output_bytes([p.shape for p in model.parameters()], resolve_save_dtype(model, out.save_dtype)))
     eval_seqlen = min(ev.eval_seqlen, context_length(model))
@@ -201,7 +202,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     return record
 
 
-def _streamed_output(cfg: PruneRun, model, calib, device, dtype) -> Partial:
+def _streamed_output(cfg: PruneRun, model, calib, device, dtype, inputs) -> Partial:
     """The OUT.partial of a lazy prune, checked against an interrupted run (`--resume`) and the disk's room."""
     from ..models import resolve_save_dtype
     from ..models.save import dtype_name
@@ -210,7 +211,7 @@ def _streamed_output(cfg: PruneRun, model, calib, device, dtype) -> Partial:
     settings = {"command": cfg.command, **cfg.prune.to_dict(), "dtype": dtype_name(dtype), "device": device.type,
                 "save_dtype": dtype_name(resolve_save_dtype(model, cfg.output.save_dtype)),
                 "calibration_sha256": tokens_sha256(calib), "input": model.sparsellm_lazy.fingerprint()}
-    partial = Partial(cfg.output.out, settings, cfg.resume)
+    partial = Partial(cfg.output.out, settings, cfg.resume, inputs)
     shapes = model.sparsellm_lazy.shapes.values()
     check_room(cfg.output.out, output_bytes(shapes, resolve_save_dtype(model, cfg.output.save_dtype)), partial.written)
     return partial

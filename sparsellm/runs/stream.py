@@ -4,7 +4,7 @@ interrupted run continues from the last finished block (`--resume`).
     OUT.partial/                       what the run has written so far (never looks like a finished model)
         model-0000k-of-0000N.safetensors   block k − 1, written atomically when it is finished
         resume.json                    the run's settings and input fingerprint, the finished blocks' reports
-        next_inputs.pt                 the next block's inputs (and the dense stream's), as the engine left them
+        inputs-0000k.pt                block k's inputs (and the dense stream's), as the engine left them
 
 At the end the last shard (embeddings, final norm, head), the index, config.json, the tokenizer and the
 sidecar are written into OUT.partial, and the whole directory becomes OUT through `RunDir.write` (a
@@ -29,7 +29,17 @@ torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
 
-STATE, INPUTS = "resume.json", "next_inputs.pt"
+STATE = "resume.json"
+
+
+def _inputs(k: int) -> str:
+    """The file of block k's inputs (and the dense stream's), as the engine left them after block k − 1."""
+    return f"inputs-{k:05d}.pt"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def partial_dir(out) -> Path:
@@ -57,33 +67,60 @@ def check_room(out, nbytes: int, already: int = 0) -> None:
 
 
 class Partial:
-    """OUT.partial: the progress of a streamed prune (see the module doc)."""
+    """OUT.partial: the progress of a streamed prune (see the module doc). It is created when the first
+    block is finished, so a run refused or failing before that leaves nothing behind."""
 
-    def __init__(self, out, settings: dict, resume: bool):
+    def __init__(self, out, settings: dict, resume: bool, inputs=()):
         """Check before any work. `settings`: everything that determines the output (the run's config and
-        the input checkpoint's fingerprint). Raises UsageError for an interrupted run of other settings
-        (naming the first that differs) and for an interrupted run found without `resume`."""
+        the input checkpoint's fingerprint); `inputs`: the run's input paths. Raises UsageError when OUT.partial
+        is (or holds) an input, for an interrupted run found without `resume`, of other settings (naming the
+        first that differs), or damaged (an unreadable state, a finished shard or the next inputs missing)."""
         self.dir = partial_dir(out)
         self.settings = json.loads(json.dumps(settings, default=str))
         self.state = None
+        for inp in inputs:
+            if inp is not None and (Path(inp).resolve() == self.dir or self.dir in Path(inp).resolve().parents):
+                raise UsageError(f"--out {out}: a streamed prune keeps its progress in {self.dir}, which is the "
+                                 f"input {inp}; choose another --out")
         if not self.dir.exists():
             if resume:
                 log.info("--resume: %s does not exist; starting from block 0", self.dir)
             return
-        state_file = self.dir / STATE
         if not resume:
             raise UsageError(f"{self.dir} holds an interrupted prune into {out}: pass --resume to continue it, "
                              "or delete that directory to start again")
         try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
+            state = json.loads((self.dir / STATE).read_text())
+            theirs, k, _ = dict(state["settings"]), int(state["block"]), list(state["rates"])
+        except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"{self.dir} has no readable {STATE}; delete it to start again") from None
-        theirs = state.get("settings", {})
         for key in sorted(set(theirs) | set(self.settings)):
-            if theirs.get(key) != self.settings.get(key):
-                raise UsageError(f"--resume: {self.dir} was started with {key} = {theirs.get(key)!r}, this run has "
-                                 f"{self.settings.get(key)!r}; use the same settings and model, or delete it")
+            mine, old = self.settings.get(key), theirs.get(key)
+            if old != mine:
+                while isinstance(old, dict) and isinstance(mine, dict):  # name the part that differs
+                    part = next(p for p in sorted(set(old) | set(mine)) if old.get(p) != mine.get(p))
+                    key, old, mine = f"{key}.{part}", old.get(part), mine.get(part)
+                raise UsageError(f"--resume: {self.dir} was started with {key} = {_short(old)}, this run has "
+                                 f"{_short(mine)}; use the same settings and model, or delete it")
+        self._check_files(k)
         self.state = state
+
+    def _check_files(self, k: int) -> None:
+        """UsageError unless the first k blocks' shards are readable and block k's inputs are there."""
+        from safetensors import safe_open
+
+        for f in sorted(self.dir.glob("model-*.safetensors"))[:k] or []:
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except Exception:
+                raise UsageError(f"{f} is damaged; delete {self.dir} to start again") from None
+        shards = {f.name for f in self.dir.glob("model-*.safetensors")}
+        lost = [i for i in range(k) if not any(n.startswith(f"model-{i + 1:05d}-of-") for n in shards)]
+        if lost:
+            raise UsageError(f"{self.dir} lacks the shard of finished block {lost[0]}; delete it to start again")
+        if k and not (self.dir / _inputs(k)).is_file():
+            raise UsageError(f"{self.dir} lacks {_inputs(k)}, the inputs of block {k}; delete it to start again")
 
     @property
     def written(self) -> int:
@@ -91,20 +128,21 @@ class Partial:
         return sum(f.stat().st_size for f in self.dir.glob("*.safetensors")) if self.dir.exists() else 0
 
     def start(self, rates: list) -> dict | None:
-        """Create the directory (if new) and return `engine.prune_blocks`' `resume` argument, or None to start
-        at block 0. The rates must be those the interrupted run used (UsageError otherwise)."""
+        """`engine.prune_blocks`' `resume` argument, or None to start at block 0. The rates must be those
+        the interrupted run used (UsageError otherwise)."""
         if self.state is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
             self.state = {"settings": self.settings, "rates": rates, "block": 0, "results": []}
-            write_json_atomic(self.dir / STATE, self.state)
             return None
         if json.loads(json.dumps(rates)) != self.state["rates"]:
             raise UsageError(f"--resume: the layer-wise rates differ from those of the run in {self.dir}")
         k = self.state["block"]
         if k == 0:
             return None
-        saved = torch.load(self.dir / INPUTS, map_location="cpu", weights_only=True) \
-            if (self.dir / INPUTS).is_file() else {"X": None}  # magnitude without the diagnostic: no forwards
+        try:  # X is None after magnitude without the diagnostic, which runs no forwards
+            saved = torch.load(self.dir / _inputs(k), map_location="cpu", weights_only=True)
+            saved["X"]
+        except Exception:
+            raise UsageError(f"{self.dir / _inputs(k)} is damaged; delete {self.dir} to start again") from None
         log.info("resuming at block %d of a streamed prune (%s)", k, self.dir)
         return {"block": k, "X": saved["X"], "D": saved.get("D"), "results": self.state["results"]}
 
@@ -139,22 +177,25 @@ class Partial:
         return pruned
 
     def block_done(self, i: int, X, D, result: dict) -> None:
-        """After block i's shard is written: save the next block's inputs, then the state (both atomically),
-        so a kill at any point resumes at block i (its shard rewritten identically) or i + 1."""
-        if X is not None:
-            tmp = self.dir / f".{INPUTS}.tmp"
-            torch.save({"X": X.cpu(), **({"D": D.cpu()} if D is not None else {})}, tmp)
-            os.replace(tmp, self.dir / INPUTS)
+        """After block i's shard is written: save block i + 1's inputs under their own name, then the state
+        (both atomically), then drop block i's inputs. A kill at any point resumes at block i (its shard
+        rewritten identically, from inputs-i) or at i + 1 (from inputs-(i + 1))."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = _inputs(i + 1)
+        tmp = self.dir / f".{name}.tmp"
+        torch.save({"X": None if X is None else X.cpu(), **({"D": D.cpu()} if D is not None else {})}, tmp)
+        os.replace(tmp, self.dir / name)
         self.state["results"].append(json.loads(json.dumps(result, default=float)))
         self.state["block"] = i + 1
         write_json_atomic(self.dir / STATE, self.state)
+        (self.dir / _inputs(i)).unlink(missing_ok=True)
 
     def model_writer(self):
         """A `RunDir.write` model writer: hard links of the finished model's files (not the progress files)."""
 
         def write(d: Path):
             for f in self.dir.iterdir():
-                if f.name in (STATE, INPUTS) or f.name.startswith("."):
+                if f.name == STATE or f.name.startswith((".", "inputs-")):
                     continue
                 try:
                     os.link(f, d / f.name)
