@@ -238,10 +238,15 @@ def test_cli_resume_refuses_other_settings_and_another_model(tmp_path, tokenizer
     before = _shards(tmp_path / "out.partial")
     _one_line_error(capsys, _argv(d, tmp_path / "out", calib_txt, "--resume", "--sparsity_ratio", "0.6"),
                     "sparsity_ratio")
+    _one_line_error(capsys, _argv(d, tmp_path / "out", calib_txt, "--resume", "--seed", "1"), "seed = 0")
+    other_calib = tmp_path / "other.txt"
+    other_calib.write_text(calib_txt.read_text().replace(" the ", " a "))
+    _one_line_error(capsys, _argv(d, tmp_path / "out", other_calib, "--resume"), "calib")
     other = tmp_path / "other"
     _save(make_model("llama", seed=9, num_hidden_layers=4), other, shard="30KB")
     tokenizer.save_pretrained(other)
-    _one_line_error(capsys, _argv(other, tmp_path / "out", calib_txt, "--resume"), "input")
+    err = _one_line_error(capsys, _argv(other, tmp_path / "out", calib_txt, "--resume"), "input.path")
+    assert len(err) < 600
     assert _shards(tmp_path / "out.partial") == before  # nothing lost
 
 

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sparsellm: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print("sparsellm: interrupted (an output directory is either complete or absent)", file=sys.stderr)
+        print("sparsellm: interrupted (an output directory is either complete or absent; a --load lazy prune "
+              "continues from OUT.partial with --resume)", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     finally:
         log.removeFilter(_result_or_warning)

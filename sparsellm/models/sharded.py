@@ -111,9 +111,8 @@ class LazyCheckpoint:
         files = sorted(set(self.weight_map.values()))
         small = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(self.path.iterdir())
                  if f.is_file() and f.suffix != ".safetensors" and f.stat().st_size < 64 << 20}
-        return {"path": str(self.path.resolve()),
-                "shards": {f: [os.stat(self.path / f).st_size, os.stat(self.path / f).st_mtime_ns] for f in files},
-                "files": small}  # config.json, the tokenizer's files, ...: by content
+        return {"path": str(self.path.resolve()), "files": small,  # config.json, the tokenizer's files: by content
+                "shards": {f: [os.stat(self.path / f).st_size, os.stat(self.path / f).st_mtime_ns] for f in files}}
 
 
 def _params(module) -> dict:

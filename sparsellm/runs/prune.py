@@ -70,7 +70,7 @@ class PruneRun:
             raise UsageError("ATP's β search prunes the model many times and needs it in memory: use --load memory")
         if self.evaluation.zeroshot_tasks():
             raise UsageError("zero-shot evaluation needs the whole model: evaluate the saved model with "
-                             "`sparsellm eval zeroshot` (--device_map auto), or use --load memory")
+                             "`sparsellm eval zeroshot` on a machine that holds it, or use --load memory")
 
     def inputs(self) -> list:
         c = self.prune.calibration
@@ -142,9 +142,15 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     seqlen = validate_for_model(model, pc)
     if cfg.search is not None:
         beta_grid(len(get_blocks(model)), pc.sparsity_ratio, cfg.search.atp_step)  # before any calibration
+    partial = _streamed_output(cfg, model, device, dtype, [src, model_dir]) if lazy and main else None
+    log.info("%s model on %s, forwards in %s%s", "lazy (blocks read from the shards in turn)" if lazy else "in-memory",
+             device, dtype_name(dtype), f", streamed into {partial.dir}" if partial else "")
     c = pc.calibration
     calib = calibration_windows(tok, c.calib_dataset, c.nsamples, seqlen, c.seed)
-    partial = _streamed_output(cfg, model, calib, device, dtype, [src, model_dir]) if lazy and main else None
+    if partial is not None:
+        from ..provenance import tokens_sha256
+
+        partial.check("calibration_sha256", tokens_sha256(calib))  # the windows themselves (data file, tokenizer)
     if model_dir_out is not None and not lazy:
         check_room(out.out, output_bytes([p.shape for p in model.parameters()], resolve_save_dtype(model, out.save_dtype)))
     eval_seqlen = min(ev.eval_seqlen, context_length(model))
@@ -202,15 +208,14 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
     return record
 
 
-def _streamed_output(cfg: PruneRun, model, calib, device, dtype, inputs) -> Partial:
+def _streamed_output(cfg: PruneRun, model, device, dtype, inputs) -> Partial:
     """The OUT.partial of a lazy prune, checked against an interrupted run (`--resume`) and the disk's room."""
     from ..models import resolve_save_dtype
     from ..models.save import dtype_name
-    from ..provenance import tokens_sha256
 
     settings = {"command": cfg.command, **cfg.prune.to_dict(), "dtype": dtype_name(dtype), "device": device.type,
                 "save_dtype": dtype_name(resolve_save_dtype(model, cfg.output.save_dtype)),
-                "calibration_sha256": tokens_sha256(calib), "input": model.sparsellm_lazy.fingerprint()}
+                "input": model.sparsellm_lazy.fingerprint()}
     partial = Partial(cfg.output.out, settings, cfg.resume, inputs)
     shapes = model.sparsellm_lazy.shapes.values()
     check_room(cfg.output.out, output_bytes(shapes, resolve_save_dtype(model, cfg.output.save_dtype)), partial.written)

@@ -94,16 +94,24 @@ class Partial:
             theirs, k, _ = dict(state["settings"]), int(state["block"]), list(state["rates"])
         except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"{self.dir} has no readable {STATE}; delete it to start again") from None
-        for key in sorted(set(theirs) | set(self.settings)):
-            mine, old = self.settings.get(key), theirs.get(key)
-            if old != mine:
-                while isinstance(old, dict) and isinstance(mine, dict):  # name the part that differs
-                    part = next(p for p in sorted(set(old) | set(mine)) if old.get(p) != mine.get(p))
-                    key, old, mine = f"{key}.{part}", old.get(part), mine.get(part)
-                raise UsageError(f"--resume: {self.dir} was started with {key} = {_short(old)}, this run has "
-                                 f"{_short(mine)}; use the same settings and model, or delete it")
-        self._check_files(k)
         self.state = state
+        for key in list(self.settings):  # in order: a changed --nsamples is named before the windows' hash
+            self.check(key, self.settings[key])
+        self._check_files(k)
+
+    def check(self, key: str, mine) -> None:
+        """UsageError when the interrupted run's setting `key` differs from `mine` (naming the innermost part
+        that differs); records `mine` for a new run."""
+        self.settings[key] = json.loads(json.dumps(mine, default=str))
+        if self.state is None:
+            return
+        old, mine = self.state["settings"].get(key), self.settings[key]
+        if old != mine:
+            while isinstance(old, dict) and isinstance(mine, dict):  # name the part that differs, in order
+                part = next(p for p in [*mine, *old] if old.get(p) != mine.get(p))
+                key, old, mine = f"{key}.{part}", old.get(part), mine.get(part)
+            raise UsageError(f"--resume: {self.dir} was started with {key} = {_short(old)}, this run has "
+                             f"{_short(mine)}; use the same settings and model, or delete it")
 
     def _check_files(self, k: int) -> None:
         """UsageError unless the first k blocks' shards are readable and block k's inputs are there."""
