@@ -43,7 +43,7 @@ def run_job(args, method: str, rate: float, load: str, out: Path) -> dict:
     return {"method": method, "sparsity": rate, "load": load, "command": " ".join(cmd[2:]), "wall_seconds": wall,
             "peak_rss_mib": usage.ru_maxrss / 1024, "prune_seconds": record["timings"].get("prune"),
             "measured": record["prune"]["measured"] if "prune" in record else None,
-            "metrics": record.get("metrics"), "out_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+            "eval": {k: v["ppl"] for k, v in (record.get("eval") or {}).items()}, "out_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
 
 
 def verify(out: Path, prompt: str) -> dict:
