@@ -275,14 +275,9 @@ def load_lazy(spec: str, dtype=None):
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise UsageError(f"could not load the tokenizer of {spec!r}: {_one_line(e)}") from None
-    if kind_of(spec) in ("preset", "gguf"):
+    if resolve_model(spec)[0] in ("preset", "gguf"):
         setattr(model, DECLARED_DTYPE, "bfloat16")
     return model, tok, path
-
-
-def kind_of(spec: str) -> str:
-    """"preset", "gguf", "dir" or "hub" (`resolve_model`)."""
-    return resolve_model(spec)[0]
 
 
 def load_structured(path, dtype=None):

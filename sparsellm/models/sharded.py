@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -289,7 +290,7 @@ class ShardWriter:
                 for key in f.keys():
                     weight_map[key] = self.shard(k)
                     sl = f.get_slice(key)
-                    total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+                    total += math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
         (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2) + "\n")
         import copy
@@ -297,13 +298,6 @@ class ShardWriter:
         config = copy.deepcopy(model.config)
         config.dtype = dtype_name(self.dtype)
         config.save_pretrained(self.dir)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _itemsize(name: str) -> int:

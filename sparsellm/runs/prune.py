@@ -213,10 +213,9 @@ def _streamed_output(cfg: PruneRun, model, device, dtype, inputs) -> Partial:
     from ..models import resolve_save_dtype
     from ..models.save import dtype_name
 
+    save_dtype = resolve_save_dtype(model, cfg.output.save_dtype)
     settings = {"command": cfg.command, **cfg.prune.to_dict(), "dtype": dtype_name(dtype), "device": device.type,
-                "save_dtype": dtype_name(resolve_save_dtype(model, cfg.output.save_dtype)),
-                "input": model.sparsellm_lazy.fingerprint()}
+                "save_dtype": dtype_name(save_dtype), "input": model.sparsellm_lazy.fingerprint()}
     partial = Partial(cfg.output.out, settings, cfg.resume, inputs)
-    shapes = model.sparsellm_lazy.shapes.values()
-    check_room(cfg.output.out, output_bytes(shapes, resolve_save_dtype(model, cfg.output.save_dtype)), partial.written)
+    check_room(cfg.output.out, output_bytes(model.sparsellm_lazy.shapes.values(), save_dtype), partial.written)
     return partial
