@@ -146,7 +146,8 @@ def run_block(block: nn.Module, X: torch.Tensor, kwargs: dict, out: torch.Tensor
 @no_grad
 def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, rates: list, nm=None,
                  options: dict | None = None, batch_size: int | None = None, progress: bool = True,
-                 on_block_end=None, diag_nsamples: int = 0, captured=None, resume: dict | None = None) -> list[dict]:
+                 on_block_end=None, diag_nsamples: int = 0, captured=None, resume: dict | None = None,
+                 engine: str = "block") -> list[dict]:
     """Prune every decoder block of `model` in place, block by block, with `method` at `rates[i]`.
 
     input_ids: (nsamples, seqlen) calibration windows, or None with `captured` = (X, kwargs) from
@@ -157,7 +158,8 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
     after each block with its pruned outputs (nsamples, seqlen, hidden), the dense stream's outputs (or None)
     and its report entry. resume: {"block": k, "X": X_k, "D": D_k or None, "results": the first k entries}
     continues at block k from the inputs `on_block_end` gave for it (the result is that of a run without a
-    break). Each block is on the compute device only while it is worked on (`onload`). Under several
+    break). engine: "block" (statistics pass, prune, replay: two forwards per block) or "single" (one forward
+    per block, each group of linears pruned from its actual inputs: `single_pass.py`). Each block is on the compute device only while it is worked on (`onload`). Under several
     processes (`distributed`) each runs its share of the windows (X, D and on_block_end's tensors hold those)
     and every process prunes from the statistics summed over all: the same weights and report on each.
 
@@ -221,14 +223,20 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
         block = on.block(i)
         if k:
             run_block(block, D, kwargs[i], Dn, batch_size)  # dense block on dense inputs
-        stats = _gather_stats(block, block_linears(model, block), pruner.needs,
-                              lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
-        if sharded:
-            distributed.all_reduce_stats(stats)
-        check_stats(f"{get_arch(model).blocks}.{i}", stats)
-        res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
-                           lambda: add_up(*run_block(block, X, kwargs[i], Y, batch_size, compare=True)))
-        del stats
+        if engine == "single":
+            from .single_pass import prune_block
+
+            res = prune_block(model, i, block, pruner, rates[i], nm, options, X, kwargs[i], Y, batch_size,
+                              sharded, (k, kl), add_up, t0)
+        else:
+            stats = _gather_stats(block, block_linears(model, block), pruner.needs,
+                                  lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
+            if sharded:
+                distributed.all_reduce_stats(stats)
+            check_stats(f"{get_arch(model).blocks}.{i}", stats)
+            res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
+                               lambda: add_up(*run_block(block, X, kwargs[i], Y, batch_size, compare=True)))
+            del stats
         on.release(i, changed=True)
         X, Y = Y, X
         if k:
@@ -323,10 +331,10 @@ def _gather_stats(block, linears: dict, need: str, forward) -> dict:
     return stats
 
 
-def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=None) -> dict:
-    """Prune every linear of block i at `rate` (or `nm`), then `replay()` the block if given, which returns
-    (Σ‖ref − new‖², Σ‖ref‖²) for the relative reconstruction error. Returns the block's report entry."""
-    linears = block_linears(model, block)
+def _prune_linears(model, i, linears: dict, pruner, stats, rate, nm, options) -> tuple[dict, int]:
+    """Prune `linears` ({name: nn.Linear}, some or all of block i's) at `rate` (a float, or {name: rate}) or
+    `nm`, from `stats` ({name: LayerStats}, popped as used). Returns ({name: {target, measured, input}}, the
+    number of zeros before pruning that are not zero after it)."""
     modules, refilled = {}, 0
     for name, lin in linears.items():
         W, where = lin.weight.data, f"{get_arch(model).blocks}.{i}.{name}"
@@ -340,18 +348,30 @@ def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=N
             W.copy_(new.to(W.dtype))
             refilled += int((was_zero & (W != 0)).sum()) if before else 0
         modules[name] = {"target": r, "measured": float((W == 0).sum()) / W.numel(), "input": before}
-    total = sum(lin.weight.numel() for lin in linears.values())
-    target = sum(modules[n]["target"] * lin.weight.numel() for n, lin in linears.items()) / total
+    return modules, refilled
+
+
+def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=None) -> dict:
+    """Prune every linear of block i at `rate` (or `nm`), then `replay()` the block if given, which returns
+    (Σ‖ref − new‖², Σ‖ref‖²) for the relative reconstruction error. Returns the block's report entry."""
+    modules, refilled = _prune_linears(model, i, block_linears(model, block), pruner, stats, rate, nm, options)
     err = None
     if replay is not None:
         num, den = replay()
         err = (num / den) ** 0.5 if den > 0 else 0.0
+    return _block_entry(model, i, block, modules, refilled, err, t0)
+
+
+def _block_entry(model, i, block, modules: dict, refilled: int, err, t0) -> dict:
+    """Block i's report entry from its linears' entries (`_prune_linears`) and its local error `err`."""
+    linears = block_linears(model, block)
+    total = sum(lin.weight.numel() for lin in linears.values())
+    target = sum(modules[n]["target"] * lin.weight.numel() for n, lin in linears.items()) / total
     zeros = sum(m["measured"] * linears[n].weight.numel() for n, m in modules.items())
     zeros_before = sum(round(m["input"] * linears[n].weight.numel()) for n, m in modules.items())
-    res = {"block": i, "target": target, "measured": zeros / total, "rel_error": err, "cum_error": None,
-           "seconds": time.perf_counter() - t0, "modules": modules, "refilled": refilled, "params": total,
-           "zeros": round(zeros), "input_zeros": zeros_before}
-    return res
+    return {"block": i, "target": target, "measured": zeros / total, "rel_error": err, "cum_error": None,
+            "seconds": time.perf_counter() - t0, "modules": modules, "refilled": refilled, "params": total,
+            "zeros": round(zeros), "input_zeros": zeros_before}
 
 
 def _log_block(res: dict) -> dict:

@@ -48,7 +48,8 @@ class PruneConfig:
         rmi_nsamples, rmi_beta, rmi_delta; file: allow_mean_mismatch).
     calibration: the calibration windows (nsamples × seqlen from calib_dataset with seed, batch_size).
     diag_nsamples: windows also run through the dense blocks for the cumulative reconstruction error
-        (None: 8 for Wanda/SparseGPT, 0 for magnitude; 0 turns it off)."""
+        (None: 8 for Wanda/SparseGPT, 0 for magnitude; 0 turns it off).
+    engine: "block" (two forwards per block) or "single" (one; `single_pass.py`)."""
 
     prune_method: str = setting("wanda", "magnitude: |W| per matrix; wanda: |W|·‖X‖ per output row; sparsegpt: "
                                          "OBS weight update")
@@ -61,6 +62,10 @@ class PruneConfig:
     diag_nsamples: int | None = setting(None, "windows also run through the dense blocks for the cumulative "
                                               "reconstruction error per block (default when left out: 8, or 0 for "
                                               "magnitude); 0 turns it off")
+    engine: str = setting("block", "block: per block a statistics pass, then a replay with the pruned weights (the "
+                                   "papers' statistics); single: one forward per block, each group of linears pruned "
+                                   "from the inputs it sees after the groups before it are pruned",
+                          choices=("block", "single"))
     pruner: object = None
     allocator: object = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -130,6 +135,8 @@ class PruneConfig:
         self.pruner.validate()
         self.allocator.validate(self.sparsity_ratio)
         self.calibration.validate()
+        if self.engine not in ("block", "single"):
+            raise UsageError(f"--engine must be block or single, got {self.engine!r}")
         if self.diag_nsamples is not None and self.diag_nsamples < 0:
             raise UsageError(f"--diag_nsamples must be >= 0, got {self.diag_nsamples}")
         if nm is not None and self.allocation != "uniform":
@@ -218,7 +225,7 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
     t0 = time.perf_counter()
     blocks = prune_blocks(model, calib_ids, config.prune_method, rates, config.nm, options=config.options(),
                           batch_size=c.batch_size, progress=progress, diag_nsamples=config.diag,
-                          on_block_end=on_block_end, resume=resume)
+                          on_block_end=on_block_end, resume=resume, engine=config.engine)
     seconds = time.perf_counter() - t0
     before = blocks_sparsity(blocks, before=True)  # the blocks of a lazy model are no longer in memory
     if before["sparsity"] >= ALREADY_SPARSE:
@@ -239,7 +246,7 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
                         "tokens_sha256": tokens_sha256(calib_ids), "used": used,
                         "rows": corpus_rows(c.calib_dataset)},
         "options": {**config.options(), "batch_size": c.batch_size or auto_batch_size(int(calib_ids.shape[1])),
-                    "diag_nsamples": config.diag},
+                    "diag_nsamples": config.diag, "engine": config.engine},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "measured": blocks_sparsity(blocks),
         "input": before,

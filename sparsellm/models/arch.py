@@ -74,6 +74,15 @@ class Arch:
         return tuple(self.roles.values())
 
     @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """The block's linears grouped by the tensor they read, in forward order: q/k/v (the attention
+        input), o, gate/up (the MLP input), down; a group without linears in this family is left out. The
+        single-pass engine prunes one group at a time."""
+        r = self.roles
+        out = (tuple(r[x] for x in roles if x in r) for roles in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",)))
+        return tuple(g for g in out if g)
+
+    @property
     def spec(self) -> Spec:
         """The roles as structured pruning sees them (see `Spec`)."""
         r = self.roles
