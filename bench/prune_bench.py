@@ -85,6 +85,10 @@ def main() -> None:
     ap.add_argument("--eval_windows", type=int, default=16, help="WikiText-2 windows of 2048 (0 = all)")
     ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     ap.add_argument("--llmc", action="store_true", help="also run llmcompressor on each wanda/sparsegpt job")
+    ap.add_argument("--diag_nsamples", type=int, default=None, help="sparsellm's diagnostic windows (default: "
+                                                                     "the library's, 8)")
+    ap.add_argument("--engines", default="block", help="comma-separated sparsellm engines to run each job with "
+                                                        "(block, single)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -125,19 +129,24 @@ def main() -> None:
 
     for job in filter(None, args.jobs.split(",")):
         method, flags, mask_structure = parse_job(job)
-        d = work / f"ours-{job.replace(':', '_')}"
-        flat = {flags[0][2:]: float(flags[1]) if flags[0] == "--sparsity_ratio" else flags[1],
-                "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-        wall = library_run(args.model, method, flat, args.eval_windows or None, d)
-        rep = json.loads((d / "report.json").read_text())
-        run = {"job": job, "tool": "sparsellm", "prune_seconds": rep["prune"]["prune_seconds"],
-               "process_seconds": wall, "peak_rss_mib": rep["prune"]["peak_rss_mib"],
-               "measured_sparsity": rep["prune"]["measured"]["sparsity"],
-               "batch_size": rep["prune"]["options"]["batch_size"],
-               "ppl": rep["eval"]["wikitext2_ppl@2048"]["ppl"],
-               "within_memory_budget": rep["prune"]["peak_rss_mib"] <= results["memory_budget_mib"]}
-        results["runs"].append(run)
-        save()
+        ours = []
+        for engine in args.engines.split(","):
+            d = work / f"ours-{engine}-{job.replace(':', '_')}"
+            flat = {flags[0][2:]: float(flags[1]) if flags[0] == "--sparsity_ratio" else flags[1],
+                    "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "engine": engine,
+                    **({} if args.diag_nsamples is None else {"diag_nsamples": args.diag_nsamples})}
+            wall = library_run(args.model, method, flat, args.eval_windows or None, d)
+            rep = json.loads((d / "report.json").read_text())
+            run = {"job": job, "tool": "sparsellm", "engine": engine,
+                   "diag_nsamples": rep["prune"]["options"]["diag_nsamples"], "prune_seconds": rep["prune"]["prune_seconds"],
+                   "process_seconds": wall, "peak_rss_mib": rep["prune"]["peak_rss_mib"],
+                   "measured_sparsity": rep["prune"]["measured"]["sparsity"],
+                   "batch_size": rep["prune"]["options"]["batch_size"],
+                   "ppl": rep["eval"]["wikitext2_ppl@2048"]["ppl"],
+                   "within_memory_budget": rep["prune"]["peak_rss_mib"] <= results["memory_budget_mib"]}
+            results["runs"].append(run)
+            ours.append(run)
+            save()
         if args.llmc and method in ("wanda", "sparsegpt"):
             ld = work / f"llmc-{job.replace(':', '_')}"
             ratio = flags[1] if flags[0] == "--sparsity_ratio" else "0.5"
@@ -152,8 +161,9 @@ def main() -> None:
                                     "prune_seconds": lr["oneshot_seconds"], "process_seconds": wall,
                                     "peak_rss_mib": lr["peak_rss_mib"],
                                     "measured_sparsity": lr["measured_sparsity"], "ppl": lppl})
-            run["time_ratio_vs_llmc"] = run["prune_seconds"] / lr["oneshot_seconds"]
-            run["ppl_vs_llmc"] = run["ppl"] - lppl
+            for run in ours:
+                run["time_ratio_vs_llmc"] = run["prune_seconds"] / lr["oneshot_seconds"]
+                run["ppl_vs_llmc"] = run["ppl"] - lppl
             save()
     print(json.dumps(results, indent=2))
 
