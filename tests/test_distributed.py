@@ -28,6 +28,8 @@ CASES = {
     "opt-sparsegpt-50-odd": ("opt", "sparsegpt", "unstructured", 5, 3),
     "opt-wanda-2:4-odd": ("opt", "wanda", "2:4", 5, 5),
     "llama-magnitude-50": ("llama", "magnitude", "unstructured", 4, 2),  # not sharded: no statistics
+    "llama-sparsegpt-50-single": ("llama", "sparsegpt", "unstructured", 5, 3, "single"),  # the single-pass engine
+    "opt-wanda-2:4-single": ("opt", "wanda", "2:4", 4, 1, "single"),
 }
 
 
@@ -36,12 +38,12 @@ def _ids(n, seed=1):
     return torch.randint(0, 128, (n, SEQLEN), generator=g)
 
 
-def _run_case(family, method, sparsity_type, n, diag):
+def _run_case(family, method, sparsity_type, n, diag, engine="block"):
     model = make_model(family, seed=0)
     nm = parse_pattern(sparsity_type)
     L = model.config.num_hidden_layers
     held = []  # the windows this process ran: (pruned stream, dense diagnostic stream) after each block
-    report = prune_blocks(model, _ids(n), method, [0.5] * L, nm, progress=False, diag_nsamples=diag,
+    report = prune_blocks(model, _ids(n), method, [0.5] * L, nm, progress=False, diag_nsamples=diag, engine=engine,
                           on_block_end=lambda i, X, D, res: held.append((X.shape[0], D.shape[0])))
     weights = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("proj.weight") or "fc" in k}
     return {"weights": weights, "held": held,
@@ -143,7 +145,7 @@ def test_processes_join_one_group(ranks):
 def test_ranks_prune_identical_weights_equal_to_one_process(ranks, single, case):
     one, two = ranks[0]["cases"][case], ranks[1]["cases"][case]
     ref = single[0][case]
-    _, method, _, n, diag = CASES[case]
+    _, method, _, n, diag = CASES[case][:5]
     assert one["weights"].keys() == ref["weights"].keys() and len(ref["weights"]) >= 7
     for name, w in ref["weights"].items():
         # every rank prunes from the same all-reduced statistics: bit-identical weights
