@@ -174,6 +174,20 @@ def test_streamed_prune_with_zeroshot_eval(tmp_path, tokenizer, calib_txt):
         assert "device_map" not in mem[key]["zeroshot"]["settings"], key
 
 
+def test_auto_max_memory_budgets(monkeypatch):
+    """FIT of each named GPU's free memory (the logits' reserve on the first only, never below 0), then the CPU."""
+    import sparsellm.devices as devices
+    import sparsellm.evaluate.offload as offload
+
+    free = {0: 10 << 30, 1: 4 << 30}
+    monkeypatch.setattr(devices, "free_bytes", lambda d: free[torch.device(d).index])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    got = offload.auto_max_memory("cuda", cpu_bytes=123, reserve=1 << 30)
+    assert got == {0: int(0.8 * (10 << 30)) - (1 << 30), 1: int(0.8 * (4 << 30)), "cpu": 123}
+    assert offload.auto_max_memory("cuda:1", cpu_bytes=5, reserve=8 << 30) == {1: 0, "cpu": 5}
+    assert set(offload.auto_max_memory("cpu")) == {"cpu"}
+
+
 # ------------------------------------------------------------------ CUDA (wherever a GPU exists)
 
 

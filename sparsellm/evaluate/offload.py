@@ -41,19 +41,14 @@ def _gpus(device) -> list[int]:
 
 def auto_max_memory(device, cpu_bytes: int | None = None, reserve: int = 0) -> dict:
     """accelerate's `max_memory` for `device`: {GPU index: bytes} for each GPU it names (FIT of the free
-    memory, less `reserve` bytes, the logits of a batch, on the first), and {"cpu": cpu_bytes} (default FIT of
-    the available memory); what does not fit goes to disk. Raises UsageError when the first GPU has no room
-    left for weights."""
+    memory, less `reserve` bytes, the logits of a batch, on the first; a GPU without room gets 0 and then no
+    module), and {"cpu": cpu_bytes} (default FIT of the available memory); what does not fit goes to disk."""
     from ..devices import free_bytes
     from ..models.load import free_memory
 
     out = {}
     for k, i in enumerate(_gpus(device)):
-        room = int(FIT * free_bytes(torch.device("cuda", i))) - (reserve if k == 0 else 0)
-        if k == 0 and room <= 0:
-            raise UsageError(f"cuda:{i} has no free memory left for weights next to the {reserve / 2**30:.2f} GiB of "
-                             "logits of a batch: lower --batch_size or use another device")
-        out[i] = max(room, 0)
+        out[i] = max(int(FIT * free_bytes(torch.device("cuda", i))) - (reserve if k == 0 else 0), 0)
     out["cpu"] = int(FIT * free_memory()) if cpu_bytes is None else int(cpu_bytes)
     return out
 
