@@ -220,25 +220,6 @@ def test_cli_cuda_without_cuda_is_a_one_line_error(kind, capsys, saved_model_dir
     assert "--device cuda" in err and not (tmp_path / "s").exists()
 
 
-def test_cli_zeroshot_refuses_lazy_loading(capsys, tmp_path, tokenizer):
-    require("lm_eval")
-    d = _sharded(tmp_path, "llama", tokenizer)
-    code = main(["--quiet", "eval", "zeroshot", "--model", str(d), "--load", "lazy", "--tasks", "rte",
-                 "--limit", "2", "--save", str(tmp_path / "s")])
-    err = capsys.readouterr().err
-    assert code == 2
-    _assert_one_line_error(code, err, allow_progress_bars=False)
-    assert "--load lazy" in err and "--load memory" in err and not (tmp_path / "s").exists()
-
-
-def test_zeroshot_on_a_blockwise_model_is_refused(tmp_path, tokenizer):
-    from sparsellm.runs.record import evaluate
-
-    model = _lazy(_sharded(tmp_path, "llama", tokenizer))
-    with pytest.raises(UsageError, match="--load memory"):
-        evaluate(model, tokenizer, Evaluation(eval="zeroshot"), None, False, ["rte"])
-
-
 # ------------------------------------------------------------------ CUDA (wherever a GPU exists)
 
 
@@ -307,8 +288,7 @@ def test_cuda_a_model_too_large_for_the_device_is_scored_block_by_block(tokenize
     ids = _ids()
     cpu = perplexity(model, tokenizer, "wikitext2", SEQLEN, progress=False, ids=ids)
     monkeypatch.setattr(onload, "fits_on_device", lambda device, nbytes, reserve: False)
-    with pytest.raises(UsageError, match="--load memory"):
-        place_for_eval(model, torch.device("cuda"), whole=True)
+    assert place_for_eval(model, torch.device("cuda"), whole=True) == "device_map"  # zero-shot: accelerate's map
     assert place_for_eval(model, torch.device("cuda")) == "blockwise"
     assert all(p.device.type == "cpu" for p in model.parameters())
     gpu = perplexity(model, tokenizer, "wikitext2", SEQLEN, progress=False, ids=ids, batch_size=3)

@@ -1,4 +1,5 @@
-"""Zero-shot accuracy with lm-evaluation-harness (0.4.x), offline, on the in-memory model (algorithms.md §10.2).
+"""Zero-shot accuracy with lm-evaluation-harness (0.4.x), offline (algorithms.md §10.2); a model larger than
+the device runs on an accelerate device map (`offload.dispatched`).
 
 Each task is lm-eval's own definition, read from the installed harness's YAML (prompt, choices, target,
 metrics, verbatim), with only the data source replaced: the bundled files in `sparsellm/data/zeroshot/`
@@ -108,11 +109,13 @@ def _silenced():
 
 
 def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-             hellaswag_file: str | None = None, lm=None, progress: bool = True) -> dict:
-    """Zero-shot accuracy of the in-memory `model` on `tasks` through lm-eval's HFLM.
+             hellaswag_file: str | None = None, lm=None, progress: bool = True, device=None) -> dict:
+    """Zero-shot accuracy of `model` on `tasks` through lm-eval's HFLM.
 
     limit: first N documents of each task (None: all). lm: an lm-eval LM to use instead of HFLM(model)
-    (tests use an oracle). progress=False: nothing on stderr while lm-eval runs (`--quiet`).
+    (tests use an oracle). progress=False: nothing on stderr while lm-eval runs (`--quiet`). device: where
+    lm-eval puts the inputs (default the model's device, that of its first parameter); give it for a model
+    dispatched by accelerate (`offload.dispatched`), whose first parameter may be offloaded ("meta").
     Returns {"tasks": {task: {"acc", "acc_stderr", "acc_norm" (None where the task
     has none), "acc_norm_stderr", "n"}}, "mean_acc", "mean_acc_stderr" (tasks independent), "mean_acc_norm"
     (over the tasks that have it), "settings": {limit, batch size, lm-eval version, dtype, device,
@@ -129,6 +132,8 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
             from lm_eval.models.huggingface import HFLM
 
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            if device is not None:  # HFLM takes the first parameter's device, "meta" when it is offloaded
+                lm._device = _torch().device(device)
         out = simple_evaluate(model=lm, tasks=[task_config(t, hellaswag_file) for t in tasks],
                               task_manager=TaskManager(include_defaults=False), limit=limit, num_fewshot=0,
                               bootstrap_iters=0, log_samples=False)
@@ -144,7 +149,7 @@ def zeroshot(model, tokenizer, tasks: list[str], limit: int | None = None, batch
               "mean_acc_stderr": None if None in ses else math.sqrt(sum(x * x for x in ses)) / len(ses),
               "mean_acc_norm": sum(norms) / len(norms) if norms else None,
               "settings": {"limit": limit, "batch_size": batch_size, "num_fewshot": 0,
-                           "lm_eval": _version(), **provenance(model, tasks, hellaswag_file)}}
+                           "lm_eval": _version(), **provenance(model, tasks, hellaswag_file, device)}}
     result["warnings"] = limit_warnings(result)
     for w in result["warnings"]:
         logging.getLogger("sparsellm").warning("sparsellm: warning: %s", w)
@@ -174,9 +179,9 @@ def limit_warnings(result: dict) -> list[str]:
             "that are noise; raise --limit"]
 
 
-def provenance(model, tasks: list[str], hellaswag_file: str | None = None) -> dict:
-    """What the scores depend on besides lm-eval's version: the model's dtype and device, and for each task
-    its data file and lm-eval YAML with their SHA-256."""
+def provenance(model, tasks: list[str], hellaswag_file: str | None = None, device=None) -> dict:
+    """What the scores depend on besides lm-eval's version: the model's dtype and device (`device` when
+    given), and for each task its data file and lm-eval YAML with their SHA-256."""
     from ..data import file_sha256
 
     lm_eval = require_lm_eval()
@@ -189,7 +194,14 @@ def provenance(model, tasks: list[str], hellaswag_file: str | None = None) -> di
         files[t] = {"data": str(data) if t == "hellaswag" else f"sparsellm/data/zeroshot/{data_rel}",
                     "data_sha256": file_sha256(data), "yaml": yaml_rel, "yaml_sha256": file_sha256(yaml)}
     return {"dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
-            "device": str(param.device) if param is not None else None, "task_files": files}
+            "device": str(device) if device is not None else str(param.device) if param is not None else None,
+            "task_files": files}
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def _version() -> str:

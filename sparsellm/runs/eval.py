@@ -8,7 +8,7 @@ from ..checks import check_weights
 from ..compare import load_run
 from ..config import Evaluation, ModelSource, check_finite
 from ..errors import UsageError
-from .record import ZEROSHOT_WHOLE, Run, evaluate, place_for_eval
+from .record import Run, evaluate, place_for_eval
 from .rundir import RunDir, add_to_record, check_additions, run_record
 
 
@@ -18,8 +18,9 @@ class EvalRun:
     `evaluation.tasks`) of one model; `save`: a directory to write report.json into, or the model's own run
     directory, whose record (report.json, report.md) the results are then added to; `overwrite`: replace
     results already in that record. `source.device` / `source.dtype` say where and in what the forwards run;
-    `source.load` lazy (or auto picking lazy) scores perplexity block by block from the checkpoint's shards
-    (zero-shot refuses it: lm-eval runs the whole model)."""
+    `source.load` lazy (or auto picking lazy) scores perplexity block by block from the checkpoint's shards;
+    zero-shot of such a model, or of one larger than the device, runs whole on accelerate's device map
+    (GPUs, CPU memory, disk: `evaluate.offload`)."""
 
     source: ModelSource = field(default_factory=ModelSource)
     evaluation: Evaluation = field(default_factory=Evaluation)
@@ -46,10 +47,11 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     """Load the model, evaluate it, and write `report.json` into `cfg.save` if given; when `cfg.save` is the
     model's own run directory, add the results to its record instead (`details["added_to"]`). The model is
     read lazily (`--load`) or loaded whole; on a CUDA device it is moved there when it fits, else scored
-    block by block (`record.place_for_eval`). The record's config holds the resolved device and dtype.
-    Raises UsageError, before any evaluation and with nothing written (a CUDA device where there is none,
-    zero-shot with --load lazy; NonFiniteError for a NaN/inf weight, naming the module (a lazy model's blocks
-    are checked as they are read), or a non-finite loss)."""
+    block by block, or for zero-shot run on an accelerate device map (`record.place_for_eval`). The record's
+    config holds the resolved device and dtype. Raises UsageError, before any evaluation and with nothing
+    written (a CUDA device where there is none); NonFiniteError for a NaN/inf weight, naming the module (a
+    lazy model's blocks are checked as they are read: for zero-shot in one pass before it), or a non-finite
+    loss."""
     from ..models import context_length, load_model, resolve_model
     from ..models.load import load_lazy, wants_lazy
     from ..models.save import dtype_name
@@ -58,9 +60,6 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
     device, dtype = cfg.source.resolve()
     _, src = resolve_model(cfg.source.model)
     lazy = wants_lazy(cfg.source.load, cfg.source.model, dtype)
-    if lazy and cfg.kind == "zeroshot":
-        how = "--load lazy" if cfg.source.load == "lazy" else "--load auto picks lazy loading for this model"
-        raise UsageError(f"{how}; {ZEROSHOT_WHOLE}")
     run_dir = run_record(cfg.save, src)
     if run_dir is not None and cfg.kind == "zeroshot":
         check_additions(run_dir, ["zeroshot"], cfg.overwrite)
@@ -81,6 +80,8 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
                   **vars(cfg.evaluation)})
     record.details["placement"] = placement
     counts: dict = {}
+    if lazy and cfg.kind == "zeroshot":  # lm-eval reads the blocks through accelerate: check and count them first
+        _visit_blocks(model, _block_visitor(model, counts))
     record.metrics = evaluate(model, tok, cfg.evaluation, seqlen, progress, tasks,
                               visit=_block_visitor(model, counts) if lazy else None)
     record.details["evaluated"] = _evaluated(model, model_dir, counts if lazy else None)
@@ -95,6 +96,19 @@ def run_eval(cfg: EvalRun, progress: bool = True) -> Run:
                       cfg.overwrite, record.warnings)
         record.details["added_to"] = str(run_dir / "report.json")
     return record
+
+
+def _visit_blocks(model, visit) -> None:
+    """visit(i, block) for each block of a lazy model, read from its shards one at a time onto the CPU."""
+    from ..models import get_blocks
+    from ..onload import Onloader
+
+    on = Onloader(model, "cpu")
+    for i in range(len(get_blocks(model))):
+        try:
+            visit(i, on.block(i))
+        finally:
+            on.release(i)
 
 
 def _block_visitor(model, counts: dict):

@@ -68,9 +68,6 @@ class PruneRun:
             raise UsageError("--load lazy streams the pruned blocks into --out: give --out")
         if self.search is not None:
             raise UsageError("ATP's β search prunes the model many times and needs it in memory: use --load memory")
-        if self.evaluation.zeroshot_tasks():
-            raise UsageError("zero-shot evaluation needs the whole model: evaluate the saved model with "
-                             "`sparsellm eval zeroshot` on a machine that holds it, or use --load memory")
 
     def inputs(self) -> list:
         c = self.prune.calibration

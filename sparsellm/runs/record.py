@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
 from ..provenance import peak_rss_mib, versions
 
 log = logging.getLogger("sparsellm")
@@ -96,21 +95,14 @@ def evaluate(model, tokenizer, evaluation, seqlen: int | None, progress: bool = 
     """Score `model` on `evaluation.names()` (or `names`): perplexity at `seqlen` tokens per window on
     the first `max_windows` windows, `eval_batch_size` windows per forward (block by block for a model whose
     blocks are not all resident: `evaluate.blockwise`; `visit(i, block)` is then called while block i is on
-    the device), and zero-shot accuracy on `tasks` (validated zero-shot tasks). Returns {metric name:
-    result}. Raises UsageError for zero-shot on a model whose blocks are not all resident (lm-eval runs the
-    whole model)."""
+    the device), and zero-shot accuracy on `tasks` (validated zero-shot tasks; a model whose blocks are not
+    all resident runs whole on an accelerate device map: `zeroshot_any`). Returns {metric name: result}."""
     from ..evaluate import perplexity
-    from ..evaluate.blockwise import is_blockwise
 
     out = {}
     for name in evaluation.names() if names is None else names:
         if name == "zeroshot":
-            from ..evaluate.zeroshot import zeroshot
-
-            if is_blockwise(model):
-                raise UsageError(f"{_NOT_RESIDENT}; {ZEROSHOT_WHOLE}")
-            r = zeroshot(model, tokenizer, list(tasks or evaluation.zeroshot_tasks()), evaluation.limit,
-                         evaluation.zeroshot_batch_size, evaluation.hellaswag_file, progress=progress)
+            r = zeroshot_any(model, tokenizer, evaluation, tasks, progress)
             log.info("zero-shot mean acc = %.4f over %s", r["mean_acc"], ", ".join(r["tasks"]))
             out["zeroshot"] = r
             continue
@@ -122,27 +114,47 @@ def evaluate(model, tokenizer, evaluation, seqlen: int | None, progress: bool = 
     return out
 
 
-ZEROSHOT_WHOLE = ("zero-shot evaluation runs the whole model at once through lm-eval: use --load memory and a "
-                  "device the model fits on (--device cpu)")
-_NOT_RESIDENT = "this model's blocks are not all in memory on the device (lazy, or too large for it)"
+def zeroshot_any(model, tokenizer, evaluation, tasks=None, progress: bool = True,
+                 max_memory: dict | None = None) -> dict:
+    """`evaluate.zeroshot` of `model` wherever it lives: as it is when its weights are all where it computes,
+    else (a lazy model, or an in-memory one with an onloader for another device: `blockwise.is_blockwise`)
+    whole on accelerate's device map for the onloader's device (`evaluate.offload.dispatched`: several GPUs,
+    then CPU memory, then disk; max_memory: accelerate's {GPU index or "cpu": bytes}, default from the free
+    memory). The result's settings then hold "device_map": {device: modules}. Raises UsageError as
+    `zeroshot` and `dispatched` do."""
+    from ..evaluate.blockwise import is_blockwise
+    from ..evaluate.zeroshot import zeroshot
+    from ..onload import onloader
+
+    args = (tokenizer, list(tasks or evaluation.zeroshot_tasks()), evaluation.limit, evaluation.zeroshot_batch_size,
+            evaluation.hellaswag_file)
+    if not is_blockwise(model):
+        return zeroshot(model, *args, progress=progress)
+    from ..evaluate.offload import dispatched
+    from ..models import context_length
+
+    logits = 2 * 4 * evaluation.zeroshot_batch_size * min(context_length(model), 2048) * model.config.vocab_size
+    with dispatched(model, onloader(model).device, max_memory, reserve=logits) as (m, info):
+        r = zeroshot(m, *args, progress=progress, device=info["device"])
+    r["settings"]["device_map"] = info["device_map"]
+    return r
 
 
 def place_for_eval(model, device, reserve: int = 0, whole: bool = False) -> str:
     """Put `model` where its evaluation runs on `device` (a torch.device) and say how it will run:
     "resident" (every weight on `device`: an in-memory model already there, or moved there whole because
-    it fits next to `reserve` bytes, as `devices.free_bytes` estimates) or "blockwise" (a lazy model, or an
+    it fits next to `reserve` bytes, as `devices.free_bytes` estimates), "blockwise" (a lazy model, or an
     in-memory one too large for the device: an onloader is attached and the blocks visit the device one at
-    a time). whole: the evaluation needs the whole model (zero-shot), so "blockwise" raises UsageError."""
+    a time) or, when `whole` (zero-shot: lm-eval runs the whole model), "device_map" for those same models
+    (an onloader is attached for `device`; `zeroshot_any` then dispatches the model with accelerate)."""
     import torch
 
     from ..onload import attach, fits_on_device, onloader
 
     device = torch.device(device)
     if onloader(model).lazy is not None:
-        if whole:
-            raise UsageError(f"{_NOT_RESIDENT}; {ZEROSHOT_WHOLE}")
         attach(model, device)
-        return "blockwise"
+        return "device_map" if whole else "blockwise"
     home = next(model.parameters()).device
     if home == device:
         return "resident"
@@ -150,8 +162,7 @@ def place_for_eval(model, device, reserve: int = 0, whole: bool = False) -> str:
     if fits_on_device(device, nbytes, reserve):
         model.to(device)
         return "resident"
-    if whole:
-        raise UsageError(f"{_NOT_RESIDENT}; {ZEROSHOT_WHOLE}")
-    log.info("the model (%.2f GiB) does not fit on %s: evaluating block by block", nbytes / 2**30, device)
+    log.info("the model (%.2f GiB) does not fit on %s: evaluating %s", nbytes / 2**30, device,
+             "on an accelerate device map" if whole else "block by block")
     attach(model, device)
-    return "blockwise"
+    return "device_map" if whole else "blockwise"
