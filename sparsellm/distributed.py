@@ -6,6 +6,10 @@ windows (`shard_windows`: contiguous, balanced) through the current block. The s
 (`all_reduce_stats`, `all_reduce_sums`) before anyone uses them, so every process prunes the block from the
 same numbers and holds the same pruned weights: the single-process result up to the order of float sums.
 
+Fine-tuning under the same launch (`accelerate launch` or torchrun) is data parallel: each process trains on
+its rows of every micro-batch and the gradients are summed (`adapt/parallel.py`), while its prunes go through
+the functions here; `barrier` and `broadcast_` serve it.
+
 Without an initialised process group (a plain run, or a launch with one process) every function here is a
 no-op that touches no `torch.distributed` call: `world()` is (0, 1).
 """

@@ -230,3 +230,51 @@ def test_row_share_splits_every_batch():
             lengths = [len(range(n)[p]) for p in parts]
             assert max(lengths) - min(lengths) <= 1
     assert row_share(1, 1, 2) == slice(1, 1) and row_share(5) == slice(0, 5)
+
+
+@pytest.mark.slow
+def test_cli_accelerate_launch_equals_the_single_process_run(tmp_path, tokenizer, corpus):
+    """`accelerate launch --multi_gpu --num_processes 2 -m sparsellm finetune ... --device cpu` (gloo on this
+    CPU; accelerate's --cpu would start one process): one output per method, written by the main process,
+    equal to a single-process run's up to float summation order, with the same masks."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.is_file():
+        accelerate = shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    d = tmp_path / "model"
+    make_model("llama", seed=0).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    common = ["finetune", "--model", str(d), "--method", "losa,masked-lora", "--sparsity_ratio", "0.5",
+              "--nsamples", "4", "--seqlen", "32", "--calib_dataset", str(corpus), "--data", str(corpus),
+              "--ft_nsamples", "8", "--ft_seqlen", "32", "--ft_batch_size", "3", "--grad_accum", "2", "--lora_r", "4",
+              "--lora_dropout", "0", "--r_max", "8", "--steps", "2", "--rank_nsamples", "2", "--rank_start", "2",
+              "--rank_end", "4", "--rmi_nsamples", "4", "--step_eval_windows", "0", "--eval", "none",
+              "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    one = subprocess.run([sys.executable, "-m", "sparsellm", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                          str(_free_port()), "-m", "sparsellm", *common, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("| losa |") == 1  # one summary
+    for m in ("losa", "masked-lora"):
+        assert json.loads((tmp_path / "two" / m / "report.json").read_text())["processes"] == 2
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / m).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / m).state_dict()
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k] == 0, b[k] == 0), k  # the same masks
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["comparison.json", "comparison.md", "losa",
+                                                                    "masked-lora"]  # no checkpoint left

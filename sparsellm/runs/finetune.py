@@ -322,8 +322,8 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
         record.finish()
         # the trained adapter in peft's layout, when the method has one
         files = {"adapter": lambda path: shutil.copytree(adir, path)} if any(Path(adir).iterdir()) else {}
-        main_writes(lambda: plan.dirs[m].write(record.to_dict(), record.markdown(), files=files, model_writer=pruned_model(
-            model, tok, details["prune"], cfg.output.save_dtype)))
+        writer = pruned_model(model, tok, details["prune"], cfg.output.save_dtype)
+        main_writes(lambda: plan.dirs[m].write(record.to_dict(), record.markdown(), files=files, model_writer=writer))
     if not cfg.keep_checkpoint:
         main_writes(lambda: plan.ckpts[m].exists() and shutil.rmtree(plan.ckpts[m]))
     log.info("%s: saved to %s (measured sparsity %.4f)", m, plan.outs[m], rep["measured"]["sparsity"],
