@@ -6,6 +6,10 @@ windows (`shard_windows`: contiguous, balanced) through the current block. The s
 (`all_reduce_stats`, `all_reduce_sums`) before anyone uses them, so every process prunes the block from the
 same numbers and holds the same pruned weights: the single-process result up to the order of float sums.
 
+Fine-tuning under the same launch (`accelerate launch` or torchrun) is data parallel: each process trains on
+its rows of every micro-batch and the gradients are summed (`adapt/parallel.py`), while its prunes go through
+the functions here; `barrier` and `broadcast_` serve it.
+
 Without an initialised process group (a plain run, or a launch with one process) every function here is a
 no-op that touches no `torch.distributed` call: `world()` is (0, 1).
 """
@@ -142,6 +146,43 @@ def all_reduce_sums(*values: float) -> tuple:
     return tuple(v.item() for v in _reduce(t))
 
 
+def barrier() -> None:
+    """Wait until every process gets here (after the main process wrote a file the others then read). No-op
+    without a process group."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_(tensors) -> None:
+    """Overwrite each tensor of `tensors` with the main process's, in place. No-op without a process group."""
+    if world()[1] == 1:
+        return
+    dist = torch.distributed
+    for t in tensors:
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            tmp = t.detach().to("cuda")
+            dist.broadcast(tmp, 0)
+            t.detach().copy_(tmp)
+        else:
+            dist.broadcast(t.detach(), 0)
+
+
+def check_same(digest: list[int], message: str) -> None:
+    """UsageError(`message`) unless every process passes the same integers `digest` (a shape, a checksum):
+    all processes must hold the same data. No-op without a process group."""
+    if world()[1] == 1:
+        return
+    dist = torch.distributed
+    low = torch.tensor(digest, dtype=torch.int64)
+    high = low.clone()
+    if dist.get_backend() == "nccl":
+        low, high = low.to("cuda"), high.to("cuda")
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low.cpu(), high.cpu()):
+        raise UsageError(message)
+
+
 def check_same_windows(input_ids) -> None:
     """UsageError unless every process holds the same calibration windows (shape and a position-weighted
     token checksum): each process runs its share of one set of windows. No-op without a process group."""
@@ -149,13 +190,6 @@ def check_same_windows(input_ids) -> None:
         return
     ids = input_ids.long().reshape(-1).cpu()
     pos = torch.arange(1, ids.numel() + 1, dtype=torch.int64)
-    digest = torch.tensor([*input_ids.shape, int((ids * pos).sum())], dtype=torch.int64)  # exact in int64
-    dist = torch.distributed
-    low, high = digest.clone(), digest.clone()
-    if dist.get_backend() == "nccl":
-        low, high = low.to("cuda"), high.to("cuda")
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low.cpu(), high.cpu()):
-        raise UsageError("the processes drew different calibration windows (same --calib_dataset, --nsamples, "
-                         "--seqlen and --seed on every process are required)")
+    check_same([*input_ids.shape, int((ids * pos).sum())],  # exact in int64
+               "the processes drew different calibration windows (same --calib_dataset, --nsamples, "
+               "--seqlen and --seed on every process are required)")

@@ -11,7 +11,10 @@ algorithms.md §8.4), registered as fine-tuning method "losa":
         fine-tune the adapters on data slice t (the slices partition the data: none is used twice)
     merge: a plain model exactly as sparse as the last masks
 
-A checkpoint is written after every step (`checkpoint.py`), and a run resumes from it. The last merge is
+A checkpoint is written after every step (`checkpoint.py`), and a run resumes from it. Under several
+processes (`parallel.py`) every process runs every step on the same data: the training on its share of each
+micro-batch, the re-prune on its share of the calibration windows with the statistics and error sums added
+over all; the main process writes the checkpoint, and every process resumes from it. The last merge is
 measured against the adapted model (`Job.merge_checked`: max |logit difference|).
 
 An already-pruned input (`pruned_input.py`: e.g. an OWL or ATP model from `sparsellm prune`) keeps its masks
@@ -30,11 +33,12 @@ from dataclasses import dataclass, field, replace
 from ..allocate import resolve_allocation
 from ..allocate.rmi import RMIConfig
 from ..config import setting
+from ..distributed import local_prefix, shard_windows, world
 from ..engine import block_outputs, linear_sparsity, prune_blocks
 from ..errors import UsageError
 from ..lazy import lazy_import
 from ..models import get_blocks
-from ..registry import register
+from ..registry import get, register
 from .baselines import MaskedLoRAConfig
 from .schedule import allocate_ranks, cubic_schedule
 
@@ -98,12 +102,22 @@ def dense_outputs(model, ids: torch.Tensor, batch_size: int | None = None,
     return [Y.clone() for _, Y in block_outputs(model, ids, batch_size, progress)]
 
 
-def normalised_error(dense: torch.Tensor, pruned: torch.Tensor) -> float:
+def normalised_error(dense: torch.Tensor, pruned: torch.Tensor, rows: slice | None = None) -> float:
     """LoSA's per-block error (§8.3): Σ over tokens and units of ((Y − Ŷ) / ν)² / hidden, where ν (hidden,)
-    is the L2 norm of each hidden unit of the dense output Y over all tokens. Shapes (k, seqlen, hidden)."""
+    is the L2 norm of each hidden unit of the dense output Y over all tokens. Shapes (k, seqlen, hidden).
+
+    `rows` (several processes: the engine gives each its share of the windows): `pruned` holds only the
+    windows `rows` of `dense`; each unit's squared differences are summed over the processes (a collective:
+    every process calls it), so every process gets the error of all k windows."""
     Y = dense.float().reshape(-1, dense.shape[-1])
     nu = Y.norm(dim=0).clamp_min(1e-12)
-    return float((((Y - pruned.to(Y.device).float().reshape(Y.shape)) / nu) ** 2).sum()) / Y.shape[1]
+    if rows is None:
+        return float((((Y - pruned.to(Y.device).float().reshape(Y.shape)) / nu) ** 2).sum()) / Y.shape[1]
+    from ..distributed import _reduce
+
+    mine = dense[rows].float().reshape(-1, Y.shape[1])
+    per_unit = ((mine - pruned.to(Y.device).float().reshape(mine.shape)) ** 2).sum(dim=0)
+    return float((_reduce(per_unit) / nu ** 2).sum()) / Y.shape[1]
 
 
 @register("finetune", "losa", LoSAConfig, needs="checkpoint")
@@ -111,6 +125,7 @@ def losa(job) -> None:
     """LoSA: cubic sparsity ramp, RMI rates and error-proportional ranks at every step"""
     from .checkpoint import examples_sha, load_checkpoint, save_checkpoint, settings_key  # these import torch
     from .masked_lora import add_masked_lora, adapter_ranks, lora_layers, merge, set_ranks, unmerge, unwrapped
+    from .parallel import main_writes
 
     model, config, calib, report = job.model, job.config, job.calib, job.report
     own, lc, pc = config.method_config, config.lora, config.prune
@@ -153,9 +168,9 @@ def losa(job) -> None:
             entry["measured"] = linear_sparsity(model)["sparsity"]
         entry["ppl"] = job.evaluate()
         report["steps"].append(entry)
-        if ckpt is not None:
-            save_checkpoint(ckpt, model, {"key": key, "step": t, "ranks": adapter_ranks(model),
-                                          "steps": report["steps"]})
+        if ckpt is not None:  # several processes: they hold the same state; the main one writes it
+            main_writes(lambda: save_checkpoint(ckpt, model, {"key": key, "step": t, "ranks": adapter_ranks(model),
+                                                              "steps": report["steps"]}))
         log.info("LoSA step %d/%d: target %.4f, measured %.4f, mean rank %.1f, train loss %.4f → %.4f%s", t,
                  own.steps, entry["target"], entry["measured"], entry["mean_rank"], entry["train"]["losses"][0],
                  entry["train"]["losses"][-1], f", ppl {entry['ppl']['ppl']:.3f}" if entry["ppl"] else "")
@@ -171,9 +186,18 @@ def _reprune(job, dense: list, k: int, s_t: float, mean_rank: float) -> dict:
     merge(model)
     step_pc = replace(pc, sparsity_ratio=s_t, allocation="rmi", allocator=own.rmi, diag_nsamples=0)
     errors = [0.0] * len(dense)
+    n = calib.shape[0]
+    # several processes: the engine gives each its share of the windows (X holds those, `part` of all n);
+    # its windows among the first k are the first kl of X, and the error's sums are added over the processes
+    sharded = world()[1] > 1 and get("pruner", pc.prune_method).needs != "none"
+    part = shard_windows(n) if sharded else None
+    kl = local_prefix(n, k, part) if sharded else k
 
     def record(i, X, D=None, res=None):
-        errors[i] = normalised_error(dense[i], X[:k])
+        if sharded:
+            errors[i] = normalised_error(dense[i], X[:kl], slice(part.start, part.start + kl))
+        else:
+            errors[i] = normalised_error(dense[i], X[:k])
 
     with unwrapped(model):
         rates, alloc = resolve_allocation(model, step_pc, calib, job.progress)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import UsageError
 from ..lazy import lazy_import
+from .parallel import check_same_examples, label_tokens, row_share, sync_gradients, token_loss
 
 torch = lazy_import("torch")
 
@@ -120,7 +122,12 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
     device of the model's parameters. Returns {"losses": [mean loss per optimiser step], "tokens", "seconds",
     "steps", "optimizer": state}. `optimizer` (an AdamW state dict) resumes the moments. `autocast_dtype`: the
     forward dtype under autocast on a GPU (None, float32, or any dtype on the CPU: no autocast). Raises
-    UsageError for bad settings."""
+    UsageError for bad settings, and under several processes for examples that differ between them.
+
+    Several processes (`accelerate launch` / `torchrun`, `parallel.py`): every process walks the same
+    micro-batches of `batch_size` examples and runs its share of each one's rows; the gradients are summed
+    over the processes before every optimiser step, so all of them take the single-process steps (the same
+    losses, tokens and adapters up to the order of float sums)."""
     if lr <= 0 or batch_size < 1 or grad_accum < 1 or epochs < 1 or not 0 <= warmup_ratio < 1:
         raise UsageError("lr must be > 0, batch size / gradient accumulation / epochs >= 1, warm-up ratio in [0, 1)")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,22 +148,36 @@ def train(model, examples, lr: float = 2e-4, batch_size: int = 4, grad_accum: in
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    dp = distributed.world()[1] > 1
+    if dp:  # several processes (parallel.py): the same examples and the same starting adapters everywhere
+        check_same_examples(examples)
+        distributed.broadcast_(params)
     model.train()
     losses, tokens, step, acc_loss, acc_n = [], 0, 0, 0.0, 0
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress or not distributed.is_main(),
+               leave=False)
     try:
         for _ in range(epochs):
             for k, (ids, labels, mask) in enumerate(_batches(examples, batch_size, pad_id)):
-                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-                with torch.autocast(device_type="cuda", dtype=amp) if amp is not None else contextlib.nullcontext():
-                    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-                loss = out.loss / grad_accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                acc_loss += float(out.loss.detach())
-                acc_n += 1
                 tokens += int(mask.sum())
+                if dp:  # this process's rows; the loss over the whole micro-batch's label tokens (parallel.py)
+                    count, part = label_tokens(labels), row_share(ids.shape[0])
+                    ids, labels, mask = ids[part], labels[part], mask[part]
+                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                if ids.shape[0]:
+                    with torch.autocast(device_type="cuda", dtype=amp) if amp is not None else contextlib.nullcontext():
+                        if dp:
+                            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                            full = token_loss(logits, labels, count)
+                        else:
+                            full = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                    loss = full / grad_accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    acc_loss += float(full.detach())
+                acc_n += 1
                 if acc_n == grad_accum or (k + 1) * batch_size >= len(examples):
+                    acc_loss, = sync_gradients(params, acc_loss)  # summed over the processes (none: as is)
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, lr, warmup)
                     if scaler is not None:

@@ -87,8 +87,10 @@ def _settings() -> set[str]:
 
 
 def run(args) -> int:
+    from ..distributed import is_main
     from ..runs.finetune import comparison_text, run_finetune
 
     record = run_finetune(finetune_run(args), progress=not args.quiet)
-    print(comparison_text(record))
+    if is_main():  # under accelerate launch / torchrun, one summary
+        print(comparison_text(record))
     return 0

@@ -19,6 +19,8 @@ Devices: `--device` and `--dtype` are resolved before anything is written (`Mode
 cuda without CUDA is a UsageError); the model is loaded in the resolved dtype and moved whole to the device
 when it fits (`placement.place`; training needs it whole), and the record holds the resolved names
 (`compute_dtype`, `device`), which --resume compares.
+
+Several processes (`accelerate launch` / `torchrun`): data-parallel training, see `run_finetune`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .. import distributed
 from ..adapt.config import FinetuneConfig
+from ..adapt.parallel import main_writes
 from ..checks import check_weights
 from ..config import Evaluation, ModelSource, Output, check_finite, setting
 from ..errors import NonFiniteError, UsageError
@@ -222,8 +226,19 @@ def run_finetune(cfg: FinetuneRun, progress: bool = True) -> Run:
     """Run every method of `cfg` and write its directory. Returns, for one method, its record (what
     OUT/report.json holds); for several, a comparison record whose `details["runs"]` holds each method's
     record as a dict (what OUT/<method>/report.json holds), in order. `comparison_text` makes the table.
-    Raises UsageError for bad input, before anything is written."""
+    Raises UsageError for bad input, before anything is written.
+
+    Launched with several processes (`accelerate launch` / `torchrun`; one per GPU) each trains on its share of
+    every micro-batch and prunes from its share of the calibration windows, with gradients and statistics
+    added over all (`adapt.parallel`); every process holds the same model, and only the main one writes the
+    outputs and checkpoints. Every process returns the record."""
     cfg.validate()
+    if distributed.launched():  # accelerate launch / torchrun: data-parallel training (adapt/parallel.py)
+        distributed.init_from_env(cfg.source.device)
+        distributed.shard_windows(cfg.finetune.calibration.nsamples)  # every process needs a window: refused now
+        if not distributed.is_main():
+            progress = False
+            log.setLevel(logging.WARNING)
     plan = cfg.plan()
     data: dict = {}  # the fine-tuning examples, drawn once for all methods
     results, record = {}, None
@@ -281,11 +296,13 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
     if ev.eval_dense and evals:
         record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
     if cfg.output.overwrite and plan.ckpts[m].exists():
-        shutil.rmtree(plan.ckpts[m])
+        main_writes(lambda: shutil.rmtree(plan.ckpts[m]))
+    main = distributed.is_main()
+    details["processes"] = distributed.world()[1]
     with tempfile.TemporaryDirectory(prefix="sparsellm-adapter-") as adir:
         rep = finetune(model, tok, fc, examples, checkpoint_dir=plan.ckpts[m] if resumable else None,
                        resume=cfg.resume and resumable, model_id=f"{local or cfg.source.model} ({dtype_name(dtype)})",
-                       adapter_dir=adir, progress=progress, eval_seqlen=eval_seqlen,
+                       adapter_dir=adir if main else None, progress=progress, eval_seqlen=eval_seqlen,
                        sidecar=read_sidecar(local))
         record.config = fc.to_dict()  # with the target finetune settled (an already-pruned input's own)
         details["finetune"] = rep
@@ -305,10 +322,10 @@ def _run_method(cfg: FinetuneRun, plan: _Plan, m: str, fc: FinetuneConfig, data:
         record.finish()
         # the trained adapter in peft's layout, when the method has one
         files = {"adapter": lambda path: shutil.copytree(adir, path)} if any(Path(adir).iterdir()) else {}
-        plan.dirs[m].write(record.to_dict(), record.markdown(), files=files,
-                           model_writer=pruned_model(model, tok, details["prune"], cfg.output.save_dtype))
-    if plan.ckpts[m].exists() and not cfg.keep_checkpoint:
-        shutil.rmtree(plan.ckpts[m])
+        writer = pruned_model(model, tok, details["prune"], cfg.output.save_dtype)
+        main_writes(lambda: plan.dirs[m].write(record.to_dict(), record.markdown(), files=files, model_writer=writer))
+    if not cfg.keep_checkpoint:
+        main_writes(lambda: plan.ckpts[m].exists() and shutil.rmtree(plan.ckpts[m]))
     log.info("%s: saved to %s (measured sparsity %.4f)", m, plan.outs[m], rep["measured"]["sparsity"],
              extra=RESULT)
     return record
@@ -324,10 +341,10 @@ def _comparison(cfg: FinetuneRun, plan: _Plan, results: dict) -> Run:
     record.timings = {m: (r.get("finetune") or {}).get("seconds") for m, r in results.items()}
     record.finish()
     text = comparison_text(record)
-    RunDir(plan.root, replaces=False).write(
+    main_writes(lambda: RunDir(plan.root, replaces=False).write(
         json_files={"comparison.json": {m: {k: r.get(k) for k in ("finetune", "eval", "config")}
                                         for m, r in results.items()}},
-        files={"comparison.md": lambda path: write_text_atomic(path, "# sparsellm finetune\n\n" + text + "\n")})
+        files={"comparison.md": lambda path: write_text_atomic(path, "# sparsellm finetune\n\n" + text + "\n")}))
     return record
 
 
