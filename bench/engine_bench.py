@@ -2,13 +2,15 @@
 peak RSS of `engine.prune_blocks`, engines and methods interleaved round after round so that load from other
 work falls on all alike (the machine is shared).
 
-The model is random-weight, built in memory with the shape's dimensions and only --blocks decoder blocks (a
+With --model, a real model cut to its first --blocks blocks, on C4 windows. Otherwise the model is random-weight, built in memory with the shape's dimensions and only --blocks decoder blocks (a
 LLaMA-2-7B block is 202M parameters: 0.8 GB in fp32), so this measures the per-block cost at that width without
 the 13.8 GB checkpoint. The calibration windows are random token ids. Every run starts from the same weights.
 The peak is VmHWM, reset before each run (writing 5 to /proc/self/clear_refs), minus the RSS just before it.
 
     python bench/engine_bench.py --shape llama2-7b --blocks 2 --nsamples 8 --seqlen 512 \
         --out bench/results/engines_7b_blocks.json
+    python bench/engine_bench.py --model smollm2-135m --blocks 4 --nsamples 64 --seqlen 512 --diag_nsamples 8 \
+        --out bench/results/engines_smollm2_4blocks.json
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from memory_probe import reset_peak, status  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="llama2-7b")
+    ap.add_argument("--model", default=None, help="a real model instead (e.g. smollm2-135m), cut to its first "
+                                                   "--blocks blocks, with C4 calibration windows")
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -48,11 +52,21 @@ def main() -> None:
     from sparsellm.engine import prune_blocks
     from sparsellm.provenance import versions
 
-    shape = dict(SHAPES[args.shape], num_hidden_layers=args.blocks, vocab_size=1024)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).eval()
+    if args.model:
+        from sparsellm.data import calibration_windows
+        from sparsellm.models import get_blocks, load_model
+
+        model, tok, _ = load_model(args.model)
+        del get_blocks(model)[args.blocks:]
+        model.config.num_hidden_layers = args.blocks
+        shape = {"model": args.model, "num_hidden_layers": args.blocks}
+        ids = calibration_windows(tok, "c4", args.nsamples, args.seqlen, seed=0)
+    else:
+        shape = dict(SHAPES[args.shape], num_hidden_layers=args.blocks, vocab_size=1024)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).eval()
+        ids = torch.randint(0, 1024, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = torch.randint(0, 1024, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     runs = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

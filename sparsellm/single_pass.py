@@ -21,7 +21,8 @@ the same forward: no replay. Against the block engine only the statistics of the
 The forward is the model's own `block.forward`. Each micro-batch runs in its own thread and waits in a
 forward pre-hook of its next group's first linear; only one thread runs at any time, micro-batches in a
 fixed order, so the result is deterministic. Memory: every micro-batch's live tensors at its stop, about
-tokens · (4 · hidden + the widest linear input) values in the model's dtype (`live_bytes`). When that is
+tokens · (8 · hidden + 2 · the widest linear input) values in the model's dtype with the threads' heap
+(`live_bytes`). When that is
 more than half the free memory of the device, the engine recomputes instead (mode "recompute", logged):
 for each group every micro-batch re-runs the block's prefix up to it, then one more forward gives the
 outputs. The statistics and the pruned weights are the same; the forwards cost about G/2 + 1 passes
@@ -38,6 +39,7 @@ from .checks import check_stats
 from .errors import UsageError
 from .lazy import lazy_import
 from .models import block_linears, get_arch
+from .models.sharded import trim_heap
 from .prune import LayerStats
 
 torch = lazy_import("torch")
@@ -112,12 +114,16 @@ class _Recompute(_Window):
 
 
 def live_bytes(model, block, tokens: int, dtype) -> int:
-    """Bytes held by every micro-batch's forward at its stops, for `tokens` calibration tokens: about
-    4 · hidden + the widest linear input values per token (residual, normed input, q/k/v or the MLP
-    intermediate)."""
-    hidden = getattr(model.config, "hidden_size", None) or max(lin.in_features for lin in block_linears(model, block).values())
-    widest = max(lin.in_features for lin in block_linears(model, block).values())
-    return tokens * (4 * hidden + widest) * torch.empty((), dtype=dtype).element_size()
+    """Bytes held by every micro-batch's forward at its stops, for `tokens` calibration tokens: 8 · hidden +
+    2 · the widest linear input values per token. The tensors alive at a stop (residual, normed input,
+    rotated q/k, v, attention output, MLP intermediate) are about 4 · hidden + the widest input; the rest is
+    the heap that the micro-batches' threads keep (glibc gives each thread its own arena). Measured on
+    SmolLM2-135M (hidden 576, intermediate 1536), 64 × 512 windows: a rise of 2.0 GB over the block engine's
+    0.3 GB, against 1.0 GB from this formula (BENCHMARKS.md §10)."""
+    linears = block_linears(model, block).values()
+    widest = max(lin.in_features for lin in linears)
+    hidden = getattr(model.config, "hidden_size", None) or widest
+    return tokens * (8 * hidden + 2 * widest) * torch.empty((), dtype=dtype).element_size()
 
 
 def choose_mode(model, block, X) -> str:
@@ -266,6 +272,7 @@ def prune_block(model, i: int, block, pruner, rate, nm, options: dict, X, kwargs
     if mode == "auto":
         mode = choose_mode(model, block, X)
     forward_in_stages(model, block, X, kwargs, Y, batch_size, pruner.needs, on_group, mode)
+    trim_heap()  # the threads' arenas: give their freed memory back before the next block
     err = None
     if k:
         r = ref.float()

@@ -230,10 +230,10 @@ class _Blocks:
         if changed and self.writer is not None:
             self.writer.write_block(model, i, block)
         block.to_empty(device="meta")
-        _trim()
+        trim_heap()
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     """Give freed heap memory back to the system (glibc keeps it otherwise, and the peak RSS of a block-by-
     block run would grow with fragmentation)."""
     import ctypes
