@@ -123,7 +123,8 @@ def main():
             hs.append(next(iter(st.values())).hessian.double())
         engine.LayerStats = LayerStats
         hessian_rel_diff = float((hs[0] - hs[1]).abs().max() / hs[0].abs().max())
-    res = {"model": args.model, "hessian_old_vs_new_max_rel_diff": hessian_rel_diff, "nsamples": args.nsamples, "seqlen": args.seqlen, "block": args.block,
+    res = {"model": args.model, "hessian_old_vs_new_max_rel_diff": hessian_rel_diff, "nsamples": args.nsamples,
+           "seqlen": args.seqlen, "block": args.block,
            "sparsity": args.sparsity, "batch_size": bs, "rounds": args.rounds, "threads": torch.get_num_threads(),
            "versions": versions(), "machine": "2-core EPYC shared with other work: ratios within this process only",
            "methods": {}}
@@ -196,7 +197,8 @@ def main():
                                                       "max_abs_diff")}), flush=True)
         for variant in ("old", "new"):
             print(f"  {variant} median", json.dumps({k: round(v, 4) for k, v in out[variant]["median_s"].items()}),
-                  "profiled shares", json.dumps({k: round(v, 3) for k, v in out[variant]["profiled_prune_share"].items()}))
+                  "profiled shares",
+                  json.dumps({k: round(v, 3) for k, v in out[variant]["profiled_prune_share"].items()}))
     p = Path(args.out)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(res, indent=1) + "\n")
