@@ -7,6 +7,9 @@ other work on the machine falls on all alike; the median per way and its ratio t
   matmul  h = x.t() @ x; H.add_(h)           (the old LayerStats.add: a temporary C_in² matrix)
   addmm   H.addmm_(x.t(), x)                 (in place, full matrix, torch's BLAS)
   syrk    scipy.linalg.blas.ssyrk, beta=1    (in place, one triangle, SciPy's OpenBLAS; symmetrized once)
+  blocked H[j:, j:j+512].addmm_(x[:, j:]ᵀ, x[:, j:j+512])  (the lower triangle by block columns, torch's BLAS)
+With --with_forward every update follows a linear's forward on x (torch's threads), as in the engine, where
+the hooks run between the block's operators: another thread pool (SciPy's OpenBLAS) may then contend.
 Also for the squared column norms Σ_t x[t, j]² (Wanda's statistic):
   mulsum (x * x).sum(0);  square x.square().sum(0);  vnorm linalg.vector_norm(x, dim=0).square();
   einsum einsum("tc,tc->c", x, x).
@@ -34,10 +37,18 @@ def _syrk(H, x):
     blas.ssyrk(1.0, x.numpy().T, beta=1.0, c=H.numpy().T, trans=0, lower=0, overwrite_c=1)
 
 
+def _blocked(H, x, block=512):
+    """The lower triangle by block columns with torch's BLAS: H[j:, j:j+b] += x[:, j:]ᵀ x[:, j:j+b]."""
+    C = x.shape[1]
+    for j in range(0, C, block):
+        H[j:, j:j + block].addmm_(x[:, j:].t(), x[:, j:j + block])
+
+
 HESSIAN = {
     "matmul": lambda H, x: H.add_(x.t() @ x),
     "addmm": lambda H, x: H.addmm_(x.t(), x),
     "syrk": _syrk,
+    "blocked": _blocked,
 }
 NORMS = {
     "mulsum": lambda x: (x * x).sum(0),
@@ -64,20 +75,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="2048x576,2048x1536,8192x4096", help="tokens x C_in, comma list")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--with_forward", action="store_true",
+                    help="time each update after a (C_in, C_in) linear's forward on the same x (torch's threads)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
-    out = {"versions": versions(), "threads": torch.get_num_threads(), "rounds": args.rounds, "shapes": {}}
+    out = {"with_forward": args.with_forward, "versions": versions(), "threads": torch.get_num_threads(), "rounds": args.rounds, "shapes": {}}
     for shape in args.shapes.split(","):
         T, C = (int(v) for v in shape.split("x"))
         x = torch.randn(T, C)
         ref = (x.double().t() @ x.double())
         H = torch.zeros(C, C)
+        Wf = torch.randn(C, C) / C ** 0.5
         err = {}
         for name, fn in HESSIAN.items():
             H.zero_()
             fn(H, x)
-            full = H + H.tril(-1).t() if name == "syrk" else H
+            full = H.tril() + H.tril(-1).t() if name in ("syrk", "blocked") else H
             err[name] = float((full.double() - ref).abs().max() / ref.abs().max())
         sq = ref.diagonal()
         for name, fn in NORMS.items():
@@ -86,9 +100,13 @@ def main():
         reps.update({n: _reps(lambda: fn(x)) for n, fn in NORMS.items()})
         times = {n: [] for n in [*HESSIAN, *NORMS]}
         for r in range(args.rounds):
-            hs = list(HESSIAN)[r % 3:] + list(HESSIAN)[: r % 3]
+            hs = list(HESSIAN)[r % 4:] + list(HESSIAN)[: r % 4]
             for name in hs:
-                times[name].append(_time(lambda: HESSIAN[name](H, x), reps[name]))
+                if args.with_forward:  # a linear's forward before each update, as in the engine's hooks
+                    times[name].append(_time(lambda: (torch.nn.functional.linear(x, Wf), HESSIAN[name](H, x)),
+                                             reps[name]))
+                else:
+                    times[name].append(_time(lambda: HESSIAN[name](H, x), reps[name]))
             ns = list(NORMS)[r % 4:] + list(NORMS)[: r % 4]
             for name in ns:
                 times[name].append(_time(lambda: NORMS[name](x), reps[name]))

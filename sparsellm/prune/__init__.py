@@ -22,8 +22,8 @@ class LayerStats:
     `sq_norm[j]` = Σ_t X[t, j]² (C_in,); `hessian` = Σ_t X[t]ᵀ X[t] (C_in, C_in) or None; `ntokens` = t;
     with need "moments" (structured pruning), also `total[j]` = Σ_t X[t, j] and `sq_norm` in fp64.
 
-    On the CPU the Hessian is accumulated as one triangle (BLAS syrk, `add_gram_`) and made symmetric in
-    place the first time `hessian` is read (every reader sees the full matrix)."""
+    On the CPU the Hessian is accumulated as its lower triangle (`add_gram_`) and made symmetric in place
+    the first time `hessian` is read (every reader sees the full matrix)."""
 
     def __init__(self, ntokens: int = 0, sq_norm: torch.Tensor | None = None,
                  hessian: torch.Tensor | None = None, total: torch.Tensor | None = None):
@@ -63,29 +63,25 @@ class LayerStats:
             self._lower = add_gram_(self._hessian, x) or self._lower
 
 
-def add_gram_(H: torch.Tensor, x: torch.Tensor) -> bool:
+def add_gram_(H: torch.Tensor, x: torch.Tensor, block: int = 256) -> bool:
     """H += xᵀx in place, for x (tokens × C) and H (C, C), both fp32 on one device. Returns True when only
-    the lower triangle of H (diagonal included) was updated (`mirror_lower_` completes it), False when all
-    of H was.
+    the lower triangle of H (diagonal included) is up to date (`mirror_lower_` completes it), False when all
+    of H is.
 
-    On the CPU: BLAS ssyrk from SciPy (a symmetric rank-k update, half the multiply-adds, no temporary).
-    On SmolLM2-135M's shapes and a 7B's (2048 × 576, 2048 × 1536, 8192 × 4096 tokens × C) it took 0.50,
-    0.43 and 0.31× the time of `H.add_(x.t() @ x)` (torch's MKL) on a shared 2-core EPYC, and `H.addmm_`
-    0.68, 0.87 and 1.10× (bench/syrk_bench.py, bench/results/syrk_bench.json).
-    SciPy's OpenBLAS runs its own threads (OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, else one per core).
-    Other devices keep the full `x.t() @ x`: there is no syrk in torch, and no GPU could be measured."""
-    if H.device.type != "cpu" or not H.is_contiguous():
+    On the CPU the lower triangle by block columns, H[j:, j:j+b] += x[:, j:]ᵀ x[:, j:j+b] with b = `block`
+    XX
+    the multiply-adds). Inside the hooks of SmolLM2-135M's block 15 (2048 tokens per forward, a 2-core EPYC
+    shared with other work) the updates took 0.89× and 0.73× the time of `H.add_(x.t() @ x)` on 8 × 256 and
+    16 × 512 C4 windows (bench/hessian_in_context.py). SciPy's BLAS ssyrk (one triangle) took 0.31–0.50×
+    alone on a quiet machine (bench/syrk_bench.py) but 0.97× and 0.93× in the hooks, where its own thread
+    pool contends with torch's (the hooked forward: 1.11× and 1.21×); limited to one thread, 0.70× and 0.66×,
+    which needs threadpoolctl (not a dependency): not used. Other devices keep the full `x.t() @ x` (no GPU
+    could be measured)."""
+    if H.device.type != "cpu":
         H.add_(x.t() @ x)
         return False
-    from scipy.linalg.blas import ssyrk
-
-    x = x.detach().contiguous()
-    # a C-contiguous (T, C) torch tensor is the Fortran-order (C, T) matrix xᵀ, and H (symmetric) is its own
-    # transpose: syrk with trans=0 computes xᵀ·x, and its Fortran "upper" triangle is torch's lower one.
-    c = H.numpy().T
-    out = ssyrk(1.0, x.numpy().T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
-    if out.ctypes.data != c.ctypes.data:  # not in place (cannot happen with a contiguous fp32 H): copy back
-        H.copy_(torch.from_numpy(out.T))
+    for j in range(0, x.shape[1], block):
+        H[j:, j:j + block].addmm_(x[:, j:].t(), x[:, j:j + block])
     return True
 
 
