@@ -331,26 +331,6 @@ def _gather_stats(block, linears: dict, need: str, forward) -> dict:
     return stats
 
 
-def _prune_linears(model, i, linears: dict, pruner, stats, rate, nm, options) -> tuple[dict, int]:
-    """Prune `linears` ({name: nn.Linear}, some or all of block i's) at `rate` (a float, or {name: rate}) or
-    `nm`, from `stats` ({name: LayerStats}, popped as used). Returns ({name: {target, measured, input}}, the
-    number of zeros before pruning that are not zero after it)."""
-    modules, refilled = {}, 0
-    for name, lin in linears.items():
-        W, where = lin.weight.data, f"{get_arch(model).blocks}.{i}.{name}"
-        check_tensor(W, where, "weight")
-        was_zero = W == 0
-        before = float(was_zero.sum()) / W.numel()
-        r = (rate[name] if isinstance(rate, dict) else rate) if nm is None else nm.sparsity
-        if r > 0 or nm is not None:
-            new = pruner.fn(W.float(), stats and stats.pop(name), r, nm, **options)  # popped: freed when used
-            check_tensor(new, where, f"the {pruner.name}-pruned weight")
-            W.copy_(new.to(W.dtype))
-            refilled += int((was_zero & (W != 0)).sum()) if before else 0
-        modules[name] = {"target": r, "measured": float((W == 0).sum()) / W.numel(), "input": before}
-    return modules, refilled
-
-
 def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=None) -> dict:
     """Prune every linear of block i at `rate` (or `nm`), then `replay()` the block if given, which returns
     (Σ‖ref − new‖², Σ‖ref‖²) for the relative reconstruction error. Returns the block's report entry."""
@@ -372,6 +352,41 @@ def _block_entry(model, i, block, modules: dict, refilled: int, err, t0) -> dict
     return {"block": i, "target": target, "measured": zeros / total, "rel_error": err, "cum_error": None,
             "seconds": time.perf_counter() - t0, "modules": modules, "refilled": refilled, "params": total,
             "zeros": round(zeros), "input_zeros": zeros_before}
+
+
+def _prune_linears(model, i, linears: dict, pruner, stats: dict | None, rate, nm, options: dict) -> tuple[dict, int]:
+    """Prune the linears {name: nn.Linear} of block i (all of them or a subset) in place at `rate` (a float
+    or {name: rate}; with `nm`, its sparsity), `stats` {name: LayerStats} or None (popped as they are used).
+    Linears that share one LayerStats (q/k/v, gate/up: `_gather_stats`) go through the pruner's `group` form
+    at once when it has one (SparseGPT: one stacked OBS), else one by one. Returns ({name: {"target",
+    "measured", "input"}} in `linears`' order, input is the fraction of zeros before pruning; and the count
+    of those zeros that are not zero after it). Raises NonFiniteError naming the linear (weight or result)."""
+    prefix, groups, modules, refilled = f"{get_arch(model).blocks}.{i}", {}, {}, 0
+    for name in linears:
+        shared = pruner.group is not None and stats is not None and stats.get(name) is not None
+        groups.setdefault(id(stats[name]) if shared else name, []).append(name)
+    for name, lin in linears.items():
+        check_tensor(lin.weight.data, f"{prefix}.{name}", "weight")
+        r = (rate[name] if isinstance(rate, dict) else rate) if nm is None else nm.sparsity
+        modules[name] = {"target": r, "measured": None, "input": float((lin.weight == 0).sum()) / lin.weight.numel()}
+    for names in groups.values():
+        st = [stats and stats.pop(n) for n in names][-1]  # popped: freed when used
+        todo = [n for n in names if modules[n]["target"] > 0 or nm is not None]
+        zero = {n: linears[n].weight.data == 0 for n in todo if modules[n]["input"]}
+        if len(todo) > 1:  # the weights as they are (read only); group converts them to fp32
+            new = pruner.group([linears[n].weight.data for n in todo], st, [modules[n]["target"] for n in todo],
+                               nm, **options)
+        else:
+            new = [pruner.fn(linears[n].weight.data.float(), st, modules[n]["target"], nm, **options) for n in todo]
+        for name, w in zip(todo, new):
+            check_tensor(w, f"{prefix}.{name}", f"the {pruner.name}-pruned weight")
+            W = linears[name].weight.data
+            W.copy_(w.to(W.dtype))
+            refilled += int((zero[name] & (W != 0)).sum()) if name in zero else 0
+        del new
+    for name, lin in linears.items():
+        modules[name]["measured"] = float((lin.weight == 0).sum()) / lin.weight.numel()
+    return modules, refilled
 
 
 def _log_block(res: dict) -> dict:

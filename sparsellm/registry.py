@@ -35,7 +35,9 @@ class NoConfig:
 @dataclass(frozen=True)
 class Method:
     """A registered method. `needs` says what it reads besides the weights: for pruners the calibration
-    statistics ("none", "norm" or "hessian"); for allocators "none" or "data" (a dense pre-pass)."""
+    statistics ("none", "norm" or "hessian"); for allocators "none" or "data" (a dense pre-pass). `group`:
+    optionally, a pruner's form for several weights that read the same input and share one LayerStats,
+    group(weights, stats, sparsities, nm, **config) -> list of new weights, equal to `fn` on each."""
 
     kind: str
     name: str
@@ -43,20 +45,24 @@ class Method:
     fn: Callable
     needs: str = "none"
     help: str = ""
+    group: Callable | None = None
 
     def field_names(self) -> list[str]:
         return [f.name for f in fields(self.config)]
 
 
-def register(kind: str, name: str, config: type = NoConfig, needs: str = "none", help: str = ""):
-    """Decorator: register `fn` as method `name` of `kind`. Raises ValueError for a duplicate name."""
+def register(kind: str, name: str, config: type = NoConfig, needs: str = "none", help: str = "",
+             group: Callable | None = None):
+    """Decorator: register `fn` as method `name` of `kind` (`group`: see `Method`). Raises ValueError for a
+    duplicate name."""
     if kind not in PACKAGES:
         raise ValueError(f"unknown method kind {kind!r}; kinds: {', '.join(PACKAGES)}")
 
     def deco(fn):
         if name in _METHODS[kind] and _METHODS[kind][name].fn is not fn:
             raise ValueError(f"{kind} {name!r} is registered twice")
-        _METHODS[kind][name] = Method(kind, name, config, fn, needs, help or (fn.__doc__ or "").split("\n")[0])
+        _METHODS[kind][name] = Method(kind, name, config, fn, needs, help or (fn.__doc__ or "").split("\n")[0],
+                                    group)
         return fn
 
     return deco

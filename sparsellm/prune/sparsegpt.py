@@ -72,17 +72,47 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, retries: int = 6) -> torc
                      f"the damping (percdamp {percdamp}); use a larger --percdamp or more calibration data")
 
 
-@register("pruner", "sparsegpt", SparseGPTConfig, needs="hessian")
-def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
-          blocksize: int = 128, percdamp: float = 0.01, **_) -> torch.Tensor:
-    """Prune weight (C_out, C_in) with SparseGPT and return the updated weight. Unstructured: in each
-    column block, the floor(numel · sparsity) lowest-score entries are pruned. N:M: M−N per group. The
-    zeros of an already sparse weight (`masks.existing_zeros`) are always in the mask, so they stay zero."""
-    zeros = existing_zeros(weight)
-    W = weight.clone().float()
+def prune_group(weights: list, stats, sparsities: list, nm: NM | None,
+                blocksize: int = 128, percdamp: float = 0.01, **_) -> list:
+    """Prune several weights (C_out_k, C_in) that read the same input (q/k/v, gate/up: one `stats`) with
+    SparseGPT as ONE matrix, their rows stacked: one damped Hessian, one inverse Cholesky factor, one
+    column loop. The result equals `prune` on each weight alone (Algorithm 1's OBS update is row by row),
+    because the mask is still chosen per weight: unstructured, each weight's floor(numel_k · sparsity_k)
+    lowest scores of its own rows of every column block (rates may differ, e.g. OWL's per-linear ones);
+    N:M is per row anyway; the zeros of an already sparse weight are found per weight (`existing_zeros`).
+    The weights may be of any float dtype and are not modified. Returns the new fp32 weights in order
+    (views into one stacked tensor); a weight at sparsity 0 (unstructured) comes back as an unchanged fp32
+    copy, as from `prune`. Raises as `inverse_cholesky`."""
+    out = [None] * len(weights)
+    todo = [k for k, s in enumerate(sparsities) if s > 0 or nm is not None]
+    for k in set(range(len(weights))) - set(todo):
+        out[k] = weights[k].clone().float()
+    if not todo:
+        return out
+    zs = [existing_zeros(weights[k]) for k in todo]
+    bounds = [0]
+    for k in todo:
+        bounds.append(bounds[-1] + weights[k].shape[0])
+    if len(todo) == 1:
+        W, zeros = weights[todo[0]].clone().float(), zs[0]
+    else:  # copied into one fp32 matrix without an fp32 temporary per weight
+        W = torch.empty(bounds[-1], weights[todo[0]].shape[1], dtype=torch.float32, device=weights[todo[0]].device)
+        zeros = None if all(z is None for z in zs) else torch.zeros_like(W, dtype=torch.bool)
+        for j, k in enumerate(todo):
+            W[bounds[j]:bounds[j + 1]].copy_(weights[k])
+            if zs[j] is not None:
+                zeros[bounds[j]:bounds[j + 1]] = zs[j]
+    segments = [(bounds[j], bounds[j + 1], sparsities[k]) for j, k in enumerate(todo)]
+    _obs(W, zeros, stats, segments, nm, blocksize, percdamp)
+    for j, k in enumerate(todo):
+        out[k] = W[bounds[j]:bounds[j + 1]]
+    return out
+
+
+def _obs(W: torch.Tensor, zeros, stats, segments: list, nm: NM | None, blocksize: int, percdamp: float) -> None:
+    """Algorithm 1 on W (rows, C_in) fp32, in place. zeros: (rows, C_in) bool of weights forced into the mask,
+    or None; segments: [(row0, row1, sparsity)], the unstructured mask chosen within each."""
     rows, cols = W.shape
-    if sparsity == 0 and nm is None:
-        return W
     H = stats.hessian.to(W.device).float() * (2.0 / max(stats.ntokens, 1))
     dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
     H[dead, dead] = 1.0
@@ -102,12 +132,15 @@ def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         Z1 = None if zeros is None else zeros[:, i1:i2]  # the input's zeros: pruned first, and always
         if nm is None:
-            k = int(W1.numel() * sparsity)
-            if k:
-                score = (W1 ** 2 / d.reshape(1, -1) ** 2).flatten()
-                if Z1 is not None:
-                    score = score.masked_fill(Z1.flatten(), -1.0)
-                mask1.view(-1)[torch.topk(score, k, largest=False).indices] = True
+            score = None
+            for r0, r1, sparsity in segments:  # each weight's own floor(numel · sparsity) of this block
+                k = int((r1 - r0) * (i2 - i1) * sparsity)
+                if k:
+                    if score is None:
+                        score = W1 ** 2 / d.reshape(1, -1) ** 2
+                        if Z1 is not None:
+                            score = score.masked_fill(Z1, -1.0)
+                    mask1[r0:r1].view(-1)[torch.topk(score[r0:r1].flatten(), k, largest=False).indices] = True
             if Z1 is not None:
                 mask1 |= Z1
         for i in range(i2 - i1):
@@ -127,4 +160,12 @@ def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+
+
+@register("pruner", "sparsegpt", SparseGPTConfig, needs="hessian", group=prune_group)
+def prune(weight: torch.Tensor, stats, sparsity: float, nm: NM | None,
+          blocksize: int = 128, percdamp: float = 0.01, **_) -> torch.Tensor:
+    """Prune weight (C_out, C_in) with SparseGPT and return the updated weight. Unstructured: in each
+    column block, the floor(numel · sparsity) lowest-score entries are pruned. N:M: M−N per group. The
+    zeros of an already sparse weight (`masks.existing_zeros`) are always in the mask, so they stay zero."""
+    return prune_group([weight], stats, [sparsity], nm, blocksize=blocksize, percdamp=percdamp)[0]
