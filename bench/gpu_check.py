@@ -41,7 +41,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--jobs", default="wanda:0.5,sparsegpt:0.5,wanda:2:4,sparsegpt:2:4")
+    p.add_argument("--jobs", default="wanda:0.5,wanda:0.5@single,sparsegpt:0.5,sparsegpt:0.5@single,wanda:2:4,"
+                                     "sparsegpt:2:4", help="METHOD:RATIO or METHOD:N:M, @single for the single-pass engine")
     p.add_argument("--eval_tokens", type=int, default=340_000, help="tokens of the perplexity run (0: none)")
     p.add_argument("--eval_batch", type=int, default=8)
     p.add_argument("--budget", type=float, default=400, help="start no job after this many seconds")
@@ -76,8 +77,9 @@ def main() -> None:
         if time.perf_counter() - t_start > args.budget:
             out["jobs"].append({"job": job, "skipped": "time budget"})
             continue
-        method, _, pattern = job.partition(":")
-        settings = dict(prune_method=method, nsamples=args.nsamples, seqlen=args.seqlen)
+        spec, _, engine = job.partition("@")
+        method, _, pattern = spec.partition(":")
+        settings = dict(prune_method=method, nsamples=args.nsamples, seqlen=args.seqlen, engine=engine or "block")
         settings.update(sparsity_type=pattern) if ":" in pattern else settings.update(sparsity_ratio=float(pattern))
         model.load_state_dict(dense)
         if device.type == "cuda":
