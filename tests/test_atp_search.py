@@ -49,15 +49,21 @@ def test_fibonacci_search_returns_the_brute_force_argmin(shape, n):
             assert len(calls) < n
 
 
-def test_fibonacci_search_on_a_bumpy_objective_is_deterministic_and_a_local_minimum():
-    """Not unimodal: no promise of the global minimum, but the same grid point every time, no scored point
-    below it, and both its neighbours scored."""
-    values = [9.0, 5.0, 7.0, 3.0, 4.0, 1.0, 2.0, 6.0, 8.0, 0.5, 9.0]
-    runs = [fibonacci_search(lambda i: values[i], len(values)) for _ in range(3)]
-    assert runs[0] == runs[1] == runs[2]
+@pytest.mark.parametrize("seed", range(20))
+def test_fibonacci_search_on_a_bumpy_objective_is_deterministic_and_a_local_minimum(seed):
+    """Not unimodal (random scores, with ties and infs): no promise of the global minimum, but the same grid
+    point every time, no scored point below it (ties: none at a lower index), and both neighbours scored."""
+    import random
+
+    rng = random.Random(seed)
+    n = rng.randint(1, 60)
+    values = [rng.choice([rng.randint(0, 5) * 1.0, math.inf]) for _ in range(n)]
+    runs = [fibonacci_search(lambda i: values[i], n) for _ in range(2)]
+    assert runs[0] == runs[1]
     best, order = runs[0]
-    assert all(values[best] <= values[i] for i in order)
-    assert {best - 1, best + 1} & set(range(len(values))) <= set(order)
+    assert min((values[i], i) for i in order) == (values[best], best)
+    assert {best - 1, best + 1} & set(range(n)) <= set(order)
+    assert len(order) <= _max_scores(n)
 
 
 def test_fibonacci_search_recorded_non_unimodal_table():

@@ -7,14 +7,14 @@
     keep the β with the lowest objective
 
 `strategy="grid"` tries every β (the paper's exhaustive sweep). `strategy="golden"` (the default) runs a
-Fibonacci search, golden-section search on the grid's indices (Kiefer 1953), then checks the chosen point's
-grid neighbours (`fibonacci_search`): about log_φ(n) + 1 trials for an n-point grid (5 of 11 at the paper's
-step 0.002 for 30 blocks at 70%) instead of n. It returns the grid's own choice whenever the objective falls
-strictly down to its first lowest point and never falls after it (ties and plateaus there included); every
-search recorded in bench/results/layerwise_*.json is of that shape but one (step 0.002, Wanda 70%: 0.010
-scores below 0.012), where it still returns the grid's β (bench/results/atp_search_replay.json). On
-any other objective it returns a grid point that is a local minimum of the objective among the trials, the
-same one every run.
+Fibonacci search, golden-section search on the grid's indices (Kiefer 1953; `fibonacci_search`): about
+log_φ(n) trials for an n-point grid (5 of 11 at the paper's step 0.002 for 30 blocks at 70%) instead of n.
+It returns the grid's own choice whenever the objective falls strictly down to its first lowest point and
+never falls after it (ties and plateaus there included); every search recorded in
+bench/results/layerwise_*.json is of that shape but one (step 0.002, Wanda 70%: 0.010 scores below
+0.012), where it still returns the grid's β (bench/results/atp_search_replay.json). On any other
+objective it returns, the same every run, a grid point that no trial beats and whose grid neighbours were
+both tried.
 
 Cheap by construction: block 0's calibration inputs are captured once and reused by every trial, the
 dense weights are restored from a copy in memory (no reload), and the objective is a small fixed window
@@ -115,16 +115,15 @@ def fibonacci_search(score, n: int) -> tuple[int, list[int]]:
     Fibonacci search (Kiefer, "Sequential minimax search for a maximum", 1953): the open bracket (lo, lo + F_k),
     F_k the first Fibonacci number >= n + 1 and lo = -1, points past the grid's end scoring inf unscored; two
     interior points lo + F_{k-2} < lo + F_{k-1}, the bracket shrinks to one side of the worse one (to the left
-    on a tie), and the kept point is one of the next two, so each step scores one new index. Then, until the
-    best scored index (lowest score, then lowest index) has both grid neighbours scored, its unscored ones are
-    scored. Ties go to the lower index, as the grid's `min(score, β)` does.
+    on a tie), and the kept point is one of the next two, so each step scores one new index. The kept point
+    is the lowest scored so far (ties to the lower index, as the grid's `min(score, β)`), and the bracket's
+    ends are scored points or lie outside the grid.
 
-    When the scores fall strictly down to the first lowest one and never fall after it (plateaus and ties at
-    or after the minimum allowed), the result is the grid's argmin and the neighbour check scores nothing
-    more: k − 1 scores or fewer, F_k the first Fibonacci number >= n + 1 (F_0 = F_1 = 1; n = 6: 4 of 6,
-    n = 11: 5 of 11, n = 200: 11 of 200). Otherwise it is a
-    deterministic local minimum of the scored points: no scored index scores lower and both its neighbours
-    were scored. Raises ValueError for n < 1."""
+    So on any scores the result is a local minimum of the grid, the same every run: no scored index scores
+    lower and both its grid neighbours were scored. When the scores fall strictly down to the first lowest
+    one and never fall after it (plateaus and ties at or after the minimum allowed), it is the grid's argmin.
+    It scores k − 1 indices or fewer, F_k the first Fibonacci number >= n + 1 (F_0 = F_1 = 1; n = 6: 4 of 6,
+    n = 11: 5 of 11, n = 200: 11 of 200). Raises ValueError for n < 1."""
     if n < 1:
         raise ValueError(f"an empty grid (n = {n})")
     seen: dict[int, float] = {}
@@ -145,14 +144,8 @@ def fibonacci_search(score, n: int) -> tuple[int, list[int]]:
         if f(x1) > f(x2):
             lo = x1  # the minimum is right of x1: (x1, lo + fib[k]), of length fib[k-1]
         k -= 1  # else (lo, x2), of length fib[k-1]
-    f(lo + 1)  # the one interior point left (already scored unless n = 1)
-    while True:
-        best = min(seen, key=lambda i: (seen[i], i))
-        todo = [j for j in (best - 1, best + 1) if 0 <= j < n and j not in seen]
-        if not todo:
-            return best, list(seen)
-        for j in todo:
-            f(j)
+    f(lo + 1)  # the one interior point left: the kept one (scored already unless n = 1)
+    return lo + 1, list(seen)
 
 
 @no_grad
