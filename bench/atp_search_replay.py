@@ -5,7 +5,9 @@ perplexity on 4 windows of 2048, one trial per grid point). This runs `fibonacci
 `--atp_search golden`) on each of those tables, scoring a β by looking its recorded objective up, and
 writes, for each recorded search: the exhaustive β, the golden search's β, the trials it used of the
 grid's, whether the table is unimodal in fibonacci_search's sense (strictly down to the first minimum,
-never down after it), and the seconds its trials took in the recorded run against the whole sweep's:
+never down after it), and the seconds its trials took in the recorded run against the whole sweep's and
+against the recorded run's first prune (`one_prune_seconds`). Those seconds are the recorded runs' own, on
+a machine often shared with other work (BENCHMARKS.md §5): a replayed cost, not a new timing.
 
     python bench/atp_search_replay.py                       # -> bench/results/atp_search_replay.json
 
@@ -52,6 +54,8 @@ def replay(path: str, row: dict, method: str, sparsity: float) -> dict:
             "golden_trials": len(order), "golden_order": [betas[i] for i in order],
             "recorded_sweep_trial_seconds": sum(secs), "golden_trial_seconds_recorded": sum(secs[i] for i in order),
             "recorded_search_seconds": row["search_seconds"], "recorded_one_prune_seconds": row["one_prune_seconds"],
+            "sweep_trial_seconds_over_one_prune": sum(secs) / row["one_prune_seconds"],
+            "golden_trial_seconds_over_one_prune": sum(secs[i] for i in order) / row["one_prune_seconds"],
             "per_trial_block_errors": any("blocks" in t or "cum_error" in t for t in row["trials"])}
 
 
@@ -69,12 +73,15 @@ def main() -> None:
     out = {"strategy": "golden (fibonacci_search)", "searches": rows,
            "all_same_beta": all(r["same_beta"] for r in rows)}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print("| setting | step | grid | unimodal | exhaustive β | golden β | golden trials | their recorded s | sweep s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| setting | step | grid | unimodal | exhaustive β | golden β | golden trials | their recorded s | sweep s | "
+          "one prune s | golden ÷ prune | sweep ÷ prune |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} {r['sparsity']:.0%} | {r['step']} | {r['grid_size']} | {'yes' if r['unimodal'] else 'no'} | "
               f"{r['exhaustive_beta']:.3f} | {r['golden_beta']:.3f} | {r['golden_trials']} | "
-              f"{r['golden_trial_seconds_recorded']:.0f} | {r['recorded_sweep_trial_seconds']:.0f} |")
+              f"{r['golden_trial_seconds_recorded']:.0f} | {r['recorded_sweep_trial_seconds']:.0f} | "
+              f"{r['recorded_one_prune_seconds']:.0f} | {r['golden_trial_seconds_over_one_prune']:.1f} | "
+              f"{r['sweep_trial_seconds_over_one_prune']:.1f} |")
 
 
 if __name__ == "__main__":
