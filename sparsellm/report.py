@@ -138,6 +138,13 @@ def _beta_decimals(search: dict) -> int:
     return max(4, 1 - math.floor(math.log10(step)))
 
 
+def _of_grid(search: dict) -> str:
+    """How the grid was searched, e.g. " (golden search, of 11 grid points)"; "" for older reports."""
+    if "strategy" not in search:
+        return ""
+    return f" ({search['strategy']} search, of {search['grid_size']} grid points)"
+
+
 def search_table(search: dict) -> str:
     """One row per ATP trial: β, the objective, seconds; the chosen β is marked."""
     o = search["objective"]
@@ -145,7 +152,7 @@ def search_table(search: dict) -> str:
     if o.get("also_evaluated") and not o["test_set_selection"]:
         flag += f" **(the {o['dataset']} evaluation below includes these windows: not held out from it)**"
     lines = [f"ATP β search: objective {o['metric']} on {o['windows']} windows{flag}; "
-             f"{len(search['trials'])} trials in {search['search_seconds']:.1f} s "
+             f"{len(search['trials'])} trials{_of_grid(search)} in {search['search_seconds']:.1f} s "
              f"(one prune: {search['one_prune_seconds']:.1f} s)", "",
              "| β | objective | prune s | trial s |", "|---|---|---|---|"]
     for t in search["trials"]:

@@ -159,6 +159,7 @@ SLOW = {
     "test_cli.py::test_happy_path_writes_complete_directory",
     "test_cli.py::test_reports_dir_may_contain_the_model",
     "test_layerwise.py::test_cli_search_counts_trials_on_the_models_depth",
+    "test_atp_search.py::test_golden_and_grid_pick_the_same_beta_end_to_end",
     "test_zeroshot.py::test_tiny_model_runs_every_task",
     "test_zeroshot.py::test_bundled_task_loads_with_all_documents[boolq]",
     "test_onnx_speed.py::test_a_wrong_graph_is_caught_by_the_logits_check",

@@ -210,7 +210,8 @@ def test_bad_allocation_settings(kwargs, match):
 # ------------------------------------------------------------------ ATP β search
 
 
-def test_search_refuses_to_choose_when_every_trial_diverges(tokenizer, monkeypatch):
+@pytest.mark.parametrize("strategy,tried", [("grid", 4), ("golden", 3)])
+def test_search_refuses_to_choose_when_every_trial_diverges(tokenizer, monkeypatch, strategy, tried):
     """All objectives inf or NaN: one clear error instead of a silent choice of β = 0 (and no log-scale plot
     of nothing)."""
     import sparsellm.allocate.atp_search
@@ -225,10 +226,10 @@ def test_search_refuses_to_choose_when_every_trial_diverges(tokenizer, monkeypat
     monkeypatch.setattr(sparsellm.allocate.atp_search, "perplexity", diverged)
     model = make_model("llama", num_hidden_layers=3, max_position_embeddings=256)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(UsageError, match="every β gave an infinite or NaN objective"):
+    with pytest.raises(UsageError, match=f"every β tried gave an infinite or NaN objective \\({tried} of 4 grid"):
         search(model, tokenizer, _ids(), "magnitude", 0.6, step=0.1, objective="wikitext2", objective_windows=1,
-               objective_seqlen=32, progress=False)
-    assert len(seen) == 4  # every β was tried
+               objective_seqlen=32, progress=False, strategy=strategy)
+    assert len(seen) == tried  # grid: every β was tried
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -246,7 +247,7 @@ def test_search_scores_every_beta_and_restores_the_model(tokenizer):
     before = copy.deepcopy(model.state_dict())
     ids = _ids()
     rep = search(model, tokenizer, ids, "wanda", 0.6, step=0.1, objective="wikitext2", objective_windows=2,
-                 objective_seqlen=32, progress=False)
+                 objective_seqlen=32, progress=False, strategy="grid")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert [t["beta"] for t in rep["trials"]] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     assert rep["objective"]["test_set_selection"] is True
@@ -272,7 +273,7 @@ def test_cli_allocate_search_writes_rates_plots_and_model(capsys, tmp_path, save
     save, out = tmp_path / "rep", tmp_path / "pruned"
     code = main(["--quiet", "allocate", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
                  "--nsamples", "2", "--seqlen", "16", "--allocation", "atp", "--search", "--atp_step", "0.2",
-                 "--sparsity_ratio", "0.5", "--objective", "wikitext2", "--objective_windows", "1",
+                 "--atp_search", "grid", "--sparsity_ratio", "0.5", "--objective", "wikitext2", "--objective_windows", "1",
                  "--eval", "wikitext2", "--eval_seqlen", "32", "--max_windows", "1", "--save", str(save),
                  "--save_model", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -320,7 +321,8 @@ def test_cli_search_counts_trials_on_the_models_depth(capsys, tmp_path, tokenize
     tokenizer.save_pretrained(d)
     args = ["--quiet", "allocate", "--model", str(d), "--calib_dataset", str(calib_txt), "--nsamples", "1",
             "--seqlen", "16", "--prune_method", "magnitude", "--allocation", "atp", "--search", "--sparsity_ratio",
-            "0.5", "--objective", "wikitext2", "--objective_windows", "1", "--objective_seqlen", "16", "--eval", "none"]
+            "0.5", "--objective", "wikitext2", "--objective_windows", "1", "--objective_seqlen", "16", "--atp_search",
+            "grid", "--eval", "none"]
     assert main([*args, "--atp_step", "0.05", "--save", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "ok" / "report.json").read_text())
     assert [t["beta"] for t in rep["search"]["trials"]] == pytest.approx([0.0, 0.05, 0.1, 0.15])  # 0.2 = β_max

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     add_flags(p)
     search = p.add_argument_group("ATP search")
     search.add_argument("--search", action="store_true",
-                        help="ATP: try β = 0, --atp_step, ... < β_max and keep the β with the lowest objective")
+                        help="ATP: search β on the grid 0, --atp_step, ... < β_max (--atp_search) and keep the β "
+                             "with the lowest objective")
     add_config(search, ATPSearchConfig())
     add_quiet(p)
     p.set_defaults(run=run)
