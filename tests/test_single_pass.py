@@ -229,3 +229,53 @@ def test_cli_single_engine_resumes_byte_identically_and_refuses_another_engine(t
     assert _shards(tmp_path / "out") == _shards(tmp_path / "ref")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["prune"]["options"]["engine"] == "single"
+
+
+def test_atp_search_trials_and_losa_prunes_use_the_chosen_engine(tmp_path, tokenizer, monkeypatch):
+    """`--engine` reaches every prune: the β search's trials, and LoSA's re-prunes (each spied on)."""
+    from sparsellm.adapt import losa
+    from sparsellm.allocate import atp_search
+    from sparsellm.engine import prune_blocks as real
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw.get("engine", "block"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(atp_search, "prune_blocks", spy)
+    model = make_model("llama", num_hidden_layers=3, max_position_embeddings=64)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    rep = atp_search.search(model, tokenizer, ids, "wanda", 0.5, step=0.1, objective_seqlen=16, objective_windows=1,
+                            progress=False, strategy="grid", engine="single")
+    assert len(seen) == len(rep["trials"]) >= 2 and set(seen) == {"single"}
+    seen.clear()
+    monkeypatch.setattr(losa, "prune_blocks", spy)
+    from conftest import sentences
+    from sparsellm.adapt import finetune
+    from sparsellm.adapt.train import text_examples
+    from test_losa import cfg
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences(300)), encoding="utf-8")
+    ex = text_examples(tokenizer, str(corpus), 8, 32, seed=1)
+    rep = finetune(make_model("llama"), tokenizer, cfg(corpus, engine="single", steps=2), ex, progress=False)
+    assert len(seen) == 2 and set(seen) == {"single"}
+    assert abs(rep["measured"]["sparsity"] - 0.5) < 0.02
+
+
+def test_resume_of_a_run_started_before_the_engine_setting(tmp_path, tokenizer, calib_txt):
+    """An OUT.partial whose resume.json predates `engine` resumes as the block engine it ran with."""
+    from sparsellm.cli import main
+    from test_lazy import _argv, _interrupted, _model_dir, _shards
+
+    d = _model_dir(tmp_path, tokenizer)
+    assert main(_argv(d, tmp_path / "ref", calib_txt)) == 0
+    _interrupted(tmp_path, d, calib_txt)
+    state_file = tmp_path / "out.partial" / "resume.json"
+    state = json.loads(state_file.read_text())
+    assert state["settings"].pop("engine") == "block"
+    state_file.write_text(json.dumps(state))
+    assert main(_argv(d, tmp_path / "out", calib_txt, "--resume", "--engine", "single")) == 2
+    assert main(_argv(d, tmp_path / "out", calib_txt, "--resume")) == 0
+    assert _shards(tmp_path / "out") == _shards(tmp_path / "ref")

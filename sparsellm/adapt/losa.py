@@ -203,7 +203,8 @@ def _reprune(job, dense: list, k: int, s_t: float, mean_rank: float) -> dict:
         rates, alloc = resolve_allocation(model, step_pc, calib, job.progress)
         t1 = time.perf_counter()
         blocks = prune_blocks(model, calib, pc.prune_method, rates, None, options=pc.options(),
-                              batch_size=pc.calibration.batch_size, progress=job.progress, on_block_end=record)
+                              batch_size=pc.calibration.batch_size, progress=job.progress, on_block_end=record,
+                              engine=pc.engine)
         pruned = linear_sparsity(model)["sparsity"]
     for m in lora_layers(model):
         m.refresh_mask()

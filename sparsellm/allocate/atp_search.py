@@ -152,7 +152,7 @@ def fibonacci_search(score, n: int) -> tuple[int, list[int]]:
 def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float, step: float = 0.002,
            objective: str = "c4", objective_windows: int = 8, objective_seqlen: int = 2048,
            options: dict | None = None, batch_size: int | None = None, progress: bool = True,
-           strategy: str = "golden") -> dict:
+           strategy: str = "golden", engine: str = "block") -> dict:
     """Search `beta_grid` with pruner `method` at mean sparsity `target` and return the report:
     {"best_beta", "best_rates", "beta_max", "step", "strategy", "grid_size", "trials": [{"beta", "rates",
     "objective", "prune_seconds", "seconds", "order"}] (the trials run, by β; `order` counts from 0 in the
@@ -162,8 +162,9 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
 
     calib_ids: (nsamples, seqlen) calibration windows. objective: "c4" (validation, default) or
     "wikitext2" (test-set selection). strategy: "golden" (`fibonacci_search`: about log_φ of the grid's size
-    trials) or "grid" (every β, the paper's sweep). Raises UsageError for a bad step, strategy or window count,
-    and when every trial's objective is inf or NaN (the pruned model diverges at this sparsity)."""
+    trials) or "grid" (every β, the paper's sweep). engine: the trials' engine ("block" or "single",
+    `engine.prune_blocks`). Raises UsageError for a bad step, strategy or window count, and when every
+    trial's objective is inf or NaN (the pruned model diverges at this sparsity)."""
     if objective_windows < 1:
         raise UsageError(f"--objective_windows must be >= 1, got {objective_windows}")
     if strategy not in STRATEGIES:
@@ -184,7 +185,7 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
         rates = atp.allocate(L, target, atp_beta=beta)
         try:
             prune_blocks(model, None, method, rates, options=options, batch_size=batch_size, progress=False,
-                         captured=captured)
+                         captured=captured, engine=engine)
             t_prune = time.perf_counter() - t0
             r = perplexity(model, tokenizer, objective, objective_seqlen, objective_windows, progress=False,
                            ids=objective_ids)

@@ -66,6 +66,8 @@ def check_room(out, nbytes: int, already: int = 0) -> None:
                          f"{free / 2**30:.2f} GiB free")
 
 
+_IMPLIED = {"engine": "block"}  # settings added since a run may have started, and the value it had
+
 class Partial:
     """OUT.partial: the progress of a streamed prune (see the module doc). It is created when the first
     block is finished, so a run refused or failing before that leaves nothing behind."""
@@ -105,7 +107,7 @@ class Partial:
         self.settings[key] = json.loads(json.dumps(mine, default=str))
         if self.state is None:
             return
-        old, mine = self.state["settings"].get(key), self.settings[key]
+        old, mine = self.state["settings"].get(key, _IMPLIED.get(key)), self.settings[key]
         if old != mine:
             while isinstance(old, dict) and isinstance(mine, dict):  # name the part that differs, in order
                 part = next(p for p in [*mine, *old] if old.get(p) != mine.get(p))
