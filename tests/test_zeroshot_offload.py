@@ -99,6 +99,7 @@ def test_in_memory_model_offloaded_to_disk_scores_like_its_own_logits(tokenizer)
         assert after[n] is p and p.device.type == "cpu" and torch.equal(p.detach(), value), n
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not hasattr(model, "hf_device_map") and not any(hasattr(mod, "_hf_hook") for mod in model.modules())
+    assert not any("forward" in mod.__dict__ for mod in model.modules())  # no instance attribute left behind
     assert _direct_loglikelihoods(model, tokenizer, REQUESTS) == pytest.approx(ref, rel=1e-6)
 
 

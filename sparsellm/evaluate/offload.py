@@ -143,6 +143,7 @@ def _in_place(model, device, max_memory: dict, offload_dir):
 
     saved = [(mod, table, k, t, t.data) for mod in model.modules() for table in (mod._parameters, mod._buffers)
              for k, t in table.items() if t is not None]
+    own_forward = {id(mod) for mod in model.modules() if "forward" in mod.__dict__}
     no_split = sorted(getattr(model, "_no_split_modules", None) or [])
     dmap = dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split))
     if set(dmap.values()) == {"disk"}:  # accelerate cannot offload the root module itself
@@ -158,6 +159,9 @@ def _in_place(model, device, max_memory: dict, offload_dir):
             t.data = data
             table[k] = t
         model.__dict__.pop("hf_device_map", None)
+        for mod in model.modules():  # accelerate leaves the original forward bound on the instance
+            if id(mod) not in own_forward:
+                mod.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
