@@ -97,3 +97,13 @@ def free_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return int(torch.cuda.mem_get_info(device)[0])
+
+
+def model_bytes(model) -> int:
+    """Bytes of `model`'s parameters and buffers (each tensor once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen and t.device.type != "meta":
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -227,7 +227,8 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
             from .single_pass import prune_block
 
             res = prune_block(model, i, block, pruner, rates[i], nm, options, X, kwargs[i], Y, batch_size,
-                              sharded, (k, kl), add_up, t0)
+                              sharded, (k, kl), add_up, t0, run_block=run_block, prune_linears=_prune_linears,
+                              block_entry=_block_entry)
         else:
             stats = _gather_stats(block, block_linears(model, block), pruner.needs,
                                   lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs

@@ -41,7 +41,7 @@ def summary_table(run: dict) -> str:
         "",
         f"method **{p['method']}**, {p['sparsity_type']}, target {p['target_sparsity']:.4f}, "
         f"measured {m['sparsity']:.4f} ({m['zeros']:,} zeros / {m['params']:,} block-linear weights)",
-        f"{calib}; dtype {p['dtype']}",
+        f"{calib}; dtype {p['dtype']}; engine {p.get('options', {}).get('engine', 'block')}",
         f"pruning {p['prune_seconds']:.1f} s, peak RSS {p['peak_rss_mib']:.0f} MiB, {p['threads']} threads",
     ]
     if p.get("input_already_sparse"):

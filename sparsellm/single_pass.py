@@ -242,14 +242,14 @@ def _first(out):
 
 
 def prune_block(model, i: int, block, pruner, rate, nm, options: dict, X, kwargs: dict, Y, batch_size: int,
-                sharded: bool, diag: tuple[int, int], add_up, t0, mode: str = "auto") -> dict:
+                sharded: bool, diag: tuple[int, int], add_up, t0, *, run_block, prune_linears, block_entry,
+                mode: str = "auto") -> dict:
     """Prune block i in one pass and return its report entry (as `engine._prune_block`'s): Y = the pruned
     block's outputs on X, each group pruned by `engine._prune_linears` from the statistics of its actual
     inputs, summed over the processes when `sharded` (`add_up` sums the error terms). diag = (k, kl): with k
     diagnostic windows in all, this process's first kl; the local error is then measured on them, with one
-    dense forward of those (else it is None)."""
-    from .engine import _block_entry, _prune_linears, run_block
-
+    dense forward of those (else it is None). run_block, prune_linears, block_entry: the block engine's
+    (`engine.run_block`, `engine._prune_linears`, `engine._block_entry`), passed in by it."""
     k, kl = diag
     linears = block_linears(model, block)
     prefix = f"{get_arch(model).blocks}.{i}"
@@ -265,7 +265,7 @@ def prune_block(model, i: int, block, pruner, rate, nm, options: dict, X, kwargs
         if sharded:
             distributed.all_reduce_stats(shared)
         check_stats(prefix, shared)
-        m, r = _prune_linears(model, i, {n: linears[n] for n in names}, pruner, shared, rate, nm, options)
+        m, r = prune_linears(model, i, {n: linears[n] for n in names}, pruner, shared, rate, nm, options)
         modules.update(m)
         refilled += r
 
@@ -278,4 +278,4 @@ def prune_block(model, i: int, block, pruner, rate, nm, options: dict, X, kwargs
         r = ref.float()
         num, den = add_up(float(((r - Y[:kl].to(r.device).float()) ** 2).sum()), float((r ** 2).sum()))
         err = (num / den) ** 0.5 if den > 0 else 0.0
-    return _block_entry(model, i, block, {n: modules[n] for n in linears}, refilled, err, t0)
+    return block_entry(model, i, block, {n: modules[n] for n in linears}, refilled, err, t0)

@@ -229,6 +229,7 @@ def test_cli_single_engine_resumes_byte_identically_and_refuses_another_engine(t
     assert _shards(tmp_path / "out") == _shards(tmp_path / "ref")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["prune"]["options"]["engine"] == "single"
+    assert "engine single" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_atp_search_trials_and_losa_prunes_use_the_chosen_engine(tmp_path, tokenizer, monkeypatch):
@@ -279,3 +280,4 @@ def test_resume_of_a_run_started_before_the_engine_setting(tmp_path, tokenizer, 
     assert main(_argv(d, tmp_path / "out", calib_txt, "--resume", "--engine", "single")) == 2
     assert main(_argv(d, tmp_path / "out", calib_txt, "--resume")) == 0
     assert _shards(tmp_path / "out") == _shards(tmp_path / "ref")
+

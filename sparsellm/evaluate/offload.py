@@ -93,7 +93,7 @@ def dispatched(model, device, max_memory: dict | None = None, reserve: int = 0, 
     nowhere are written (default a temporary directory under $TMPDIR, removed on exit).
     On exit an in-memory model is restored exactly (same parameter objects and tensors); a model loaded
     from the checkpoint is dropped. Raises UsageError when the checkpoint cannot be loaded this way."""
-    from ..runs.placement import model_bytes
+    from ..devices import model_bytes
 
     lazy = getattr(model, "sparsellm_lazy", None)
     own_tmp = offload_dir is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from ..devices import model_bytes
 from ..errors import UsageError
 from ..lazy import lazy_import
 
@@ -22,16 +23,6 @@ torch = lazy_import("torch")
 log = logging.getLogger("sparsellm")
 
 FIT = 0.8  # the share of the device's free memory the weights may take (the rest: activations, optimiser, copies)
-
-
-def model_bytes(model) -> int:
-    """Bytes of `model`'s parameters and buffers (each tensor once)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen and t.device.type != "meta":
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
 
 
 def place(model, device, copies: float = 1.0, need_whole: bool = False, what: str = "the run") -> str:
