@@ -9,7 +9,7 @@ the machine falls on both alike, and the block's weights are restored before eve
 
   forward      the block's dense forward over the windows, no hooks (engine.run_block)
   statistics   the time inside LayerStats.add (the hooks), measured around every call
-  prune        engine._prune_linears: all the block's linears, wall time, not profiled
+  prune        block_work.prune_linears: all the block's linears, wall time, not profiled
   replay       the pruned block's forward with the reconstruction error (run_block(compare=True))
 
 and, in one extra profiled (torch.profiler) prune per variant, the prune phase split by operator:
@@ -41,7 +41,8 @@ import torch
 
 from sparsellm import engine
 from sparsellm.data import calibration_windows
-from sparsellm.engine import _gather_stats, _prune_linears, auto_batch_size, capture_inputs, run_block
+from sparsellm.block_work import gather_stats as _gather_stats, prune_linears as _prune_linears, run_block
+from sparsellm.engine import auto_batch_size, capture_inputs
 from sparsellm.models import block_linears, get_blocks, load_model
 from sparsellm.prune import LayerStats
 from sparsellm.provenance import versions

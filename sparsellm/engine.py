@@ -20,12 +20,12 @@ import time
 
 from tqdm.auto import tqdm
 
-from . import distributed
-from .checks import check_stats, check_tensor
+from . import distributed, single_pass
+from .checks import check_stats
 from .lazy import lazy_import, no_grad
 from .models import block_linears, get_arch, get_blocks
 from .onload import fits_on_device, onloader
-from .prune import LayerStats
+from .block_work import gather_stats, log_block, prune_block, run_block
 from .registry import get
 
 torch = lazy_import("torch")
@@ -44,10 +44,6 @@ def auto_batch_size(seqlen: int, tokens: int = 2048) -> int:
 
 class _Stop(Exception):
     pass
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @no_grad
@@ -124,25 +120,6 @@ def _activation_buffer(model, shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-def run_block(block: nn.Module, X: torch.Tensor, kwargs: dict, out: torch.Tensor, batch_size: int = 1,
-              compare: bool = False) -> tuple[float, float]:
-    """out[b] = block(X[b]) over micro-batches. With `compare`, out holds the reference outputs on entry
-    and the function returns (Σ‖ref − new‖², Σ‖ref‖²) before overwriting them. Micro-batches of X held
-    off the block's device (pinned CPU memory) are moved there and back."""
-    kw = dict(kwargs)
-    args = kw.pop("_args", ())
-    device = next(block.parameters()).device
-    num = den = 0.0
-    for b in range(0, X.shape[0], batch_size):
-        y = _first(block(X[b : b + batch_size].to(device, non_blocking=True), *args, **kw))
-        if compare:
-            ref = out[b : b + batch_size].to(device).float()
-            num += float(((ref - y.float()) ** 2).sum())
-            den += float((ref ** 2).sum())
-        out[b : b + batch_size] = y.to(out.device)
-    return num, den
-
-
 @no_grad
 def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, rates: list, nm=None,
                  options: dict | None = None, batch_size: int | None = None, progress: bool = True,
@@ -184,7 +161,7 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
     if pruner.needs == "none" and not diag_nsamples:  # magnitude: no forwards, no reconstruction error
         for i in range(start, len(blocks)):
             t0 = time.perf_counter()
-            res = _log_block(_prune_block(model, i, on.block(i), pruner, None, rates[i], nm, options, t0))
+            res = log_block(prune_block(model, i, on.block(i), pruner, None, rates[i], nm, options, t0))
             on.release(i, changed=True)
             results.append(res)
             if on_block_end is not None:
@@ -224,19 +201,16 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
         if k:
             run_block(block, D, kwargs[i], Dn, batch_size)  # dense block on dense inputs
         if engine == "single":
-            from .single_pass import prune_block
-
-            res = prune_block(model, i, block, pruner, rates[i], nm, options, X, kwargs[i], Y, batch_size,
-                              sharded, (k, kl), add_up, t0, run_block=run_block, prune_linears=_prune_linears,
-                              block_entry=_block_entry)
+            res = single_pass.prune_block(model, i, block, pruner, rates[i], nm, options, X, kwargs[i], Y,
+                                          batch_size, sharded, (k, kl), add_up, t0)
         else:
-            stats = _gather_stats(block, block_linears(model, block), pruner.needs,
-                                  lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
+            stats = gather_stats(block, block_linears(model, block), pruner.needs,
+                                 lambda: run_block(block, X, kwargs[i], Y, batch_size))  # Y = dense outputs
             if sharded:
                 distributed.all_reduce_stats(stats)
             check_stats(f"{get_arch(model).blocks}.{i}", stats)
-            res = _prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
-                               lambda: add_up(*run_block(block, X, kwargs[i], Y, batch_size, compare=True)))
+            res = prune_block(model, i, block, pruner, stats, rates[i], nm, options, t0,
+                              lambda: add_up(*run_block(block, X, kwargs[i], Y, batch_size, compare=True)))
             del stats
         on.release(i, changed=True)
         X, Y = Y, X
@@ -247,7 +221,7 @@ def prune_blocks(model: nn.Module, input_ids: torch.Tensor | None, method: str, 
             res["cum_error"] = (num / den) ** 0.5 if den > 0 else 0.0
             D, Dn = Dn, D
         res["seconds"] = time.perf_counter() - t0
-        results.append(_log_block(res))
+        results.append(log_block(res))
         if on_block_end is not None:
             on_block_end(i, X, D, res)
     return results
@@ -275,7 +249,7 @@ def dense_walk(model: nn.Module, input_ids: torch.Tensor, need: str | None = Non
         forward = lambda: run_block(block, X, kwargs[i], Y, batch_size)  # noqa: E731
         stats = None
         if need is not None:
-            stats = _gather_stats(block, block_linears(model, block), need, forward)
+            stats = gather_stats(block, block_linears(model, block), need, forward)
             if sharded:
                 distributed.all_reduce_stats(stats)
             check_stats(f"{get_arch(model).blocks}.{i}", stats)
@@ -301,102 +275,6 @@ def block_outputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int | N
         on.release(i)
         yield i, Y
         X, Y = Y, X
-
-
-def _gather_stats(block, linears: dict, need: str, forward) -> dict:
-    """Run `forward()` with hooks that accumulate each linear's input statistics (fp32). Linears that read
-    the very same tensor (q/k/v, gate/up) share one LayerStats, gathered once."""
-    stats = {name: LayerStats() for name in linears}
-    alias, last = {}, {}
-
-    def make_hook(name):
-        def hook(mod, inp, out):
-            x = inp[0]
-            owner = next((n for n, t in last.items() if t is x and n != name), None)
-            if owner is not None:
-                alias[name] = owner
-                return
-            last[name] = x  # only the current micro-batch's inputs are kept alive
-            stats[name].add(x, need)
-        return hook
-
-    handles = [lin.register_forward_hook(make_hook(name)) for name, lin in linears.items()]
-    try:
-        forward()
-    finally:
-        for h in handles:
-            h.remove()
-        last.clear()
-    for name, owner in alias.items():
-        stats[name] = stats[owner]
-    return stats
-
-
-def _prune_block(model, i, block, pruner, stats, rate, nm, options, t0, replay=None) -> dict:
-    """Prune every linear of block i at `rate` (or `nm`), then `replay()` the block if given, which returns
-    (Σ‖ref − new‖², Σ‖ref‖²) for the relative reconstruction error. Returns the block's report entry."""
-    modules, refilled = _prune_linears(model, i, block_linears(model, block), pruner, stats, rate, nm, options)
-    err = None
-    if replay is not None:
-        num, den = replay()
-        err = (num / den) ** 0.5 if den > 0 else 0.0
-    return _block_entry(model, i, block, modules, refilled, err, t0)
-
-
-def _block_entry(model, i, block, modules: dict, refilled: int, err, t0) -> dict:
-    """Block i's report entry from its linears' entries (`_prune_linears`) and its local error `err`."""
-    linears = block_linears(model, block)
-    total = sum(lin.weight.numel() for lin in linears.values())
-    target = sum(modules[n]["target"] * lin.weight.numel() for n, lin in linears.items()) / total
-    zeros = sum(m["measured"] * linears[n].weight.numel() for n, m in modules.items())
-    zeros_before = sum(round(m["input"] * linears[n].weight.numel()) for n, m in modules.items())
-    return {"block": i, "target": target, "measured": zeros / total, "rel_error": err, "cum_error": None,
-            "seconds": time.perf_counter() - t0, "modules": modules, "refilled": refilled, "params": total,
-            "zeros": round(zeros), "input_zeros": zeros_before}
-
-
-def _prune_linears(model, i, linears: dict, pruner, stats: dict | None, rate, nm, options: dict) -> tuple[dict, int]:
-    """Prune the linears {name: nn.Linear} of block i (all of them or a subset) in place at `rate` (a float
-    or {name: rate}; with `nm`, its sparsity), `stats` {name: LayerStats} or None (popped as they are used).
-    Linears that share one LayerStats (q/k/v, gate/up: `_gather_stats`) go through the pruner's `group` form
-    at once when it has one (SparseGPT: one stacked OBS), else one by one. Returns ({name: {"target",
-    "measured", "input"}} in `linears`' order, input is the fraction of zeros before pruning; and the count
-    of those zeros that are not zero after it). Raises NonFiniteError naming the linear (weight or result)."""
-    prefix, groups, modules, refilled = f"{get_arch(model).blocks}.{i}", {}, {}, 0
-    for name in linears:
-        shared = pruner.group is not None and stats is not None and stats.get(name) is not None
-        groups.setdefault(id(stats[name]) if shared else name, []).append(name)
-    for name, lin in linears.items():
-        check_tensor(lin.weight.data, f"{prefix}.{name}", "weight")
-        r = (rate[name] if isinstance(rate, dict) else rate) if nm is None else nm.sparsity
-        modules[name] = {"target": r, "measured": None, "input": float((lin.weight == 0).sum()) / lin.weight.numel()}
-    for names in groups.values():
-        st = [stats and stats.pop(n) for n in names][-1]  # popped: freed when used
-        todo = [n for n in names if modules[n]["target"] > 0 or nm is not None]
-        zero = {n: linears[n].weight.data == 0 for n in todo if modules[n]["input"]}
-        if len(todo) > 1:  # the weights as they are (read only); group converts them to fp32
-            new = pruner.group([linears[n].weight.data for n in todo], st, [modules[n]["target"] for n in todo],
-                               nm, **options)
-        else:
-            new = [pruner.fn(linears[n].weight.data.float(), st, modules[n]["target"], nm, **options) for n in todo]
-        for name, w in zip(todo, new):
-            check_tensor(w, f"{prefix}.{name}", f"the {pruner.name}-pruned weight")
-            W = linears[name].weight.data
-            W.copy_(w.to(W.dtype))
-            refilled += int((zero[name] & (W != 0)).sum()) if name in zero else 0
-        del new
-    for name, lin in linears.items():
-        modules[name]["measured"] = float((lin.weight == 0).sum()) / lin.weight.numel()
-    return modules, refilled
-
-
-def _log_block(res: dict) -> dict:
-    def fmt(e):
-        return "-" if e is None else f"{e:.4e}"
-
-    log.info("block %3d  target %.4f  measured %.4f  rel_error %s  cum_error %s  %.2fs", res["block"],
-             res["target"], res["measured"], fmt(res["rel_error"]), fmt(res["cum_error"]), res["seconds"])
-    return res
 
 
 def blocks_sparsity(results: list[dict], before: bool = False) -> dict:

@@ -35,6 +35,7 @@ import logging
 import threading
 
 from . import distributed
+from .block_work import _first, block_entry, prune_linears, run_block
 from .checks import check_stats
 from .errors import UsageError
 from .lazy import lazy_import
@@ -237,19 +238,13 @@ def _recompute(spans, run, release) -> None:
         _tls.window = outer
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def prune_block(model, i: int, block, pruner, rate, nm, options: dict, X, kwargs: dict, Y, batch_size: int,
-                sharded: bool, diag: tuple[int, int], add_up, t0, *, run_block, prune_linears, block_entry,
-                mode: str = "auto") -> dict:
-    """Prune block i in one pass and return its report entry (as `engine._prune_block`'s): Y = the pruned
-    block's outputs on X, each group pruned by `engine._prune_linears` from the statistics of its actual
+                sharded: bool, diag: tuple[int, int], add_up, t0, mode: str = "auto") -> dict:
+    """Prune block i in one pass and return its report entry (as `block_work.prune_block`'s): Y = the pruned
+    block's outputs on X, each group pruned by `block_work.prune_linears` from the statistics of its actual
     inputs, summed over the processes when `sharded` (`add_up` sums the error terms). diag = (k, kl): with k
     diagnostic windows in all, this process's first kl; the local error is then measured on them, with one
-    dense forward of those (else it is None). run_block, prune_linears, block_entry: the block engine's
-    (`engine.run_block`, `engine._prune_linears`, `engine._block_entry`), passed in by it."""
+    dense forward of those (else it is None)."""
     k, kl = diag
     linears = block_linears(model, block)
     prefix = f"{get_arch(model).blocks}.{i}"

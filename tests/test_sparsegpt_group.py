@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from sparsellm import engine
+from sparsellm import block_work, engine
 from sparsellm.models import block_linears, get_blocks
 from sparsellm.prune import LayerStats, sparsegpt
 from sparsellm.prune.masks import NM
@@ -134,7 +134,7 @@ def test_prune_linears_on_a_subset():
     stats = {**{n: shared for n in subset}, other: LayerStats()}
     ref = {n: sparsegpt.prune(lin.weight.detach().clone(), shared, 0.5, None) for n, lin in subset.items()}
     untouched = linears[other].weight.detach().clone()
-    modules, refilled = engine._prune_linears(model, 0, subset, get("pruner", "sparsegpt"), stats, 0.5, None, {})
+    modules, refilled = block_work.prune_linears(model, 0, subset, get("pruner", "sparsegpt"), stats, 0.5, None, {})
     assert list(modules) == list(subset) and refilled == 0 and list(stats) == [other]
     assert torch.equal(linears[other].weight, untouched)
     for n, lin in subset.items():
