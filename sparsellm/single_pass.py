@@ -119,8 +119,8 @@ def live_bytes(model, block, tokens: int, dtype) -> int:
     2 · the widest linear input values per token. The tensors alive at a stop (residual, normed input,
     rotated q/k, v, attention output, MLP intermediate) are about 4 · hidden + the widest input; the rest is
     the heap that the micro-batches' threads keep (glibc gives each thread its own arena). Measured on
-    SmolLM2-135M (hidden 576, intermediate 1536), 64 × 512 windows: a rise of 2.0 GB over the block engine's
-    0.3 GB, against 1.0 GB from this formula (BENCHMARKS.md §10)."""
+    SmolLM2-135M (hidden 576, intermediate 1536), 64 × 512 windows: a peak RSS of 2.9 GB against the block
+    engine's 1.3 GB (BENCHMARKS.md §10); this formula gives 1.0 GB for those windows."""
     linears = block_linears(model, block).values()
     widest = max(lin.in_features for lin in linears)
     hidden = getattr(model.config, "hidden_size", None) or widest
