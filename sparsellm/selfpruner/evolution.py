@@ -132,12 +132,17 @@ def write_state(path: Path, state: dict) -> None:
 
 
 def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, resume: bool = False,
-               settings: dict | None = None) -> dict:
+           settings: dict | None = None, fitness_many=None) -> dict:
     """Evolve rate vectors of length `n_blocks`; `fitness(rates) -> float` (lower is better). `ops` has
     init(n, ctx), select(pop, n, ctx), crossover(pairs, ctx), mutate(parents, ctx) returning rate vectors
     (select returns index pairs into pop), plus a `stats()` dict (fallback counts). With `state_path`,
     the state is written after every generation; `resume` continues from it (same `settings` required).
-    Returns the final state: population (sorted by fitness), history, cache, evals, seconds."""
+    Returns the final state: population (sorted by fitness), history, cache, evals, seconds.
+
+    fitness_many(list of rate vectors) -> list of floats, in the same order: how one generation's new
+    candidates are scored (e.g. in parallel, `parallel.py`); default: `fitness` on each in turn. Each
+    generation's children are repaired first, and only the distinct vectors not in the cache are scored, so
+    the state is the same whichever scores them."""
     config.validate()
     rng = random.Random(config.seed)
     settings = {"search": asdict(config), "n_blocks": n_blocks, **(settings or {})}
@@ -170,13 +175,25 @@ def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, r
                  "seconds": 0.0}
     cache = state["cache"]
 
-    def evaluate(rates, origin):
-        rates = repair(rates, config.target_rate, config.max_rate)
-        k = key_of(rates, config.decimals)
-        if k not in cache:
-            cache[k] = float(fitness(rates))
-            state["evals"] += 1
-        return {"rates": rates, "fitness": cache[k], "origin": origin, "key": k}
+    score_many = fitness_many or (lambda vs: [fitness(v) for v in vs])
+
+    def evaluate(vectors, origins):
+        """Repair `vectors`, score the distinct ones not yet in the cache (one call), return the individuals."""
+        inds = []
+        for v, origin in zip(vectors, origins):
+            rates = repair(v, config.target_rate, config.max_rate)
+            inds.append({"rates": rates, "origin": origin, "key": key_of(rates, config.decimals)})
+        todo = list({i["key"]: i["rates"] for i in inds if i["key"] not in cache}.items())
+        if todo:
+            scores = score_many([r for _, r in todo])
+            if len(scores) != len(todo):
+                raise RuntimeError(f"fitness_many returned {len(scores)} scores for {len(todo)} candidates")
+            for (k, _), f in zip(todo, scores):
+                cache[k] = float(f)
+            state["evals"] += len(todo)
+        for i in inds:
+            i["fitness"] = cache[i["key"]]
+        return inds
 
     def survive(pop):
         seen, out = set(), []
@@ -204,17 +221,16 @@ def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, r
         t0 = time.perf_counter()
         ctx = Context(n_blocks, config.target_rate, config.max_rate, 0, rng, config.seed)
         init = ops.init(config.population, ctx)
-        state["population"] = survive([evaluate(v, "init") for v in init])
+        state["population"] = survive(evaluate(init, ["init"] * len(init)))
         checkpoint(0, t0, len(init))
     for g in range(state["generation"] + 1, config.generations + 1):
         t0 = time.perf_counter()
         ctx = Context(n_blocks, config.target_rate, config.max_rate, g, rng, config.seed)
         pop = state["population"]
         pairs = ops.select(pop, max(config.crossover, config.mutation), ctx)
-        children = [evaluate(v, "crossover") for v in ops.crossover([(pop[i], pop[j]) for i, j in pairs[:config.crossover]], ctx)] \
-            if config.crossover else []
-        if config.mutation:
-            children += [evaluate(v, "mutation") for v in ops.mutate([pop[i] for i, _ in pairs[:config.mutation]], ctx)]
+        crossed = ops.crossover([(pop[i], pop[j]) for i, j in pairs[:config.crossover]], ctx) if config.crossover else []
+        mutated = ops.mutate([pop[i] for i, _ in pairs[:config.mutation]], ctx) if config.mutation else []
+        children = evaluate(crossed + mutated, ["crossover"] * len(crossed) + ["mutation"] * len(mutated))
         state["population"] = survive(pop + children)
         checkpoint(g, t0, len(children))
     return state
