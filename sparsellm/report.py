@@ -222,10 +222,10 @@ def search_markdown(run: dict) -> str:
              f"(each block in [0, {r['max_rate']:g}])",
              f"parameters {r['params_dense']:,} → {r['params_pruned']:,} ({r['params_pruned'] / r['params_dense']:.3f} of dense)"
              + (f", weights on disk {r['weights_mib']:.1f} MiB" if "weights_mib" in r else ""),
-             f"{r['evals']} fitness evaluations over {r['generations']} generations in {r['search_seconds']:.1f} s "
+             f"{r['evals']:g} fitness evaluations over {r['generations']} generations in {r['search_seconds']:.1f} s "
              f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
              f"{r['fitness']['windows']} windows) {r['best_fitness']:.4f}"]
-    if ops:
+    if "calls" in ops:
         lines.append(f"LLM calls {ops.get('calls', 0)}, invalid replies {ops.get('invalid_replies', 0)}, "
                      f"GA fallbacks {ops.get('fallbacks', {})}")
     lines += ["", "rates: " + " ".join(f"{x:.3f}" for x in r["best_rates"])]

@@ -273,10 +273,12 @@ def test_each_backend_is_registered_with_its_own_config():
     from sparsellm.selfpruner import LLMConfig, LocalConfig, OpenAIConfig
     from sparsellm.config import flat_defaults
 
-    assert registry.names("search_backend") == ["ga", "openai", "local", "uniform"]
+    assert registry.names("search_backend") == ["ga", "openai", "local", "uniform", "evopress"]
     configs = {n: registry.get("search_backend", n).config for n in registry.names("search_backend")}
+    from sparsellm.selfpruner.evopress import EvoPressConfig
+
     assert configs == {"ga": registry.NoConfig, "openai": OpenAIConfig, "local": LocalConfig,
-                       "uniform": registry.NoConfig}
+                       "uniform": registry.NoConfig, "evopress": EvoPressConfig}
     assert flat_defaults(OpenAIConfig) == {"llm_base_url": None, "llm_model": None, "llm_api_key_env": "OPENAI_API_KEY",
                                            "llm_temperature": 0.7, "llm_retries": 2}
     assert flat_defaults(LocalConfig) == {"local_model": "smollm2-135m", "llm_temperature": 0.7, "llm_retries": 2}

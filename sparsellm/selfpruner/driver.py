@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ..config import at_least, setting
+from ..lazy import lazy_import
 from ..errors import UsageError
 from ..evaluate.perplexity import eval_tokens, perplexity
 from ..models import context_length, get_blocks
@@ -18,6 +19,7 @@ from ..onload import ATTR
 from ..structured import GQA_MODES, METRICS, count_params, geometry, importance, prune_structured, struct_spec
 from .evolution import SearchConfig, evolve, repair
 
+torch = lazy_import("torch")
 log = logging.getLogger("sparsellm")
 
 
@@ -82,11 +84,15 @@ def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Stru
     `device` (None: left there) for its fitness and final scores. The returned model is on `device`."""
     structure, fit = structure or Structure(), fitness or Fitness()
     metric, gqa, seqlen = structure.metric, structure.gqa, min(fit.fitness_seqlen, context_length(model))
+    c4 = eval_tokens(tok, "c4", seqlen)
+    pool = c4.shape[1] // seqlen
+    if hasattr(ops, "search") and ops.config.evo_pool > pool:  # refused before the importance pass
+        raise UsageError(f"--evo_pool {ops.config.evo_pool} is more than the {pool} C4-validation windows of "
+                         f"{seqlen} tokens")
     t0 = time.perf_counter()
     imp = importance(model, calib_ids, metric, batch_size=batch_size, progress=progress)
     imp_seconds = time.perf_counter() - t0
     L = len(get_blocks(model))
-    c4 = eval_tokens(tok, "c4", seqlen)
     state_settings = {"metric": metric, "gqa": gqa, "fitness": ["c4", fit.fitness_windows, seqlen],
                       **(settings or {})}
 
@@ -99,15 +105,22 @@ def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Stru
             m.to(device)
         return m, rep
 
-    def score(rates):
+    def score(rates, windows=None):
+        """C4 perplexity of the model shrunk at `rates`: on the first fitness_windows windows, or on the given
+        window indices (EvoPress's stages)."""
         m, _ = shrunk(rates)
-        return perplexity(m, tok, "c4", seqlen, fit.fitness_windows, progress=False, ids=c4)["ppl"]
+        ids = c4 if windows is None else torch.cat([c4[:, w * seqlen:(w + 1) * seqlen] for w in windows], 1)
+        n = fit.fitness_windows if windows is None else len(windows)
+        return perplexity(m, tok, "c4", seqlen, n, progress=False, ids=ids)["ppl"]
 
     t1 = time.perf_counter()
     if ops is None:
         rates = repair([config.target_rate] * L, config.target_rate, config.max_rate)
         state = {"population": [{"rates": rates, "fitness": score(rates), "origin": "uniform"}], "history": [],
                  "evals": 1, "generation": 0}
+    elif hasattr(ops, "search"):  # a backend with its own loop (EvoPress)
+        state = ops.search(lambda vs, w: [score(v, w) for v in vs], L, config, fit.fitness_windows, state_path,
+                           resume, state_settings)
     else:
         state = evolve(score, L, config, ops, state_path, resume, state_settings)
     search_seconds = time.perf_counter() - t1
