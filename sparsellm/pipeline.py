@@ -57,7 +57,8 @@ class PruneConfig:
                                                  "by an N:M --sparsity_type")
     sparsity_type: str = setting("unstructured", "unstructured, or N:M = keep N of every M input weights "
                                                  "(2:4, 4:8, ...)")
-    allocation: str = setting("uniform", "layer-wise sparsity: uniform, atp (with --atp_beta), owl, rmi, or "
+    allocation: str = setting("uniform", "layer-wise sparsity: uniform, atp (with --atp_beta), owl, rmi, search "
+                                         "(GA or EvoPress search of per-block rates on held-out C4), or "
                                          "file:rates.json (a list, or a dict by block index, whose mean is the target)")
     diag_nsamples: int | None = setting(None, "windows also run through the dense blocks for the cumulative "
                                               "reconstruction error per block (default when left out: 8, or 0 for "
@@ -221,7 +222,7 @@ def prune(model, tokenizer, config: PruneConfig, calib_ids: torch.Tensor | None 
     c = config.calibration
     if calib_ids is None:
         calib_ids = calibration_windows(tokenizer, c.calib_dataset, c.nsamples, seqlen, c.seed)
-    rates, alloc = rates or resolve_allocation(model, config, calib_ids, progress)
+    rates, alloc = rates or resolve_allocation(model, config, calib_ids, progress, tokenizer=tokenizer)
     t0 = time.perf_counter()
     blocks = prune_blocks(model, calib_ids, config.prune_method, rates, config.nm, options=config.options(),
                           batch_size=c.batch_size, progress=progress, diag_nsamples=config.diag,

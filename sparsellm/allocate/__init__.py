@@ -35,10 +35,11 @@ def check_rates(rates: list[float], num_blocks: int, target: float, tol: float =
     return rates
 
 
-def resolve_allocation(model, config, calib_ids=None, progress: bool = True) -> tuple[list, dict]:
+def resolve_allocation(model, config, calib_ids=None, progress: bool = True, tokenizer=None) -> tuple[list, dict]:
     """Per-block rates for a `PruneConfig`'s allocation, and the report entry describing them.
 
     calib_ids: (nsamples, seqlen) calibration windows; only allocators with `needs="data"` read them.
+    tokenizer: for allocators that score text (`search`: held-out C4 perplexity).
     Returns (rates, info): rates[i] is a float, or for OWL's layer granularity a dict {linear name: rate};
     info has the allocation's name, its own settings and statistics, the per-block rates (parameter-weighted
     for dicts), `layer_rates` for dicts, and `seconds`. Raises UsageError for invalid rates."""
@@ -51,7 +52,7 @@ def resolve_allocation(model, config, calib_ids=None, progress: bool = True) -> 
     method = get("allocator", config.allocation_name)
     rates, extra = method.fn(model, calib_ids, config.sparsity_ratio, config.allocator,
                              prune_method=config.prune_method, batch_size=config.calibration.batch_size,
-                             progress=progress)
+                             progress=progress, tokenizer=tokenizer)
 
     def block_rate(block, rate) -> float:
         if not isinstance(rate, dict):
@@ -74,5 +75,6 @@ from . import atp  # noqa: E402
 from . import owl  # noqa: E402
 from . import rmi  # noqa: E402
 from . import from_file  # noqa: E402
+from . import search  # noqa: E402
 
-__all__ = ["check_rates", "resolve_allocation", "atp", "owl", "rmi", "uniform", "from_file"]
+__all__ = ["check_rates", "resolve_allocation", "atp", "owl", "rmi", "uniform", "from_file", "search"]

@@ -167,7 +167,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         pc.allocator.atp_beta = details["search"]["best_beta"]
         record.config["atp_beta"] = pc.allocator.atp_beta
         record.timings["search"] = details["search"]["search_seconds"]
-    rates = resolve_allocation(model, pc, calib, progress)
+    rates = resolve_allocation(model, pc, calib, progress, tokenizer=tok)
     details["allocation"] = rates[1]
     record.timings["allocation"] = rates[1]["seconds"]
     if cfg.command == "prune" or names or model_dir_out is not None:
