@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ALLOCATIONS = ["uniform", "owl", "atp", "rmi"]
+ALLOCATIONS = ["uniform", "owl", "atp", "rmi"]  # also: search (not in the default set)
 
 
 def allocate_cmd(args, allocation: str, save: Path, batch_size: int | None = None) -> list[str]:
@@ -52,7 +52,11 @@ def recorded(cmd: list[str], names: dict[Path, str]) -> str:
 
 def run(args, allocation: str, work: Path) -> dict:
     save = work / allocation
-    cmd = allocate_cmd(args, allocation, save, args.batch_size)
+    if allocation.startswith("search"):  # search (EvoPress loop) or search-ga: `--allocation search`
+        cmd = allocate_cmd(args, "search", save, args.batch_size) + [
+            "--search_loop", allocation.partition("-")[2] or "evopress", "--search_budget", str(args.search_budget)]
+    else:
+        cmd = allocate_cmd(args, allocation, save, args.batch_size)
     if args.eval_windows:
         cmd += ["--max_windows", str(args.eval_windows)]
     if allocation == "atp":
@@ -78,6 +82,11 @@ def run(args, allocation: str, work: Path) -> dict:
                    best_beta=s["best_beta"], beta_max=s["beta_max"], search_seconds=s["search_seconds"],
                    one_prune_seconds=s["one_prune_seconds"], objective=s["objective"],
                    trials=[{k: t[k] for k in ("beta", "objective", "seconds")} for t in s["trials"]])
+    if "search_loop" in rep["allocation"]:
+        a = rep["allocation"]
+        out.update({k: a[k] for k in ("search_loop", "search_budget", "search_lambda", "evals", "generations",
+                                      "uniform_fitness", "best_fitness", "fitness", "database_seconds",
+                                      "search_seconds")})
     if "outlier_ratio" in rep["allocation"]:
         out["outlier_ratio"] = rep["allocation"]["outlier_ratio"]
     return out
@@ -135,7 +144,7 @@ def table(files: list[str]) -> str:
             print(f"--table: skipping {f}, not a layerwise_bench result file", file=sys.stderr)
             continue
         for r in res["runs"]:
-            alloc_s = r.get("search_seconds", r["allocation_seconds"])
+            alloc_s = r["search_seconds"] if "best_beta" in r else r["allocation_seconds"]
             full = f"{r['ppl_all']:.2f} ({r['windows_all']})" if "ppl_all" in r else ""
             if "ppl_all_first" in r:
                 full += f"; re-prune, first {r['windows']}: {r['ppl_all_first']:.2f}"
@@ -161,6 +170,8 @@ def main() -> None:
                     "about 2048 tokens; with --full_eval, the row's own if it recorded one). SparseGPT's masks (rarely "
                     "Wanda's) move with it through float rounding")
     ap.add_argument("--out")
+    ap.add_argument("--search_budget", type=int, default=60,
+                    help="fitness evaluations of the search rows (search, search-ga: --allocation search)")
     ap.add_argument("--append", action="store_true",
                     help="add these allocations to an existing --out of the same setting (a rerun replaces its row)")
     ap.add_argument("--full_eval", action="store_true",

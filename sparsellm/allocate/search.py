@@ -39,7 +39,8 @@ class RateSearchConfig:
 
     search_loop: str = setting("evopress", "searched rates: the search loop (evopress or ga)", choices=LOOPS)
     search_budget: int = setting(60, "searched rates: fitness evaluations")
-    search_lambda: float = setting(0.1, "searched rates: every rate stays within S ± λ")
+    search_lambda: float | None = setting(None, "searched rates: every rate stays within S ± λ (default: "
+                                                "min(0.2, 0.9·min(S, 1 − S)))")
     search_windows: int = setting(4, "searched rates: C4-validation windows per fitness")
     search_seqlen: int = setting(512, "searched rates: tokens per fitness window")
     search_seed: int = setting(0, "searched rates: seed of the search")
@@ -49,6 +50,8 @@ class RateSearchConfig:
             raise UsageError(f"--search_loop must be one of {', '.join(LOOPS)}, got {self.search_loop!r}")
         if self.search_budget < 9:
             raise UsageError(f"--search_budget must be >= 9 fitness evaluations, got {self.search_budget}")
+        if self.search_lambda is None:
+            self.search_lambda = min(0.2, 0.9 * min(target, 1 - target)) if target > 0 else 0.0
         if not (0 < self.search_lambda <= target and target + self.search_lambda < 1):
             raise UsageError(f"--search_lambda must be in (0, min(S, 1 − S)) at sparsity {target}, got "
                              f"{self.search_lambda}")
