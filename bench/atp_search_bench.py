@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--atp_step", type=float, default=0.002)
     ap.add_argument("--atp_search", default="golden", choices=("golden", "grid"))
+    ap.add_argument("--atp_trials", default="prune", choices=("prune", "masks"))
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--objective_windows", type=int, default=4)
@@ -46,7 +47,7 @@ def main() -> None:
         argv = ["--quiet", "allocate", "--model", args.model, "--prune_method", args.method, "--sparsity_ratio",
                 str(args.sparsity), "--allocation", "atp", "--nsamples", str(args.nsamples), "--seqlen",
                 str(args.seqlen), "--eval", "wikitext2", "--eval_seqlen", "2048", "--max_windows",
-                str(args.eval_windows), "--search", "--atp_step", str(args.atp_step), "--atp_search", args.atp_search,
+                str(args.eval_windows), "--search", "--atp_step", str(args.atp_step), "--atp_search", args.atp_search, "--atp_trials", args.atp_trials,
                 "--objective", "c4", "--objective_windows", str(args.objective_windows), "--save", f"{work}/DIR"]
         t0 = time.perf_counter()
         if cli(argv) != 0:
@@ -59,9 +60,11 @@ def main() -> None:
            "method": args.method, "sparsity": args.sparsity, "atp_step": args.atp_step, "strategy": s["strategy"],
            "grid_size": s["grid_size"], "best_beta": s["best_beta"], "beta_max": s["beta_max"],
            "trials": [{k: t[k] for k in ("beta", "objective", "prune_seconds", "seconds", "order")} for t in s["trials"]],
+           "atp_trials": args.atp_trials, "setup_seconds": s.get("setup_seconds"),
            "search_seconds": s["search_seconds"], "first_trial_prune_seconds": s["one_prune_seconds"],
            "final_prune_seconds": p["prune_seconds"],
-           "ratio_search_to_first_trial_prune": s["search_seconds"] / s["one_prune_seconds"],
+           "ratio_search_to_first_trial_prune": s["search_seconds"] / s["one_prune_seconds"]
+           if s["one_prune_seconds"] else None,
            "ratio_search_to_final_prune": s["search_seconds"] / p["prune_seconds"],
            "wikitext2_ppl": ev["ppl"], "wikitext2_windows": ev["windows"], "wall_seconds": wall,
            "batch_size": p["options"]["batch_size"], "versions": versions()}

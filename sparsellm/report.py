@@ -153,7 +153,8 @@ def search_table(search: dict) -> str:
         flag += f" **(the {o['dataset']} evaluation below includes these windows: not held out from it)**"
     lines = [f"ATP β search: objective {o['metric']} on {o['windows']} windows{flag}; "
              f"{len(search['trials'])} trials{_of_grid(search)} in {search['search_seconds']:.1f} s "
-             f"(one prune: {search['one_prune_seconds']:.1f} s)", "",
+             + (f"(one prune: {search['one_prune_seconds']:.1f} s)" if search.get("one_prune_seconds") is not None
+                else f"(trials score masks from one dense pass of {search.get('setup_seconds', 0):.1f} s)"), "",
              "| β | objective | prune s | trial s |", "|---|---|---|---|"]
     for t in search["trials"]:
         mark = " ←" if t["beta"] == search["best_beta"] else ""

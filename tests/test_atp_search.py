@@ -159,3 +159,43 @@ def test_golden_and_grid_pick_the_same_beta_end_to_end(tokenizer):
     assert len(golden["trials"]) < len(grid["trials"]) == grid["grid_size"] == golden["grid_size"]
     by_beta = {t["beta"]: t["objective"] for t in grid["trials"]}
     assert all(t["objective"] == pytest.approx(by_beta[t["beta"]], rel=1e-6) for t in golden["trials"])
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_mask_trials_score_masks_of_the_dense_statistics(method, tokenizer):
+    """`kind="masks"`: every trial's objective is the perplexity, computed here from logits, of the dense model
+    with the masks of its rates built here from the dense inputs (Wanda per row; magnitude per matrix), and
+    the model is left dense."""
+    import torch.nn.functional as F
+
+    from sparsellm.data import eval_tokens
+    from sparsellm.models import block_linears, get_blocks
+    from tests.test_rate_search import _dense_input_norms
+
+    model = make_model("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(1))
+    lins = {(i, n): lin for i, b in enumerate(get_blocks(model)) for n, lin in block_linears(model, b).items()}
+    dense = {k: lin.weight.detach().clone() for k, lin in lins.items()}
+    norms = _dense_input_norms(model, ids)
+    rep = search(model, tokenizer, ids, method, 0.5, step=0.1, objective_windows=2, objective_seqlen=16,
+                 progress=False, strategy="grid", kind="masks")
+    assert rep["one_prune_seconds"] is None and rep["trials_kind"] == "masks"
+    assert len(rep["trials"]) == rep["grid_size"] == len(beta_grid(3, 0.5, 0.1)) == 5
+    assert all(torch.equal(lin.weight, dense[k]) for k, lin in lins.items())
+    c4 = eval_tokens(tokenizer, "c4", 16)[0, :32].reshape(2, 16)
+    for t in rep["trials"]:
+        for (i, n), lin in lins.items():
+            w = dense[(i, n)].double()
+            score = w.abs() * norms[(i, n)][None] if method == "wanda" else w.abs()
+            k = int((w.shape[1] if method == "wanda" else w.numel()) * t["rates"][i])
+            if method == "wanda":
+                keep = score > score.sort(dim=1).values[:, k - 1:k] if k else torch.ones_like(w, dtype=torch.bool)
+            else:
+                keep = score > score.flatten().sort().values[k - 1] if k else torch.ones_like(w, dtype=torch.bool)
+            lin.weight.data = dense[(i, n)] * keep
+        with torch.no_grad():
+            logits = model(c4).logits.double()
+        nll = sum(F.cross_entropy(logits[j, :-1], c4[j, 1:], reduction="sum").item() for j in range(2)) / 30
+        assert t["objective"] == pytest.approx(math.exp(nll), rel=1e-4), t["beta"]
+    for k, lin in lins.items():
+        lin.weight.data = dense[k]

@@ -47,6 +47,7 @@ torch = lazy_import("torch")
 log = logging.getLogger("sparsellm")
 MAX_TRIALS = 200  # grid points (β values), whatever the strategy
 STRATEGIES = ("golden", "grid")
+TRIALS = ("prune", "masks")
 
 
 @dataclass
@@ -63,6 +64,9 @@ class ATPSearchConfig:
     atp_search: str = setting("golden", "how to search the β grid: golden (golden-section/Fibonacci search on the grid, "
                                         "about log(n) trials; the grid's choice when the objective has one minimum) or "
                                         "grid (try every β, as the paper)", choices=STRATEGIES)
+    atp_trials: str = setting("prune", "what a trial scores: prune (a full sequential prune with the pruner, as the "
+                                       "paper) or masks (Wanda's or magnitude's masks from one dense pass, applied at "
+                                       "the trial's rates: no forward per trial)", choices=TRIALS)
 
     def validate(self) -> "ATPSearchConfig":
         """Raises UsageError for a bad step, objective or window count (the trial count needs the model's
@@ -70,6 +74,8 @@ class ATPSearchConfig:
         check_step(self.atp_step)
         if self.atp_search not in STRATEGIES:
             raise UsageError(f"--atp_search must be one of {', '.join(STRATEGIES)}, got {self.atp_search!r}")
+        if self.atp_trials not in TRIALS:
+            raise UsageError(f"--atp_trials must be one of {', '.join(TRIALS)}, got {self.atp_trials!r}")
         if self.objective not in ("c4", "wikitext2"):
             raise UsageError(f"--objective must be c4 or wikitext2, got {self.objective!r}")
         if self.objective_windows < 1:
@@ -152,7 +158,7 @@ def fibonacci_search(score, n: int) -> tuple[int, list[int]]:
 def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float, step: float = 0.002,
            objective: str = "c4", objective_windows: int = 8, objective_seqlen: int = 2048,
            options: dict | None = None, batch_size: int | None = None, progress: bool = True,
-           strategy: str = "golden", engine: str = "block") -> dict:
+           strategy: str = "golden", engine: str = "block", kind: str = "prune") -> dict:
     """Search `beta_grid` with pruner `method` at mean sparsity `target` and return the report:
     {"best_beta", "best_rates", "beta_max", "step", "strategy", "grid_size", "trials": [{"beta", "rates",
     "objective", "prune_seconds", "seconds", "order"}] (the trials run, by β; `order` counts from 0 in the
@@ -163,18 +169,29 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
     calib_ids: (nsamples, seqlen) calibration windows. objective: "c4" (validation, default) or
     "wikitext2" (test-set selection). strategy: "golden" (`fibonacci_search`: about log_φ of the grid's size
     trials) or "grid" (every β, the paper's sweep). engine: the trials' engine ("block" or "single",
-    `engine.prune_blocks`). Raises UsageError for a bad step, strategy or window count, and when every
-    trial's objective is inf or NaN (the pruned model diverges at this sparsity)."""
+    `engine.prune_blocks`). kind: "prune" (each trial prunes the model with `method`, sequentially, as the
+    paper) or "masks" (one dense pass builds `search.MaskDatabase`, Wanda's masks for wanda and sparsegpt,
+    magnitude's for magnitude; each trial applies them at its rates: only the objective's forward per trial,
+    a proxy of the final prune like EvoPress's database). Raises UsageError for a bad step, strategy, trials
+    or window count, and when every trial's objective is inf or NaN (the pruned model diverges)."""
     if objective_windows < 1:
         raise UsageError(f"--objective_windows must be >= 1, got {objective_windows}")
     if strategy not in STRATEGIES:
         raise UsageError(f"--atp_search must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if kind not in TRIALS:
+        raise UsageError(f"--atp_trials must be one of {', '.join(TRIALS)}, got {kind!r}")
     blocks = get_blocks(model)
     L = len(blocks)
     betas = beta_grid(L, target, step)
     t_start = time.perf_counter()
     dense = [{n: lin.weight.detach().clone() for n, lin in block_linears(model, b).items()} for b in blocks]
-    captured = capture_inputs(model, calib_ids)
+    if kind == "masks":
+        from .search import MaskDatabase
+
+        db, captured = MaskDatabase(model, calib_ids, method, batch_size, progress), None
+    else:
+        db, captured = None, capture_inputs(model, calib_ids)
+    setup_seconds = time.perf_counter() - t_start
     objective_ids = eval_tokens(tokenizer, objective, objective_seqlen)  # tokenized once for all trials
     trials, last = [], {}
     bar = tqdm(total=len(betas), desc=f"ATP β search ({strategy})", unit="trial", disable=not progress, leave=False)
@@ -184,8 +201,11 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
         t0 = time.perf_counter()
         rates = atp.allocate(L, target, atp_beta=beta)
         try:
-            prune_blocks(model, None, method, rates, options=options, batch_size=batch_size, progress=False,
-                         captured=captured, engine=engine)
+            if db is not None:
+                db.apply(rates)
+            else:
+                prune_blocks(model, None, method, rates, options=options, batch_size=batch_size, progress=False,
+                             captured=captured, engine=engine)
             t_prune = time.perf_counter() - t0
             r = perplexity(model, tokenizer, objective, objective_seqlen, objective_windows, progress=False,
                            ids=objective_ids)
@@ -220,8 +240,8 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
         "objective": {"dataset": objective, "windows": min(objective_windows, last["total_windows"]),
                       "seqlen": objective_seqlen, "metric": last["metric"],
                       "test_set_selection": objective == "wikitext2"},
-        "search_seconds": time.perf_counter() - t_start,
-        "one_prune_seconds": trials[0]["prune_seconds"],
+        "search_seconds": time.perf_counter() - t_start, "setup_seconds": setup_seconds, "trials_kind": kind,
+        "one_prune_seconds": trials[0]["prune_seconds"] if kind == "prune" else None,
     }
 
 

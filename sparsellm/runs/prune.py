@@ -162,7 +162,7 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         details["search"] = search(model, tok, calib, pc.prune_method, pc.sparsity_ratio, s.atp_step, s.objective,
                                    s.objective_windows, min(s.objective_seqlen or eval_seqlen, context_length(model)),
                                    options=pc.options(), batch_size=c.batch_size, progress=progress,
-                                   strategy=s.atp_search, engine=pc.engine)
+                                   strategy=s.atp_search, engine=pc.engine, kind=s.atp_trials)
         details["search"]["objective"]["also_evaluated"] = s.objective in names  # then not held out from it
         pc.allocator.atp_beta = details["search"]["best_beta"]
         record.config["atp_beta"] = pc.allocator.atp_beta
