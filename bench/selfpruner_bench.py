@@ -1,4 +1,5 @@
-"""Self-Pruner benchmark (issue 6): uniform Wanda-sp, the GA search and the LLM-driven search (`local`
+"""Self-Pruner benchmark (issue 6; issue 22 adds `evopress`): uniform Wanda-sp, the GA search, the EvoPress-style
+search and the LLM-driven search (`local`
 backend, the bundled SmolLM2-135M-Instruct as the search LLM) at the same mean structured rate and the same
 search settings (population, generations, children: the same evaluation budget), on SmolLM2-135M.
 One `sparsellm search` process per run. Writes one JSON per rate with WikiText-2 perplexity of the best
@@ -30,6 +31,7 @@ def run(args, backend: str, work: Path) -> dict:
            "--population", str(args.population), "--generations", str(args.generations),
            "--crossover", str(args.children), "--mutation", str(args.children),
            *(["--llm_retries", str(args.llm_retries)] if backend in ("llm", "openai", "local") else []),  # theirs only
+           *(shlex.split(args.evo_args) if backend == "evopress" else []),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--fitness_windows", str(args.fitness_windows),
            "--fitness_seqlen", str(args.fitness_seqlen), "--final_k", "1", "--eval", "wikitext2", "--eval_seqlen", "2048",
            "--max_windows", str(args.eval_windows), "--bench", "--out", str(out)]
@@ -56,11 +58,11 @@ def table(paths) -> str:
         for r in res["runs"]:
             sp = r["speed_ratios"]
             ops = r["operators"]
-            llm = f"{ops['calls']} / {sum(ops['fallbacks'].values())}" if ops else "—"
+            llm = f"{ops['calls']} / {sum(ops['fallbacks'].values())}" if "calls" in ops else "—"
             lines.append(f"| {res['settings']['rate']} | {r['backend']} | {r['wikitext2_ppl']:.3f} "
                          f"| {r['params_pruned'] / 1e6:.1f}M ({r['params_pruned'] / r['params_dense']:.3f}) "
                          f"| {sp['prefill@128']:.2f}× | {sp['prefill@512']:.2f}× | {sp['decode_b1']:.2f}× "
-                         f"| {r['evals']} | {r['search_seconds']:.0f} | {llm} |")
+                         f"| {r['evals']:g} | {r['search_seconds']:.0f} | {llm} |")
     return "\n".join(lines)
 
 
@@ -75,6 +77,8 @@ def main():
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--children", type=int, default=4, help="crossover and mutation children per generation, each")
     ap.add_argument("--llm_retries", type=int, default=0)
+    ap.add_argument("--evo_args", default="--evo_offspring 8 --evo_survivors 2,1 --evo_windows 1,2",
+                    help="the evopress backend's flags (its budget is the GA's: population + generations × 2 × children)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--fitness_windows", type=int, default=2)
