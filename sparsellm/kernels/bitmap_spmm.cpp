@@ -33,8 +33,11 @@ inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vset1(float a) { return _mm512_set1_ps(a); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 template <int V> inline vec vals16(const void* p) {
-  if constexpr (V == F32) return _mm512_loadu_ps((const float*)p);
-  else if constexpr (V == F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+  if constexpr (V == F32) {
+    vec r = _mm512_loadu_ps((const float*)p);
+    asm("" : "+v"(r));  // keeps gcc from fusing the load into vexpandps (mem), which is microcoded on Zen 4
+    return r;
+  } else if constexpr (V == F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
   else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 // the group's weights: packed values at p expanded to the lanes whose bit is set in m
@@ -105,11 +108,24 @@ void expand_rows(const int64_t* row_ptr, const uint16_t* bits, const char* value
     for (int64_t g = 0; g < G; ++g) {
       uint32_t m = b[g];
 #if defined(__AVX512F__)
+      const float* xp = x + g * GW;
+      if (g + 1 < G) {  // two groups per step, one accumulator chain each
+        uint32_t m1 = b[g + 1];
+        vec w0 = expand<V>(m, v);
+        v += __builtin_popcount(m) * vbytes<V>();
+        vec w1 = expand<V>(m1, v);
+        v += __builtin_popcount(m1) * vbytes<V>();
+        _mm_prefetch(v + 512, _MM_HINT_T0);
+        for (int t = 0; t < T; ++t) {
+          acc0[t] = vfma(w0, vload(xp + t * ld), acc0[t]);
+          acc1[t] = vfma(w1, vload(xp + t * ld + GW), acc1[t]);
+        }
+        ++g;
+        continue;
+      }
       vec w = expand<V>(m, v);
       v += __builtin_popcount(m) * vbytes<V>();
-      const float* xp = x + g * GW;
-      if (g & 1) { for (int t = 0; t < T; ++t) acc1[t] = vfma(w, vload(xp + t * ld), acc1[t]); }
-      else { for (int t = 0; t < T; ++t) acc0[t] = vfma(w, vload(xp + t * ld), acc0[t]); }
+      for (int t = 0; t < T; ++t) acc0[t] = vfma(w, vload(xp + t * ld), acc0[t]);
 #else
       uint32_t lo = m & 0xff, hi = m >> 8;
       vec w0 = expand<V>(lo, v);
@@ -223,7 +239,8 @@ torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
   const int64_t out = bits.size(0), G = bits.size(1), T = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == G * GW, "x must be (T, in_pad)");
   auto y = torch::empty({T, out}, x.options());
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out));
+  // a thread per ~64K weights at most: OpenMP start-up and a descheduled thread cost more on small layers
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G / 4096));
   by_dtype(values, [&](auto V) {
     expand_mm<decltype(V)::value>(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
                                   (const char*)values.data_ptr(), x.data_ptr<float>(), T, G, y.data_ptr<float>(), out, nt);
@@ -239,7 +256,7 @@ torch::Tensor spmm_gather(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
               "xt must be (tiles, in_pad, TT) with TT a multiple of the vector width, at most 4 vectors");
   const int64_t tiles = xt.size(0), TT = xt.size(2);
   auto yt = torch::empty({tiles, out, TT}, xt.options());
-  const int nt = (int)std::max<int64_t>(1, threads);
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tiles * out * G * TT / 65536));
   by_dtype(values, [&](auto V) {
     constexpr int v = decltype(V)::value;
     auto args = std::make_tuple(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
