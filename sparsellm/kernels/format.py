@@ -23,6 +23,7 @@ rounded to the value dtype.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,9 +99,11 @@ class BitmapWeight:
 
     def csr(self) -> torch.Tensor:
         """The weight as a torch.sparse_csr fp32 tensor (the fallback's operand)."""
-        m = self.mask()
-        col = m.nonzero()[:, 1]
-        return torch.sparse_csr_tensor(self.row_ptr, col, self.values[: self.nnz].float(), self.shape)
+        col = self.mask().nonzero()[:, 1]
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(self.row_ptr, col, self.values[: self.nnz].float(), self.shape,
+                                           check_invariants=False)
 
 
 def reference_mm(weight: BitmapWeight, x: torch.Tensor, csr: torch.Tensor | None = None) -> torch.Tensor:
