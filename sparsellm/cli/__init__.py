@@ -15,10 +15,10 @@ import signal
 import sys
 
 from ..errors import UsageError
-from . import allocate, bench, demo, eval, finetune, plot_errors, prune, report, search
+from . import allocate, bench, demo, eval, finetune, generate, plot_errors, prune, report, search
 from .common import Parser
 
-SUBCOMMANDS = (demo, prune, allocate, finetune, search, plot_errors, bench, report, eval)
+SUBCOMMANDS = (demo, prune, allocate, finetune, search, plot_errors, bench, generate, report, eval)
 
 
 def build_parser() -> Parser:

@@ -43,6 +43,9 @@ class BenchRun:
     repeats: int = setting(5, "timed runs per measurement (median reported)")
     warmup: int = setting(1, "untimed runs first")
     no_bf16: bool = setting(False, "skip the bfloat16 runs")
+    kernels: str = setting("dense", "sparse: also run the model with its pruned linears in sparsellm's CPU sparse "
+                                    "kernels (fp16 values; sparsellm.kernels), in the same alternation",
+                           choices=("dense", "sparse"))
     deepsparse: bool = setting(False, "also run both models, exported to ONNX, in DeepSparse 1.8 (needs "
                                       "`make deepsparse-env`)")
     deepsparse_python: str | None = setting(None, "the Python of the DeepSparse environment (default: "
@@ -53,6 +56,8 @@ class BenchRun:
         check_finite(self)
         ints(self.prefill, "--prefill")
         ints(self.decode_batches, "--decode_batches")
+        if self.kernels not in ("dense", "sparse"):
+            raise UsageError(f"--kernels must be dense or sparse, got {self.kernels!r}")
         if self.repeats < 1 or self.warmup < 0 or self.new_tokens < 1 or self.decode_prompt < 1:
             raise UsageError("--repeats, --new_tokens and --decode_prompt must be >= 1 and --warmup >= 0")
         if self.threads is not None and not 1 <= self.threads <= (os.cpu_count() or 1):
@@ -106,12 +111,21 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
         preflight({"dense": dense, "model": sparse}, "deepsparse", cfg.deepsparse_python, prefill,
                   cfg.decode_prompt, cfg.new_tokens)
     models = {"dense fp32": dense, "model fp32": sparse}
+    swap = None
+    if cfg.kernels == "sparse":
+        from ..kernels import sparsify
+
+        kernel_model = load_model(cfg.model, torch.float32)[0]
+        swap = sparsify(kernel_model, min_sparsity=0.3, dtype=torch.float16)
+        models["model sparse kernels"] = kernel_model
     if not cfg.no_bf16:
         models["dense bf16"] = load_model(baseline, torch.bfloat16)[0]
         models["model bf16"] = load_model(cfg.model, torch.bfloat16)[0]
     timing = dict(decode_prompt=cfg.decode_prompt, new_tokens=cfg.new_tokens, repeats=cfg.repeats, warmup=cfg.warmup)
     res = compare(models, prefill, batches, threads=cfg.threads, progress=progress, **timing)
     res.update(model=cfg.model, baseline=baseline)
+    if swap is not None:
+        res["sparse_kernels"] = {k: v for k, v in swap.items() if k != "skipped"}
     record = Run("bench", cfg.model, None, vars(cfg), details={"speed": res})
     res["versions"] = record.versions
     if cfg.deepsparse:

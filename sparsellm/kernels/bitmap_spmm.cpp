@@ -1,0 +1,282 @@
+// Sparse (bitmap + packed values) times dense, fp32 accumulation; see sparsellm/kernels/format.py for the format.
+//
+//   row_ptr  int64 (out + 1)      offset of row r's first value in `values`
+//   bits     int16 (out, G)       G = in_pad / 16; bit k of bits[r, g] is set iff W[r, 16 g + k] != 0
+//   values   fp32/fp16/bf16 (nnz + 16)   the non-zeros, row-major, 16 elements of zero padding at the end
+//   x        fp32 (T, in_pad)     rows of activations, zero-padded to in_pad columns
+//
+// expand_mm (decode, T <= 8 per pass): for each 16-column group, expand the group's packed values into a
+//   16-lane weight vector with its bitmap (AVX-512 vexpandps, or an AVX2 permutation table), FMA it with the
+//   same 16 columns of each token. The weight bytes are read once per 8 tokens; the work is dense-shaped,
+//   which costs nothing at batch 1, where the time is the bytes.
+// gather_mm (prefill): tokens are transposed into tiles xt (tiles, in_pad, TT); each row's column indices
+//   and fp32 values are decoded once per tile, then every non-zero adds value * xt[col, :] to TT
+//   accumulators (TT/16 or TT/8 vectors). The work is nnz * T FMAs, so it shrinks with the sparsity.
+// Threads: OpenMP over rows (and tiles), `threads` taken from torch.get_num_threads() by the caller.
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum VT { F32 = 0, F16 = 1, BF16 = 2 };
+
+#if defined(__AVX512F__)
+constexpr int W = 16;  // lanes per vector, and columns per bitmap word handled at once
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vset1(float a) { return _mm512_set1_ps(a); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+template <int V> inline vec vals16(const void* p) {
+  if constexpr (V == F32) {
+    vec r = _mm512_loadu_ps((const float*)p);
+    asm("" : "+v"(r));  // keeps gcc from fusing the load into vexpandps (mem), which is microcoded on Zen 4
+    return r;
+  } else if constexpr (V == F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+  else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+// the group's weights: packed values at p expanded to the lanes whose bit is set in m
+template <int V> inline vec expand(uint32_t m, const void* p) { return _mm512_maskz_expand_ps((__mmask16)m, vals16<V>(p)); }
+inline int decode_idx(uint32_t m, int base, int32_t* out) {  // column indices of the set bits, times nothing
+  __m512i iota = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(base));
+  _mm512_storeu_si512(out, _mm512_maskz_compress_epi32((__mmask16)m, iota));
+  return __builtin_popcount(m);
+}
+const char* ISA = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int W = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vset1(float a) { return _mm256_set1_ps(a); }
+inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+template <int V> inline vec vals8(const void* p) {
+  if constexpr (V == F32) return _mm256_loadu_ps((const float*)p);
+  else if constexpr (V == F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+struct Table {  // for each 8-bit mask: the permutation that moves packed lane i to the i-th set bit
+  alignas(32) int32_t perm[256][8];
+  Table() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j) perm[m][j] = (m >> j & 1) ? k++ : 0;
+    }
+  }
+};
+const Table TABLE;
+template <int V> inline vec expand(uint32_t m, const void* p) {
+  vec v = _mm256_permutevar8x32_ps(vals8<V>(p), _mm256_load_si256((const __m256i*)TABLE.perm[m]));
+  __m256i bit = _mm256_and_si256(_mm256_set1_epi32((int)m), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
+  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(bit, _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128))));
+}
+inline int decode_idx(uint32_t m, int base, int32_t* out) {
+  int n = 0;
+  while (m) { out[n++] = base + __builtin_ctz(m); m &= m - 1; }
+  return n;
+}
+const char* ISA = "avx2";
+#else
+#error "sparsellm kernels need AVX2, FMA and F16C (or AVX-512)"
+#endif
+
+constexpr int GW = 16;  // columns per bitmap word
+
+template <int V> constexpr int vbytes() { return V == F32 ? 4 : 2; }
+
+// rows [r0, r1) for T tokens (T <= 8): y[t, r] = sum_j W[r, j] x[t, j]
+template <int V, int T>
+void expand_rows(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* x, int64_t G,
+                 float* y, int64_t out, int64_t r0, int64_t r1) {
+  const int64_t ld = G * GW;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* b = bits + r * G;
+    const char* v = values + row_ptr[r] * vbytes<V>();
+    vec acc0[T], acc1[T];  // two accumulator chains, so the FMA latency is hidden at batch 1
+    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = vzero();
+    for (int64_t g = 0; g < G; ++g) {
+      uint32_t m = b[g];
+#if defined(__AVX512F__)
+      const float* xp = x + g * GW;
+      if (g + 1 < G) {  // two groups per step, one accumulator chain each
+        uint32_t m1 = b[g + 1];
+        vec w0 = expand<V>(m, v);
+        v += __builtin_popcount(m) * vbytes<V>();
+        vec w1 = expand<V>(m1, v);
+        v += __builtin_popcount(m1) * vbytes<V>();
+        _mm_prefetch(v + 512, _MM_HINT_T0);
+        for (int t = 0; t < T; ++t) {
+          acc0[t] = vfma(w0, vload(xp + t * ld), acc0[t]);
+          acc1[t] = vfma(w1, vload(xp + t * ld + GW), acc1[t]);
+        }
+        ++g;
+        continue;
+      }
+      vec w = expand<V>(m, v);
+      v += __builtin_popcount(m) * vbytes<V>();
+      for (int t = 0; t < T; ++t) acc0[t] = vfma(w, vload(xp + t * ld), acc0[t]);
+#else
+      uint32_t lo = m & 0xff, hi = m >> 8;
+      vec w0 = expand<V>(lo, v);
+      v += __builtin_popcount(lo) * vbytes<V>();
+      vec w1 = expand<V>(hi, v);
+      v += __builtin_popcount(hi) * vbytes<V>();
+      const float* xp = x + g * GW;
+      for (int t = 0; t < T; ++t) {
+        acc0[t] = vfma(w0, vload(xp + t * ld), acc0[t]);
+        acc1[t] = vfma(w1, vload(xp + t * ld + 8), acc1[t]);
+      }
+#endif
+    }
+    for (int t = 0; t < T; ++t) y[t * out + r] = vsum(acc0[t]) + vsum(acc1[t]);
+  }
+}
+
+template <int V>
+void expand_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* x, int64_t T,
+               int64_t G, float* y, int64_t out, int threads) {
+  const int64_t ld = G * GW;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c = 0; c < threads; ++c) {
+    const int64_t r0 = out * c / threads, r1 = out * (c + 1) / threads;
+    for (int64_t t0 = 0; t0 < T; t0 += 8) {
+      const float* xp = x + t0 * ld;
+      float* yp = y + t0 * out;
+      switch (T - t0 < 8 ? T - t0 : 8) {
+        case 1: expand_rows<V, 1>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        case 2: expand_rows<V, 2>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        case 3: expand_rows<V, 3>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        case 4: expand_rows<V, 4>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        case 5: expand_rows<V, 5>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        case 6: expand_rows<V, 6>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        case 7: expand_rows<V, 7>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        default: expand_rows<V, 8>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+      }
+    }
+  }
+}
+
+// value k of a row, as fp32
+template <int V> inline float value_at(const char* v, int64_t k) {
+  if constexpr (V == F32) return ((const float*)v)[k];
+  uint32_t h = ((const uint16_t*)v)[k];
+  if constexpr (V == F16) return _cvtsh_ss((unsigned short)h);
+  uint32_t u = h << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// one tile: yt[r, 0:NV*W] = sum_k val[k] * xt[idx[k], 0:NV*W] over the non-zeros of row r
+template <int NV>
+inline void gather_row(const int32_t* idx, const float* val, int n, const float* xt, float* yt) {
+  constexpr int TT = NV * W;
+  vec acc[NV];
+  for (int u = 0; u < NV; ++u) acc[u] = vzero();
+  for (int k = 0; k < n; ++k) {
+    const vec a = vset1(val[k]);
+    const float* xp = xt + (int64_t)idx[k] * TT;
+    for (int u = 0; u < NV; ++u) acc[u] = vfma(a, vload(xp + u * W), acc[u]);
+  }
+  for (int u = 0; u < NV; ++u) vstore(yt + u * W, acc[u]);
+}
+
+// xt: (tiles, in_pad, TT) tokens transposed by tile; yt: (tiles, out, TT)
+template <int V, int NV>
+void gather_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* xt, int64_t tiles,
+               int64_t G, float* yt, int64_t out, int threads) {
+  constexpr int TT = NV * W;
+  const int64_t in_pad = G * GW;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> idx(in_pad + GW);
+    std::vector<float> val(in_pad + GW);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      for (int64_t r = 0; r < out; ++r) {
+        const uint16_t* b = bits + r * G;
+        int n = 0;
+        for (int64_t g = 0; g < G; ++g) n += decode_idx(b[g], (int)(g * GW), idx.data() + n);
+        const char* v = values + row_ptr[r] * vbytes<V>();
+        for (int k = 0; k < n; ++k) val[k] = value_at<V>(v, k);
+        gather_row<NV>(idx.data(), val.data(), n, xt + tile * in_pad * TT, yt + (tile * out + r) * TT);
+      }
+    }
+  }
+}
+
+void check(const torch::Tensor& row_ptr, const torch::Tensor& bits, const torch::Tensor& values, const torch::Tensor& x) {
+  TORCH_CHECK(row_ptr.dtype() == torch::kInt64 && row_ptr.is_contiguous(), "row_ptr must be contiguous int64");
+  TORCH_CHECK(bits.dtype() == torch::kInt16 && bits.is_contiguous() && bits.dim() == 2, "bits must be contiguous int16 (out, G)");
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
+  TORCH_CHECK(row_ptr.numel() == bits.size(0) + 1, "row_ptr must have out + 1 entries");
+}
+
+template <typename F> void by_dtype(const torch::Tensor& values, F f) {
+  if (values.dtype() == torch::kFloat32) f(std::integral_constant<int, F32>());
+  else if (values.dtype() == torch::kFloat16) f(std::integral_constant<int, F16>());
+  else if (values.dtype() == torch::kBFloat16) f(std::integral_constant<int, BF16>());
+  else TORCH_CHECK(false, "values must be float32, float16 or bfloat16");
+}
+
+}  // namespace
+
+// x: (T, in_pad) fp32 -> (T, out) fp32
+torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor x, int64_t threads) {
+  check(row_ptr, bits, values, x);
+  const int64_t out = bits.size(0), G = bits.size(1), T = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == G * GW, "x must be (T, in_pad)");
+  auto y = torch::empty({T, out}, x.options());
+  // a thread per ~64K weights at most: OpenMP start-up and a descheduled thread cost more on small layers
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G / 4096));
+  by_dtype(values, [&](auto V) {
+    expand_mm<decltype(V)::value>(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
+                                  (const char*)values.data_ptr(), x.data_ptr<float>(), T, G, y.data_ptr<float>(), out, nt);
+  });
+  return y;
+}
+
+// xt: (tiles, in_pad, TT) fp32 with TT = tile_vectors * lanes -> yt: (tiles, out, TT) fp32
+torch::Tensor spmm_gather(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor xt, int64_t threads) {
+  check(row_ptr, bits, values, xt);
+  const int64_t out = bits.size(0), G = bits.size(1);
+  TORCH_CHECK(xt.dim() == 3 && xt.size(1) == G * GW && xt.size(2) % W == 0 && xt.size(2) <= 4 * W,
+              "xt must be (tiles, in_pad, TT) with TT a multiple of the vector width, at most 4 vectors");
+  const int64_t tiles = xt.size(0), TT = xt.size(2);
+  auto yt = torch::empty({tiles, out, TT}, xt.options());
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tiles * out * G * TT / 65536));
+  by_dtype(values, [&](auto V) {
+    constexpr int v = decltype(V)::value;
+    auto args = std::make_tuple(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
+                                (const char*)values.data_ptr(), xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt);
+    switch (TT / W) {
+      case 1: std::apply(gather_mm<v, 1>, args); break;
+      case 2: std::apply(gather_mm<v, 2>, args); break;
+      case 3: std::apply(gather_mm<v, 3>, args); break;
+      default: std::apply(gather_mm<v, 4>, args); break;
+    }
+  });
+  return yt;
+}
+
+std::string isa() { return ISA; }
+int64_t lanes() { return W; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("spmm_expand", &spmm_expand, "bitmap sparse x dense, few tokens (decode)");
+  m.def("spmm_gather", &spmm_gather, "bitmap sparse x dense, token tiles (prefill)");
+  m.def("isa", &isa, "the instruction set the kernels were compiled for");
+  m.def("lanes", &lanes, "fp32 lanes per vector");
+}

@@ -1,0 +1,251 @@
+"""sparsellm.kernels: the bitmap format, the compiled CPU kernels and the PyTorch fallback against F.linear on
+the dense weights, the in-place swap of a tiny llama (same greedy text, logits within the value dtype's
+tolerance, weights back bitwise), 2:4 on CUDA, and `sparsellm generate`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model
+from sparsellm.cli import main
+from sparsellm.errors import UsageError
+from sparsellm.kernels import BitmapWeight, SparseLinear, densify, reference_mm, sparsify
+from sparsellm.kernels import build
+from sparsellm.kernels.linear import compiled_mm
+
+EXT = build.load()
+needs_ext = pytest.mark.skipif(EXT is None, reason="compiled sparse kernels unavailable here (see the warning)")
+SHAPES = [(1, 1), (7, 33), (65, 50), (130, 257), (48, 64)]
+TOKENS = [1, 3, 8, 9, 70]
+
+
+def _weight(out, n_in, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n_in, generator=g)
+    w[torch.rand(out, n_in, generator=g) < sparsity] = 0
+    if out > 2:
+        w[0] = 0  # a row with no non-zeros
+        w[-1, :-1] = 0  # a row whose only non-zero is the last column
+    return w
+
+
+def _check(y, w_stored, w_orig, x, dtype):
+    """y against F.linear on the weights as stored (fp32 summation-order tolerance) and on the original
+    weights (the value dtype's rounding tolerance)."""
+    scale = (x.abs() @ w_orig.abs().t()) + 1e-6
+    assert ((y - F.linear(x, w_stored)).abs() <= 1e-5 * scale + 1e-6).all()
+    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 1e-6}[dtype]
+    assert ((y - F.linear(x, w_orig)).abs() <= eps * scale + 1e-6).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compiled_kernel_matches_f_linear(sparsity, dtype):
+    for i, (out, n_in) in enumerate(SHAPES):
+        w = _weight(out, n_in, sparsity, seed=i)
+        bw = BitmapWeight.pack(w, dtype)
+        stored = w.to(dtype).float()
+        assert torch.equal(bw.to_dense(torch.float32), stored)
+        for T in TOKENS:
+            x = torch.randn(T, n_in)
+            _check(compiled_mm(EXT, bw, x, threads=2), stored, w, x, dtype)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.99])
+def test_fallback_matches_f_linear(sparsity):
+    w = _weight(65, 50, sparsity)
+    bw = BitmapWeight.pack(w, torch.float16)
+    x = torch.randn(9, 50)
+    _check(reference_mm(bw, x), w.half().float(), w, x, torch.float16)
+
+
+@needs_ext
+def test_compiled_kernel_equals_fallback():
+    for sparsity in (0.0, 0.5, 0.9):
+        w = _weight(130, 257, sparsity)
+        bw = BitmapWeight.pack(w, torch.bfloat16)
+        for T in (1, 8, 70):
+            x = torch.randn(T, 257)
+            scale = x.abs() @ bw.to_dense(torch.float32).abs().t()  # fp32 summation-order tolerance
+            assert ((compiled_mm(EXT, bw, x) - reference_mm(bw, x)).abs() <= 1e-5 * scale + 1e-6).all()
+
+
+@needs_ext
+def test_avx2_build_equals_the_native_build():
+    avx2 = build.load("avx2")
+    if avx2 is None:
+        pytest.skip("the AVX2 build is unavailable here")
+    assert avx2.isa() == "avx2"
+    w = _weight(130, 257, 0.7)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        bw = BitmapWeight.pack(w, dtype)
+        for T in (1, 5, 70):
+            x = torch.randn(T, 257)
+            _check(compiled_mm(avx2, bw, x), w.to(dtype).float(), w, x, dtype)
+
+
+def test_format_bytes_and_errors():
+    w = _weight(64, 64, 0.0)
+    w[:, ::2] = 0  # exactly 50% (rows 0 and 63 have fewer)
+    bw = BitmapWeight.pack(w, torch.float16)
+    assert bw.nbytes == 64 * 4 * 2 + bw.nnz * 2 + 65 * 8
+    with pytest.raises(UsageError):
+        BitmapWeight.pack(w, torch.int8)
+    with pytest.raises(UsageError):
+        BitmapWeight.pack(torch.full((2, 2), 1e6), torch.float16)
+
+
+def test_sparse_linear_3d_bias_and_bf16_activations():
+    lin = torch.nn.Linear(50, 33)
+    with torch.no_grad():
+        lin.weight[torch.rand(33, 50) < 0.7] = 0
+    sl = SparseLinear.from_linear(lin, torch.float32)
+    x = torch.randn(2, 5, 50)
+    torch.testing.assert_close(sl(x), lin(x), rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    y = sl(xb)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 33)
+    torch.testing.assert_close(y.float(), lin(xb.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_fallback_forward_equals_compiled(monkeypatch):
+    lin = torch.nn.Linear(50, 33)
+    with torch.no_grad():
+        lin.weight[torch.rand(33, 50) < 0.5] = 0
+    sl = SparseLinear.from_linear(lin, torch.float16)
+    x = torch.randn(3, 9, 50)
+    y = sl(x)
+    monkeypatch.setattr(build, "load", lambda *a: None)
+    torch.testing.assert_close(sl(x), y, rtol=1e-5, atol=1e-5)
+
+
+def _pruned_llama(sparsity=0.5):
+    model = make_model("llama", hidden_size=192, intermediate_size=384, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2)
+    with torch.no_grad():
+        for name, mod in model.model.layers.named_modules():
+            if isinstance(mod, torch.nn.Linear):  # per-row magnitude pruning, as Wanda's comparison group
+                k = int(mod.weight.shape[1] * sparsity)
+                idx = mod.weight.abs().argsort(1)[:, :k]
+                mod.weight.scatter_(1, idx, 0.0)
+    return model
+
+
+def _greedy(model, ids, n=12):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swapped_tiny_llama_generates_like_dense(dtype):
+    model = _pruned_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rounded = copy.deepcopy(model)  # the dense model with the stored (rounded) weights
+    with torch.no_grad():
+        for mod in rounded.model.layers.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(mod.weight.to(dtype).float())
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    dense_logits = model(ids).logits
+    ref_text = _greedy(rounded, ids)
+    rec = sparsify(model, min_sparsity=0.3, dtype=dtype)
+    assert len(rec["swapped"]) == 14 and "lm_head" in rec["skipped"]
+    mlp = model.model.layers[0].mlp
+    assert all(isinstance(m, SparseLinear) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert rec["sparse_bytes"] < rec["dense_bytes"] / 3
+    torch.testing.assert_close(model(ids).logits, rounded(ids).logits, rtol=1e-4, atol=1e-4)
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(model(ids).logits, dense_logits, rtol=tol, atol=tol)
+    assert torch.equal(_greedy(model, ids), ref_text)
+    for m in (model, rounded):  # one KV-cache decode step (2 tokens: the decode kernel), logits compared
+        out = m(ids, use_cache=True)
+        m.step = m(ids[:, :1], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(model.step, rounded.step, rtol=1e-4, atol=1e-4)
+    del model.step, rounded.step
+    assert densify(model) == 14
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+def test_swap_without_the_originals_rebuilds_the_stored_weights():
+    model = _pruned_llama(0.7)
+    w = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    rec = sparsify(model, min_sparsity=0.8, keep_original=False)
+    assert rec["swapped"] == {}  # 70% < 80%: everything stays dense
+    sparsify(model, min_sparsity=0.5, keep_original=False, dtype=torch.float32)
+    densify(model)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, w)  # fp32 values: exact
+
+
+def test_semi24_refused_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this checks the refusal where CUDA is absent")
+    with pytest.raises(UsageError, match="CUDA"):
+        sparsify(_pruned_llama(), kernels="semi24")
+    with pytest.raises(UsageError):
+        sparsify(_pruned_llama(), kernels="bogus")
+
+
+def _prune_24(model):
+    with torch.no_grad():
+        for mod in model.model.layers.modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight.view(mod.weight.shape[0], -1, 4)
+                idx = w.abs().argsort(-1)[..., :2]
+                w.scatter_(-1, idx, 0.0)
+    return model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
+@pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
+def test_semi24_swap_on_cuda(backend):
+    model = _prune_24(make_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2))
+    model = model.half().cuda()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 128, (1, 64), device="cuda")
+    ref = model(ids).logits
+    rec = sparsify(model, min_sparsity=0.3, kernels="semi24", backend=backend)
+    assert len(rec["swapped"]) == 14
+    torch.testing.assert_close(model(ids).logits, ref, rtol=2e-2, atol=2e-2)
+    densify(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
+def test_semi24_refuses_weights_that_are_not_24():
+    model = _pruned_llama(0.5).half().cuda()  # 50% unstructured: not 2:4
+    with pytest.raises(UsageError, match="not 2:4"):
+        sparsify(model, kernels="semi24")
+
+
+def test_generate_cli(tmp_path, tokenizer, capsys):
+    d = tmp_path / "model"
+    model = _pruned_llama(0.7)
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    for kernels in ("sparse", "dense"):
+        code = main(["--quiet", "generate", "--model", str(d), "--prompt", "the film was", "--max_new_tokens", "5",
+                     "--kernels", kernels, "--threads", "1"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "prefill: 3 tokens" in err and "decode: 5 tokens" in err and "tok/s" in err
+        assert ("sparse kernels" in err) == (kernels == "sparse")
+        text = out
+    assert text.strip()
+
+
+@pytest.mark.parametrize("extra", [["--model", "/nonexistent/model"], ["--kernels", "csr"], ["--threads", "0"]])
+def test_generate_cli_bad_input(tmp_path, tokenizer, capsys, extra):
+    d = tmp_path / "model"
+    make_model("llama").save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    code = main(["--quiet", "generate", "--model", str(d), "--prompt", "the", *extra])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("sparsellm: error:"), err
