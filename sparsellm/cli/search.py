@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
         for part in (cfg, *nested):  # the LLM backends' shared LLMConfig once
             seen.update(add_config(backend, part, skip=seen))
     add_config(p.add_argument_group("fitness"), Fitness())
-    add_config(p.add_argument_group("parallel fitness (Ray; pip install 'sparsellm[ray]')"), Parallel())
+    add_config(p.add_argument_group("parallel fitness"), Parallel())
     evaluation = p.add_argument_group("evaluation")
     add_config(evaluation, Evaluation(), skip=("eval_dense",))
     add_config(evaluation, run_defaults, skip=("backend", "resume", "keep_state"))

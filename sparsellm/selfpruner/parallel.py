@@ -50,7 +50,7 @@ class Parallel:
     fingerprint: a resumed search may use other workers and continues exactly."""
 
     workers: int | None = setting(None, "fitness on N Ray worker actors (a local cluster unless --ray_address; "
-                                        "needs the ray extra)", metavar="N")
+                                        "needs Ray: pip install 'sparsellm[ray]')", metavar="N")
     ray_address: str | None = setting(None, "fitness on an existing Ray cluster, e.g. 10.0.0.1:6379 (ray start "
                                             "--head); one worker per GPU unless --workers", metavar="ADDR")
 
