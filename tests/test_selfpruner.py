@@ -324,7 +324,8 @@ def test_cli_search_help_shows_the_groups(capsys):
     assert main(["search", "--help"]) == 0
     text = capsys.readouterr().out
     titles = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
-    assert titles == ["options", "model", "calibration", "search", "backend", "fitness", "evaluation", "output"]
+    assert titles == ["options", "model", "calibration", "search", "backend", "fitness", "parallel fitness", "evaluation",
+                      "output"]
     sections = dict(zip(titles, re.split(r"^\w[\w ]*:$", text, flags=re.M)[1:]))
     expected = {"calibration": ["--nsamples", "--seqlen", "--calib_dataset", "--seed"],
                 "search": ["--target_rate", "--max_rate", "--population", "--generations", "--crossover",
@@ -332,6 +333,7 @@ def test_cli_search_help_shows_the_groups(capsys):
                 "backend": ["--backend", "--llm_base_url", "--llm_model", "--llm_api_key_env", "--llm_temperature",
                             "--llm_retries", "--local_model"],
                 "fitness": ["--fitness_windows", "--fitness_seqlen", "--final_k"],
+                "parallel fitness": ["--workers", "--ray_address"],
                 "evaluation": ["--eval", "--eval_seqlen", "--max_windows", "--tasks", "--bench"],
                 "output": ["--out", "--overwrite", "--resume", "--keep_state"]}
     for group, flags in expected.items():

@@ -32,6 +32,7 @@ def backend_settings() -> list[str]:
 def add_parser(sub) -> None:
     from ..runs.search import SearchRun
     from ..selfpruner import Fitness, SearchConfig, Structure
+    from ..selfpruner.parallel import Parallel
 
     p = sub.add_parser("search", help=HELP)
     run_defaults = SearchRun()
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
         for part in (cfg, *nested):  # the LLM backends' shared LLMConfig once
             seen.update(add_config(backend, part, skip=seen))
     add_config(p.add_argument_group("fitness"), Fitness())
+    add_config(p.add_argument_group("parallel fitness"), Parallel())
     evaluation = p.add_argument_group("evaluation")
     add_config(evaluation, Evaluation(), skip=("eval_dense",))
     add_config(evaluation, run_defaults, skip=("backend", "resume", "keep_state"))
@@ -64,13 +66,15 @@ def search_run(args):
     from ..runs.search import SearchRun
     from ..selfpruner import Fitness, SearchConfig, Structure
     from ..selfpruner.backends import backend_config, resolve_alias
+    from ..selfpruner.parallel import Parallel
 
     backend = resolve_alias(args.backend, args.llm_base_url)
     return SearchRun(source=config_from(args, ModelSource), search=config_from(args, SearchConfig),
                      structure=config_from(args, Structure), fitness=config_from(args, Fitness),
                      calibration=config_from(args, Calibration), backend=backend,
                      backend_config=backend_config(backend, {k: getattr(args, k) for k in backend_settings()}),
-                     evaluation=config_from(args, Evaluation), output=config_from(args, Output), resume=args.resume,
+                     evaluation=config_from(args, Evaluation), parallel=config_from(args, Parallel),
+                     output=config_from(args, Output), resume=args.resume,
                      keep_state=args.keep_state, bench=args.bench)
 
 

@@ -32,6 +32,7 @@ from ..provenance import tokens_sha256
 from ..registry import get, names
 from ..selfpruner import Fitness, SearchConfig, Structure
 from ..selfpruner.backends import ALIAS, all_settings, resolve_alias
+from ..selfpruner.parallel import Parallel
 from .record import RESULT, Run, evaluate
 from .rundir import RunDir
 
@@ -47,8 +48,8 @@ class SearchRun:
     """A Self-Pruner run: the model (`source`), the evolution (`search`), what a rate removes
     (`structure`), the fitness, the importance's calibration windows (32 × 512 tokens unless set), the
     search backend ("ga", "openai", "local", "uniform"; "llm" is resolved by `validate`) with its own
-    config (None: its defaults), the final evaluation, and the output directory `output.out` (with
-    `output.overwrite`). `resume` continues an interrupted search from OUT.search/, `keep_state` keeps that
+    config (None: its defaults), the final evaluation, where the fitness runs (`parallel`: serially, or on Ray
+    workers), and the output directory `output.out` (with `output.overwrite`). `resume` continues an interrupted search from OUT.search/, `keep_state` keeps that
     directory after success, `bench` measures prefill / decode speed against the dense model at the end."""
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -59,6 +60,7 @@ class SearchRun:
     backend: str = setting("ga", BACKEND_HELP, choices=(*names("search_backend"), ALIAS))
     backend_config: object = None
     evaluation: Evaluation = field(default_factory=Evaluation)
+    parallel: Parallel = field(default_factory=Parallel)
     output: Output = field(default_factory=Output)
     resume: bool = setting(False, "continue an interrupted search from OUT.search/")
     keep_state: bool = setting(False, "keep OUT.search/ after a successful run")
@@ -95,6 +97,18 @@ class SearchRun:
             raise UsageError("search does not evaluate the dense model (--eval_dense)")
         self.evaluation.validate()
         self.calibration.validate(check_file=True)
+        self.parallel.validate()
+        if self.parallel.enabled:
+            if self.backend == "uniform":
+                raise UsageError("--workers / --ray_address score a search's candidates; --backend uniform does not search")
+            if self.backend == "evopress":
+                raise UsageError("--workers / --ray_address score the candidates of ga, openai and local searches; "
+                                 "--backend evopress runs serially")
+            from ..selfpruner.parallel import check_reachable, import_ray
+
+            import_ray()
+            if self.parallel.ray_address is not None:
+                check_reachable(self.parallel.ray_address)
         return self
 
     def inputs(self, src) -> list:
@@ -118,6 +132,7 @@ class SearchRun:
             out["calib_seed"] = calib["seed"]
         out.update(flatten(self.backend_config))
         out.update({k: v for k, v in asdict(self.evaluation).items() if k != "eval_dense"})
+        out.update(asdict(self.parallel))
         out.update(out=self.output.out, overwrite=self.output.overwrite, save_dtype=self.output.save_dtype,
                    resume=self.resume, keep_state=self.keep_state, bench=self.bench)
         return out
@@ -145,7 +160,8 @@ def _resolved(cfg: SearchRun) -> tuple:
 
 def _state_settings(cfg: SearchRun, model_path: str, seqlen: int, digest: str | None) -> dict:
     """What a resumed search must share with the interrupted one besides the evolution's settings (the same
-    list as before the backends had configs: the unchosen backends' settings at their defaults)."""
+    list as before the backends had configs: the unchosen backends' settings at their defaults). Not where the
+    fitness runs (`parallel`): a resumed search may use other workers and continues exactly."""
     c = cfg.calibration
     llm = {**{k: d for k, (d, _) in all_settings().items()}, **flatten(cfg.backend_config)}
     return {"model": model_path, "backend": cfg.backend, "dtype": _resolved(cfg)[2],
@@ -192,17 +208,28 @@ def run_search(cfg: SearchRun, progress: bool = True) -> Run:
     model_path = str(local) if local else None
     t0 = time.perf_counter()
     state_dir.mkdir(parents=True, exist_ok=True)
+    cluster = None
     try:
+        if cfg.parallel.enabled:
+            from ..selfpruner.parallel import Cluster
+
+            cluster = Cluster(cfg.parallel.workers, cfg.parallel.ray_address)
         pruned, rep = self_prune(model, tok, cfg.search, ops, calib, cfg.structure, cfg.fitness,
                                  state_dir / "state.json", cfg.resume, final_eval,
                                  _state_settings(cfg, str(local or cfg.source.model), seqlen, digest), progress,
-                                 batch_size=c.batch_size, device=device)
+                                 batch_size=c.batch_size, device=device, cluster=cluster)
     except BaseException:
         if not (state_dir / "state.json").is_file() and not (state_dir / "llm_log.jsonl").is_file():
             shutil.rmtree(state_dir, ignore_errors=True)  # nothing to resume from
         raise
+    finally:
+        if cluster is not None:
+            cluster.close()  # the local cluster stops here, even on error
     details: dict = {"search": rep, "compute_dtype": dtype_name, "device": describe_device(device),
                      "placement": placement}
+    if cluster is not None:
+        details["ray"] = {"workers": cluster.workers, "threads": cluster.threads, "cpus": cluster.cpus,
+                          "gpus": cluster.gpus, "address": cfg.parallel.ray_address}
     record = Run("search", cfg.source.model, model_path, {**cfg.to_dict(), "dtype": dtype_name, "device": str(device)},
                  details=details)
     if calib is not None:

@@ -68,9 +68,31 @@ def describe(model, name: str) -> str:
             f"A layer's rate removes that fraction of its query heads and of its MLP channels.")
 
 
+def shrunk(model, imp: dict, rates, gqa: str, device=None):
+    """(a copy of `model` shrunk at `rates` with importance `imp`, then moved to `device` (None: left where
+    `model` is), prune_structured's report). `model` is unchanged."""
+    m = copy.deepcopy(model)
+    if hasattr(m, ATTR):  # the copy's onloader (if any) points at the copy; the candidate needs none
+        delattr(m, ATTR)
+    rep = prune_structured(m, rates, imp, gqa=gqa)
+    if device is not None:
+        m.to(device)
+    return m, rep
+
+
+def fitness_of(model, imp: dict, rates, ids, seqlen: int, windows: int, gqa: str, device=None) -> float:
+    """A candidate's fitness: the perplexity (lower is better) of `model` shrunk at `rates` on the first
+    `windows` windows of `seqlen` tokens of the token ids `ids` (1, T) (the C4-validation stream of
+    `eval_tokens`; no tokenizer needed). The serial search and the Ray workers (`parallel.py`) both call
+    this, so their fitness values are the same bit for bit on the same device type."""
+    m, _ = shrunk(model, imp, rates, gqa, device)
+    return perplexity(m, None, "c4", seqlen, windows, progress=False, ids=ids)["ppl"]
+
+
 def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Structure | None = None,
                fitness: Fitness | None = None, state_path=None, resume: bool = False, final_eval=None,
-               settings: dict | None = None, progress: bool = True, batch_size: int | None = None, device=None):
+               settings: dict | None = None, progress: bool = True, batch_size: int | None = None, device=None,
+               cluster=None):
     """Search rates for `model` (left dense) and return (pruned copy at the best rates, report).
 
     ops: a backend's operators (`backends.operators`), or None for the uniform vector (no search). calib_ids: the calibration
@@ -81,7 +103,11 @@ def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Stru
 
     Devices: the importance pass goes through the engine (blocks onloaded to an attached onloader's device,
     `sparsellm.onload`); every candidate is shrunk from a copy of `model` where `model` is, then moved to
-    `device` (None: left there) for its fitness and final scores. The returned model is on `device`."""
+    `device` (None: left there) for its fitness and final scores. The returned model is on `device`.
+
+    cluster: a `parallel.Cluster`: each generation's candidates are scored on its Ray workers (the same
+    `fitness_of`, the same state as the serial search); its actors are released after the search, and the
+    final re-scoring runs here."""
     structure, fit = structure or Structure(), fitness or Fitness()
     metric, gqa, seqlen = structure.metric, structure.gqa, min(fit.fitness_seqlen, context_length(model))
     c4 = eval_tokens(tok, "c4", seqlen)
@@ -93,25 +119,17 @@ def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Stru
     imp = importance(model, calib_ids, metric, batch_size=batch_size, progress=progress)
     imp_seconds = time.perf_counter() - t0
     L = len(get_blocks(model))
+    fit_ids = c4[:, :fit.fitness_windows * seqlen]  # what the fitness reads
     state_settings = {"metric": metric, "gqa": gqa, "fitness": ["c4", fit.fitness_windows, seqlen],
                       **(settings or {})}
 
-    def shrunk(rates):
-        m = copy.deepcopy(model)
-        if hasattr(m, ATTR):  # the copy's onloader (if any) points at the copy; the candidate needs none
-            delattr(m, ATTR)
-        rep = prune_structured(m, rates, imp, gqa=gqa)
-        if device is not None:
-            m.to(device)
-        return m, rep
-
     def score(rates, windows=None):
         """C4 perplexity of the model shrunk at `rates`: on the first fitness_windows windows, or on the given
-        window indices (EvoPress's stages)."""
-        m, _ = shrunk(rates)
-        ids = c4 if windows is None else torch.cat([c4[:, w * seqlen:(w + 1) * seqlen] for w in windows], 1)
-        n = fit.fitness_windows if windows is None else len(windows)
-        return perplexity(m, tok, "c4", seqlen, n, progress=False, ids=ids)["ppl"]
+        window indices of the C4-validation stream (EvoPress's stages)."""
+        if windows is None:
+            return fitness_of(model, imp, rates, fit_ids, seqlen, fit.fitness_windows, gqa, device)
+        ids = torch.cat([c4[:, w * seqlen:(w + 1) * seqlen] for w in windows], 1)
+        return fitness_of(model, imp, rates, ids, seqlen, len(windows), gqa, device)
 
     t1 = time.perf_counter()
     if ops is None:
@@ -122,18 +140,23 @@ def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Stru
         state = ops.search(lambda vs, w: [score(v, w) for v in vs], L, config, fit.fitness_windows, state_path,
                            resume, state_settings)
     else:
-        state = evolve(score, L, config, ops, state_path, resume, state_settings)
+        try:
+            many = cluster.fitness(model, imp, fit_ids, seqlen, fit.fitness_windows, gqa, device) if cluster else None
+            state = evolve(score, L, config, ops, state_path, resume, state_settings, fitness_many=many)
+        finally:
+            if cluster is not None:
+                cluster.release()
     search_seconds = time.perf_counter() - t1
     finals = []
     for ind in state["population"][:max(1, fit.final_k)]:
         entry = {"rates": ind["rates"], "fitness": ind["fitness"], "origin": ind.get("origin")}
         if final_eval is not None:
-            m, _ = shrunk(ind["rates"])
+            m, _ = shrunk(model, imp, ind["rates"], gqa, device)
             entry["eval"] = final_eval(m)
             del m
         finals.append(entry)
     best = state["population"][0]
-    pruned, rep = shrunk(best["rates"])
+    pruned, rep = shrunk(model, imp, best["rates"], gqa, device)
     report = {
         "backend": getattr(ops, "name", "uniform") if ops is not None else "uniform",
         "target_rate": config.target_rate, "max_rate": config.max_rate, "metric": metric, "gqa": gqa,
