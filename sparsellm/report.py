@@ -107,7 +107,9 @@ def block_table(prune_report: dict) -> str:
 
 
 ALLOCATION_SETTINGS = {"atp_beta": "β", "owl_m": "M", "owl_lambda": "λ", "owl_granularity": "granularity",
-                       "rmi_nsamples": "windows", "rmi_beta": "β", "rmi_delta": "δ"}
+                       "rmi_nsamples": "windows", "rmi_beta": "β", "rmi_delta": "δ", "dlp_alpha": "α",
+                       "dlp_score": "score", "alpha_epsilon": "ε", "alpha_mapping": "mapping", "lsa_lambda": "λ",
+                       "atp_dlp_beta": "β", "atp_dlp_alpha": "α"}
 
 
 def allocation_name(alloc: dict) -> str:
