@@ -8,7 +8,7 @@ DLP, `dlp.py`; issue 23).
 
 `isotonic` is the least-squares non-decreasing fit (pool adjacent violators): it averages neighbouring
 blocks whose deviations would reverse ATP's order, so the sum, hence the mean, is unchanged; with
-`atp_dlp_monotone false` the deviations are kept as they are. β = 0 is DLP (made monotone), α = 0 is ATP.
+`--atp_dlp_unordered` the deviations are kept as they are. β = 0 is DLP (made monotone), α = 0 is ATP.
 β and α are fixed here (defaults untuned: β_max/2 and α = 0.075) or searched jointly by `atp_search.search_joint`.
 """
 
@@ -28,12 +28,12 @@ np = lazy_import("numpy")
 
 @dataclass
 class ATPDLPConfig:
-    """β (None: β_max/2), α and whether the rates are kept non-decreasing with depth."""
+    """β (None: β_max/2), α and whether the rates may leave the depth order."""
 
     atp_dlp_beta: float | None = setting(None, "ATP+DLP: ATP's common difference β (default when left out: β_max/2)")
     atp_dlp_alpha: float = setting(0.075, "ATP+DLP: DLP's α, the deviations around ATP's trend span 2α")
-    atp_dlp_monotone: bool = setting(True, "ATP+DLP: keep the rates non-decreasing with depth (pool adjacent "
-                                           "violators; the mean is unchanged)")
+    atp_dlp_unordered: bool = setting(False, "ATP+DLP: let DLP's deviations break ATP's depth order (default: the "
+                                             "rates are kept non-decreasing by pool adjacent violators)")
 
     def validate(self, target: float) -> "ATPDLPConfig":
         if self.atp_dlp_beta is not None and not (self.atp_dlp_beta >= 0 and math.isfinite(self.atp_dlp_beta)):
@@ -79,7 +79,7 @@ def rates_for_model(model, calib_ids, target: float, config: ATPDLPConfig, *, ba
 
     scores = dlp.block_scores(model, calib_ids, "mean", batch_size, progress)
     beta = atp.beta_max(len(scores), target) / 2 if config.atp_dlp_beta is None else config.atp_dlp_beta
-    rates = allocate(scores, target, beta, config.atp_dlp_alpha, config.atp_dlp_monotone)
-    info = {"atp_dlp_beta": beta, "atp_dlp_alpha": config.atp_dlp_alpha, "atp_dlp_monotone": config.atp_dlp_monotone,
+    rates = allocate(scores, target, beta, config.atp_dlp_alpha, not config.atp_dlp_unordered)
+    info = {"atp_dlp_beta": beta, "atp_dlp_alpha": config.atp_dlp_alpha, "atp_dlp_unordered": config.atp_dlp_unordered,
             "block_scores": scores}
     return check_rates(rates, len(rates), target), info
