@@ -281,3 +281,46 @@ def test_alphapruning_per_linear_rates_reach_the_saved_modules(tmp_path, tokeniz
             assert (W == 0).sum(1).tolist() == [per_row] * W.shape[0], (i, name, rate)
             seen.add(round(rate, 6))
     assert len(seen) > 5  # the linears really got different rates
+
+
+# ---------------------------------------------------------------- ATP + DLP's joint search
+
+
+def test_fibonacci_trials_is_the_most_the_golden_search_scores():
+    from sparsellm.allocate.atp_search import fibonacci_search, fibonacci_trials
+
+    for n in range(1, 40):
+        worst = max(len(fibonacci_search(lambda i, s=s: float((i * s) % 7), n)[1]) for s in range(1, 6))
+        assert worst <= fibonacci_trials(n)
+    assert [fibonacci_trials(n) for n in (1, 6, 11, 200)] == [1, 4, 5, 11]
+
+
+def test_joint_search_stays_within_atps_budget_and_restores_the_model(tokenizer):
+    import copy
+
+    from sparsellm.allocate.atp_search import beta_grid, fibonacci_trials, search_joint
+    from sparsellm.pipeline import prune
+
+    model = make_model("llama", num_hidden_layers=6, max_position_embeddings=256)
+    before = copy.deepcopy(model.state_dict())
+    ids = torch.randint(3, 100, (3, 16), generator=torch.Generator().manual_seed(0))
+    scores = dlp.block_scores(model, ids, progress=False)
+    rep = search_joint(model, tokenizer, ids, "wanda", 0.6, scores, step=0.02, objective="wikitext2",
+                       objective_windows=1, objective_seqlen=32, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    n = len(beta_grid(6, 0.6, 0.02))
+    assert len(rep["trials"]) <= fibonacci_trials(n) == rep["budget"]
+    assert {t["alpha"] for t in rep["trials"]} >= {0.0, 0.15}  # both stages ran
+    best = min(rep["trials"], key=lambda t: t["objective"])
+    assert (rep["best_beta"], rep["best_alpha"]) == (best["beta"], best["alpha"])
+    for t in rep["trials"]:
+        assert t["rates"] == pytest.approx(atp_dlp.allocate(scores, 0.6, t["beta"], t["alpha"]), abs=1e-12)
+    # the best trial's objective is an independent prune of a fresh copy at those rates, scored the same way
+    m = copy.deepcopy(model)
+    cfg = PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.6, allocation="atp_dlp",
+                                atp_dlp_beta=best["beta"], atp_dlp_alpha=best["alpha"])
+    prune(m, tokenizer, cfg, calib_ids=ids, progress=False)
+    from sparsellm.evaluate import perplexity
+
+    assert perplexity(m, tokenizer, "wikitext2", 32, 1, progress=False)["ppl"] == pytest.approx(best["objective"],
+                                                                                                 rel=1e-4)
