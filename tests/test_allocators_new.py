@@ -324,3 +324,56 @@ def test_joint_search_stays_within_atps_budget_and_restores_the_model(tokenizer)
 
     assert perplexity(m, tokenizer, "wikitext2", 32, 1, progress=False)["ppl"] == pytest.approx(best["objective"],
                                                                                                  rel=1e-4)
+
+
+# ---------------------------------------------------------------- bench/layerwise_bench.py rows
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("layerwise_bench",
+                                                  Path(__file__).resolve().parents[1] / "bench/layerwise_bench.py")
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+    return lb
+
+
+@pytest.mark.parametrize("alloc", ["dlp", "alphapruning", "lsa", "atp_dlp"])
+def test_bench_rows_of_the_new_allocators(alloc, tmp_path, monkeypatch):
+    import types
+
+    lb = _bench()
+    assert alloc in lb.ALLOCATIONS
+    cmds = []
+
+    def fake(cmd, check, cwd):
+        cmds.append(cmd)
+        save = tmp_path / alloc
+        save.mkdir()
+        rep = {"eval": {"wikitext2_ppl@2048": {"ppl": 9.0, "metric": "wikitext2_ppl@2048", "windows": 2}},
+               "allocation": {"rates": [0.6, 0.8], "seconds": 3.5, **({"layer_rates": [{"a": 0.6}, {"a": 0.8}]}
+                                                                        if alloc == "alphapruning" else {})},
+               "prune": {"prune_seconds": 1.0, "options": {"batch_size": 4}, "measured": {"sparsity": 0.7},
+                         "blocks": []}, "peak_rss_mib": 1.0}
+        if alloc == "atp_dlp":
+            rep["search"] = {"best_beta": 0.01, "beta_max": 0.02, "search_seconds": 40.0, "one_prune_seconds": 5.0,
+                             "objective": {}, "best_alpha": 0.075, "budget": 4,
+                             "trials": [{"beta": 0.01, "alpha": 0.075, "objective": 9.0, "seconds": 9.0}]}
+        (save / "report.json").write_text(json.dumps(rep))
+
+    monkeypatch.setattr(lb.subprocess, "run", fake)
+    args = types.SimpleNamespace(model="m", method="wanda", sparsity=0.7, nsamples=2, seqlen=16, batch_size=None,
+                                 eval_windows=2, atp_step=0.004, objective_windows=1)
+    row = lb.run(args, alloc, tmp_path)
+    assert ("--search" in cmds[0]) == (alloc == "atp_dlp") and row["allocation_seconds"] == 3.5
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"method": "wanda", "sparsity": 0.7, "runs": [row]}))
+    line = lb.table([str(f)]).splitlines()[-1]
+    assert f"| {43.5 if alloc == 'atp_dlp' else 3.5:.1f} |" in line  # the pre-pass (+ search) seconds
+    if alloc == "atp_dlp":
+        assert row["best_alpha"] == 0.075 and "α 0.075" in line
+    if alloc == "alphapruning":
+        with pytest.raises(SystemExit, match="per-linear"):
+            lb.full_eval(args, row, tmp_path)
