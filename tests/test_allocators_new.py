@@ -377,3 +377,20 @@ def test_bench_rows_of_the_new_allocators(alloc, tmp_path, monkeypatch):
     if alloc == "alphapruning":
         with pytest.raises(SystemExit, match="per-linear"):
             lb.full_eval(args, row, tmp_path)
+
+
+def test_cli_allocate_search_atp_dlp_records_beta_and_alpha(tmp_path, saved_model_dir, calib_txt):
+    from sparsellm.cli import main
+
+    save = tmp_path / "rep"
+    assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
+                 "--nsamples", "2", "--seqlen", "16", "--allocation", "atp_dlp", "--search", "--atp_step", "0.2",
+                 "--sparsity_ratio", "0.5", "--objective", "wikitext2", "--objective_windows", "1",
+                 "--objective_seqlen", "32", "--eval", "none", "--save", str(save)]) == 0
+    rep = json.loads((save / "report.json").read_text())
+    s, a = rep["search"], rep["allocation"]
+    assert (a["atp_dlp_beta"], a["atp_dlp_alpha"]) == (s["best_beta"], s["best_alpha"])
+    assert a["rates"] == pytest.approx(s["best_rates"], abs=1e-12)
+    assert json.loads((save / "rates.json").read_text()) == pytest.approx(a["rates"], abs=1e-12)
+    assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--allocation", "atp_dlp", "--search",
+                 "--atp_dlp_beta", "0.1", "--eval", "none", "--save", str(tmp_path / "x")]) == 2

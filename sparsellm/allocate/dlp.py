@@ -15,7 +15,7 @@ Deviations kept from the reference and from the paper:
   score; the released unstructured path, which produced the published ratios, uses the **mean**. Default
   `--dlp_score mean`; `median` is the paper's variant.
 - The reference sets s <= 0 to 0.01 and never clips above; here the rates are kept in [0, 0.99] with the mean
-  still exactly S (`minmax.fit_mean`). At α <= min(S, 1 − S)/2 nothing is ever clipped.
+  still exactly S (`minmax.fit_mean`). At α <= min(S, 0.99 − S)/2 nothing is ever clipped.
 - The scores come from one dense pass (the reference runs each block's forward twice; the second is redundant).
 """
 
