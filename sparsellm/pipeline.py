@@ -59,7 +59,8 @@ class PruneConfig:
                                                  "by an N:M --sparsity_type")
     sparsity_type: str = setting("unstructured", "unstructured, or N:M = keep N of every M input weights "
                                                  "(2:4, 4:8, ...)")
-    allocation: str = setting("uniform", "layer-wise sparsity: uniform, atp (with --atp_beta), owl, rmi, search "
+    allocation: str = setting("uniform", "layer-wise sparsity: uniform, atp (with --atp_beta), owl, rmi, dlp, alphapruning, lsa, "
+                                         "atp_dlp, search "
                                          "(GA or EvoPress search of per-block rates on held-out C4), or "
                                          "file:rates.json (a list, or a dict by block index, whose mean is the target)")
     diag_nsamples: int | None = setting(None, "windows also run through the dense blocks for the cumulative "
