@@ -394,16 +394,3 @@ def test_cli_allocate_search_atp_dlp_records_beta_and_alpha(tmp_path, saved_mode
     assert json.loads((save / "rates.json").read_text()) == pytest.approx(a["rates"], abs=1e-12)
     assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--allocation", "atp_dlp", "--search",
                  "--atp_dlp_beta", "0.1", "--eval", "none", "--save", str(tmp_path / "x")]) == 2
-
-
-def test_alphapruning_metrics_are_remembered_until_a_weight_changes(monkeypatch):
-    model = make_model("llama", num_hidden_layers=2)
-    calls = []
-    real = alphapruning.esd
-    monkeypatch.setattr(alphapruning, "esd", lambda w: calls.append(1) or real(w))
-    first = alphapruning.layer_metrics(model)
-    assert alphapruning.layer_metrics(model) == first and len(calls) == 14  # 7 linears × 2 blocks, once
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight.mul_(3.0)  # in place: the version counter moves
-    again = alphapruning.layer_metrics(model)
-    assert len(calls) == 28 and again[1][0] == first[1][0]

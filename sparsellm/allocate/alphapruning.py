@@ -120,20 +120,15 @@ def pl_alpha_hill(eigs, fix_fingers: str = "xmin_peak", bins: int = 100) -> tupl
 
 
 def layer_metrics(model) -> tuple[list[list[str]], list[list[float]], list[list[int]]]:
-    """(names, α, numel) per block, linears in the architecture table's order (`models.block_linears`).
-    Remembered on the model while no weight changes (each weight's storage and version counter are the key):
-    a run checks the allocation before calibrating (`pipeline.validate_for_model`) and then computes it."""
+    """(names, α, numel) per block, linears in the architecture table's order (`models.block_linears`)."""
     from ..models import block_linears, get_blocks
 
-    linears = [block_linears(model, block) for block in get_blocks(model)]
-    key = tuple((lin.weight.data_ptr(), lin.weight._version) for lins in linears for lin in lins.values())
-    cached = getattr(model, "_sparsellm_pl_alpha", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    names = [list(lins) for lins in linears]
-    metrics = [[pl_alpha_hill(esd(lin.weight))[0] for lin in lins.values()] for lins in linears]
-    sizes = [[lin.weight.numel() for lin in lins.values()] for lins in linears]
-    model.__dict__["_sparsellm_pl_alpha"] = (key, (names, metrics, sizes))  # not a module attribute or buffer
+    names, metrics, sizes = [], [], []
+    for block in get_blocks(model):
+        linears = block_linears(model, block)
+        names.append(list(linears))
+        metrics.append([pl_alpha_hill(esd(lin.weight))[0] for lin in linears.values()])
+        sizes.append([lin.weight.numel() for lin in linears.values()])
     return names, metrics, sizes
 
 
