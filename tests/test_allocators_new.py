@@ -394,3 +394,16 @@ def test_cli_allocate_search_atp_dlp_records_beta_and_alpha(tmp_path, saved_mode
     assert json.loads((save / "rates.json").read_text()) == pytest.approx(a["rates"], abs=1e-12)
     assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--allocation", "atp_dlp", "--search",
                  "--atp_dlp_beta", "0.1", "--eval", "none", "--save", str(tmp_path / "x")]) == 2
+
+
+def test_alphapruning_spectra_are_computed_once_per_run(tmp_path, saved_model_dir, calib_txt, monkeypatch):
+    """needs="weights": no early check before calibrating, so the run's allocation seconds are the spectra's."""
+    from sparsellm.cli import main
+
+    calls = []
+    real = alphapruning.esd
+    monkeypatch.setattr(alphapruning, "esd", lambda w: calls.append(1) or real(w))
+    assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--calib_dataset", str(calib_txt),
+                 "--nsamples", "2", "--seqlen", "16", "--allocation", "alphapruning", "--eval", "none",
+                 "--save", str(tmp_path / "s")]) == 0
+    assert len(calls) == 14  # 7 linears × 2 blocks, once

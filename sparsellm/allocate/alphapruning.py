@@ -151,7 +151,7 @@ def rates_from_metrics(metrics, sizes, target: float, epsilon: float = 0.3,
     return out
 
 
-@register("allocator", "alphapruning", AlphaPruningConfig)
+@register("allocator", "alphapruning", AlphaPruningConfig, needs="weights")
 @no_grad
 def rates_for_model(model, calib_ids, target: float, config: AlphaPruningConfig, **_):
     """AlphaPruning rates from the weights alone (no calibration data). Returns (rates, info): rates[i] is a
