@@ -1,10 +1,12 @@
-"""Layer-wise sparsity benchmark (issue 3): uniform, OWL, ATP (best β from its search) and RMI under the
-same pruner, sparsity and calibration, on SmolLM2-135M. One `sparsellm allocate` process per run; the
+"""Layer-wise sparsity benchmark (issues 3 and 23): uniform, OWL, ATP (best β from its search), RMI, DLP,
+AlphaPruning, LSA and ATP+DLP (β and α from their joint search, within ATP's trial budget) under the same
+pruner, sparsity and calibration, on SmolLM2-135M. One `sparsellm allocate` process per run; the
 results (rates, β chosen, allocation and search time, prune time, ppl, per-block local and cumulative
 errors) go to one JSON file per setting, plus one figure of the cumulative error curves.
 
     python bench/layerwise_bench.py --method wanda --sparsity 0.7 --out bench/results/layerwise_wanda70.json
     python bench/layerwise_bench.py --method wanda --sparsity 0.7 --allocations atp --append --out ...  # add or redo rows
+    python bench/layerwise_bench.py --method wanda --sparsity 0.7 --allocations dlp,alphapruning,lsa,atp_dlp --append --out ...
     python bench/layerwise_bench.py --method wanda --sparsity 0.7 --full_eval --out ...  # every row on all 148 windows
     python bench/layerwise_bench.py --table bench/results/layerwise_*.json     # markdown for BENCHMARKS.md
 
@@ -13,7 +15,11 @@ errors) go to one JSON file per setting, plus one figure of the cumulative error
 windows to the row as `ppl_all`, with `ppl_all_first`: the re-pruned model on the row's own first windows,
 which shows what the re-prune alone changed, and `window_nll_all`. It re-prunes with the row's own micro-batch
 (`batch_size`) where the row recorded one: SparseGPT's masks (and, rarely, Wanda's) move with the micro-batch
-through float rounding.
+through float rounding. A row with per-linear rates (`layer_rates`, e.g. `--alpha_mapping layer_wise`) cannot be
+re-pruned from a block rates file and is refused.
+
+Each row records `allocation_seconds` (the allocator's own pre-pass: OWL's, RMI's, DLP's and LSA's dense pass,
+AlphaPruning's spectra) and, for ATP and ATP+DLP, `search_seconds`; the table's "allocation s" is their sum.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ALLOCATIONS = ["uniform", "owl", "atp", "rmi"]  # also: search (not in the default set)
+ALLOCATIONS = ["uniform", "owl", "atp", "rmi", "dlp", "alphapruning", "lsa", "atp_dlp"]  # also: search (not in the default set)
+SEARCHED = ("atp", "atp_dlp")  # run with `allocate --search`
 
 
 def allocate_cmd(args, allocation: str, save: Path, batch_size: int | None = None) -> list[str]:
@@ -59,7 +66,7 @@ def run(args, allocation: str, work: Path) -> dict:
         cmd = allocate_cmd(args, allocation, save, args.batch_size)
     if args.eval_windows:
         cmd += ["--max_windows", str(args.eval_windows)]
-    if allocation == "atp":
+    if allocation in SEARCHED:
         cmd += ["--search", "--atp_step", str(args.atp_step), "--objective", "c4",
                 "--objective_windows", str(args.objective_windows)]
     print("+", " ".join(cmd), flush=True)
@@ -81,7 +88,11 @@ def run(args, allocation: str, work: Path) -> dict:
         out.update(atp_step=args.atp_step, objective_windows=args.objective_windows,
                    best_beta=s["best_beta"], beta_max=s["beta_max"], search_seconds=s["search_seconds"],
                    one_prune_seconds=s["one_prune_seconds"], objective=s["objective"],
-                   trials=[{k: t[k] for k in ("beta", "objective", "seconds")} for t in s["trials"]])
+                   trials=[{k: t[k] for k in ("beta", "alpha", "objective", "seconds") if k in t} for t in s["trials"]])
+        if "best_alpha" in s:
+            out.update(best_alpha=s["best_alpha"], trial_budget=s["budget"])
+    if "layer_rates" in rep["allocation"]:
+        out["layer_rates"] = rep["allocation"]["layer_rates"]
     if "search_loop" in rep["allocation"]:
         a = rep["allocation"]
         out.update({k: a[k] for k in ("search_loop", "search_budget", "search_lambda", "evals", "generations",
@@ -93,6 +104,8 @@ def run(args, allocation: str, work: Path) -> dict:
 
 
 def full_eval(args, row: dict, work: Path) -> dict:
+    if "layer_rates" in row:
+        sys.exit(f"--full_eval: {row['allocation']} has per-linear rates; a block rates file cannot re-prune it")
     save, rates = work / f"{row['allocation']}_all", work / f"{row['allocation']}_rates.json"
     rates.write_text(json.dumps(row["rates"]))
     # the row's own micro-batch where it recorded one, so that SparseGPT re-prunes the row's masks
@@ -144,11 +157,13 @@ def table(files: list[str]) -> str:
             print(f"--table: skipping {f}, not a layerwise_bench result file", file=sys.stderr)
             continue
         for r in res["runs"]:
-            alloc_s = r["search_seconds"] if "best_beta" in r else r["allocation_seconds"]
+            alloc_s = r["search_seconds"] + r["allocation_seconds"] if "best_beta" in r else r["allocation_seconds"]
             full = f"{r['ppl_all']:.2f} ({r['windows_all']})" if "ppl_all" in r else ""
             if "ppl_all_first" in r:
                 full += f"; re-prune, first {r['windows']}: {r['ppl_all_first']:.2f}"
             beta = f"{r['best_beta']:.3f} (of ≤ {r['beta_max']:.4f})" if "best_beta" in r else ""
+            if "best_alpha" in r:
+                beta += f", α {r['best_alpha']:.3f}"
             lines.append(f"| {res['method']} | {res['sparsity']:.0%} | {r['allocation']} | {r['ppl']:.2f} | "
                          f"{r['windows']} | {full} | {beta} | {alloc_s:.1f} | {r['prune_seconds']:.1f} |")
     return "\n".join(lines)

@@ -43,9 +43,11 @@ class PruneConfig:
         its defaults; SparseGPT: blocksize, percdamp).
     sparsity_ratio: target fraction of zeros in [0, 1) (None: 0.5, or implied by an N:M pattern as 1 − N/M).
     sparsity_type: "unstructured" or "N:M" (keep N of every M weights along the input dimension).
-    allocation: a registered allocator ("uniform", "atp", "owl", "rmi") or "file:PATH"; `allocator` its own
-        config (None: its defaults; ATP: atp_beta; OWL: owl_m, owl_lambda, owl_granularity; RMI:
-        rmi_nsamples, rmi_beta, rmi_delta; file: allow_mean_mismatch).
+    allocation: a registered allocator ("uniform", "atp", "owl", "rmi", "dlp", "alphapruning", "lsa",
+        "atp_dlp") or "file:PATH"; `allocator` its own config (None: its defaults; ATP: atp_beta; OWL: owl_m,
+        owl_lambda, owl_granularity; RMI: rmi_nsamples, rmi_beta, rmi_delta; DLP: dlp_alpha, dlp_score;
+        AlphaPruning: alpha_epsilon, alpha_mapping; LSA: lsa_lambda, lsa_block, lsa_resp; ATP+DLP:
+        atp_dlp_beta, atp_dlp_alpha, atp_dlp_unordered; file: allow_mean_mismatch).
     calibration: the calibration windows (nsamples × seqlen from calib_dataset with seed, batch_size).
     diag_nsamples: windows also run through the dense blocks for the cumulative reconstruction error
         (None: 8 for Wanda/SparseGPT, 0 for magnitude; 0 turns it off).
@@ -57,7 +59,8 @@ class PruneConfig:
                                                  "by an N:M --sparsity_type")
     sparsity_type: str = setting("unstructured", "unstructured, or N:M = keep N of every M input weights "
                                                  "(2:4, 4:8, ...)")
-    allocation: str = setting("uniform", "layer-wise sparsity: uniform, atp (with --atp_beta), owl, rmi, search "
+    allocation: str = setting("uniform", "layer-wise sparsity: uniform, atp (with --atp_beta), owl, rmi, dlp, alphapruning, lsa, "
+                                         "atp_dlp, search "
                                          "(GA or EvoPress search of per-block rates on held-out C4), or "
                                          "file:rates.json (a list, or a dict by block index, whose mean is the target)")
     diag_nsamples: int | None = setting(None, "windows also run through the dense blocks for the cumulative "

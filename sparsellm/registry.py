@@ -35,7 +35,8 @@ class NoConfig:
 @dataclass(frozen=True)
 class Method:
     """A registered method. `needs` says what it reads besides the weights: for pruners the calibration
-    statistics ("none", "norm" or "hessian"); for allocators "none" or "data" (a dense pre-pass). `group`:
+    statistics ("none", "norm" or "hessian"); for allocators "none" (cheap: also run as an early check before
+    calibrating), "weights" (reads only the weights, but costly: AlphaPruning's spectra) or "data" (a dense pre-pass). `group`:
     optionally, a pruner's form for several weights that read the same input and share one LayerStats,
     group(weights, stats, sparsities, nm, **config) -> list of new weights, equal to `fn` on each."""
 

@@ -107,7 +107,9 @@ def block_table(prune_report: dict) -> str:
 
 
 ALLOCATION_SETTINGS = {"atp_beta": "β", "owl_m": "M", "owl_lambda": "λ", "owl_granularity": "granularity",
-                       "rmi_nsamples": "windows", "rmi_beta": "β", "rmi_delta": "δ"}
+                       "rmi_nsamples": "windows", "rmi_beta": "β", "rmi_delta": "δ", "dlp_alpha": "α",
+                       "dlp_score": "score", "alpha_epsilon": "ε", "alpha_mapping": "mapping", "lsa_lambda": "λ",
+                       "atp_dlp_beta": "β", "atp_dlp_alpha": "α"}
 
 
 def allocation_name(alloc: dict) -> str:
@@ -129,7 +131,12 @@ def search_line(search: dict) -> str:
     return (f"ATP search: β = {search['best_beta']:.{d}f} chosen (β_max {search['beta_max']:.{d}f}); {o['metric']} on "
             f"{o['windows']} window{'s' * (o['windows'] != 1)}"
             f"{' (test-set selection)' if o['test_set_selection'] else ''}: "
-            + ", ".join(f"{t['beta']:.{d}f}: {t['objective']:.6g}" for t in search["trials"]))
+            + ", ".join(f"{t['beta']:.{d}f}{_alpha(t)}: {t['objective']:.6g}" for t in search["trials"]))
+
+
+def _alpha(trial: dict) -> str:
+    """ATP+DLP's α of a joint-search trial, "" for ATP's own trials."""
+    return f" α {trial['alpha']:.3f}" if "alpha" in trial else ""
 
 
 def _beta_decimals(search: dict) -> int:
@@ -157,8 +164,8 @@ def search_table(search: dict) -> str:
                 else f"(trials score masks from one dense pass of {search.get('setup_seconds', 0):.1f} s)"), "",
              "| β | objective | prune s | trial s |", "|---|---|---|---|"]
     for t in search["trials"]:
-        mark = " ←" if t["beta"] == search["best_beta"] else ""
-        lines.append(f"| {t['beta']:.{_beta_decimals(search)}f}{mark} | {t['objective']:.3f} | {t['prune_seconds']:.1f} | {t['seconds']:.1f} |")
+        mark = " ←" if t["beta"] == search["best_beta"] and t.get("alpha") == search.get("best_alpha") else ""
+        lines.append(f"| {t['beta']:.{_beta_decimals(search)}f}{_alpha(t)}{mark} | {t['objective']:.3f} | {t['prune_seconds']:.1f} | {t['seconds']:.1f} |")
     return "\n".join(lines)
 
 

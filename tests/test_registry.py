@@ -16,9 +16,11 @@ from sparsellm.prune.sparsegpt import SparseGPTConfig
 
 def test_every_kind_lists_its_methods_in_order():
     assert registry.names("pruner") == ["magnitude", "wanda", "sparsegpt"]
-    assert registry.names("allocator") == ["uniform", "atp", "owl", "rmi", "file", "search"]
+    assert registry.names("allocator") == ["uniform", "atp", "owl", "rmi", "dlp", "alphapruning", "lsa", "atp_dlp", "file",
+                                           "search"]
     assert [registry.get("pruner", n).needs for n in ("magnitude", "wanda", "sparsegpt")] == ["none", "norm", "hessian"]
-    assert {n for n in registry.names("allocator") if registry.get("allocator", n).needs == "data"} == {"owl", "rmi", "search"}
+    assert {n for n in registry.names("allocator") if registry.get("allocator", n).needs == "data"} == {
+        "owl", "rmi", "dlp", "lsa", "atp_dlp", "search"}
 
 
 def test_unknown_names_and_kinds():

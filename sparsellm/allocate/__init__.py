@@ -5,8 +5,9 @@ fields and one function
 
     rates, info = rates_for_model(model, calib_ids, target, config, prune_method=..., batch_size=..., progress=...)
 
-`uniform`, `atp` (fixed β) and `file` read only the model's depth (`calib_ids` may be None); `owl` and
-`rmi` (`needs="data"`) walk the dense model over the calibration windows first. `resolve_allocation` runs
+`uniform`, `atp` (fixed β) and `file` read only the model's depth (`calib_ids` may be None), `alphapruning`
+only the weights; `owl`, `rmi`, `dlp`, `lsa` and `atp_dlp` (`needs="data"`) walk the dense model over the
+calibration windows first. DLP, LSA and AlphaPruning share one form (`minmax.py`). `resolve_allocation` runs
 the chosen one and checks its rates. ATP's search for β is `atp_search.py`. Adding an allocator is one
 file plus one import line below.
 """
@@ -74,7 +75,12 @@ from . import uniform  # noqa: E402, I001  (each import registers an allocator, 
 from . import atp  # noqa: E402
 from . import owl  # noqa: E402
 from . import rmi  # noqa: E402
+from . import dlp  # noqa: E402
+from . import alphapruning  # noqa: E402
+from . import lsa  # noqa: E402
+from . import atp_dlp  # noqa: E402
 from . import from_file  # noqa: E402
 from . import search  # noqa: E402
 
-__all__ = ["check_rates", "resolve_allocation", "atp", "owl", "rmi", "uniform", "from_file", "search"]
+__all__ = ["check_rates", "resolve_allocation", "atp", "owl", "rmi", "dlp", "alphapruning", "lsa", "atp_dlp",
+           "uniform", "from_file", "search"]

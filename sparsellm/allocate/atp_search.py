@@ -180,42 +180,15 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
         raise UsageError(f"--atp_search must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if kind not in TRIALS:
         raise UsageError(f"--atp_trials must be one of {', '.join(TRIALS)}, got {kind!r}")
-    blocks = get_blocks(model)
-    L = len(blocks)
+    L = len(get_blocks(model))
     betas = beta_grid(L, target, step)
     t_start = time.perf_counter()
-    dense = [{n: lin.weight.detach().clone() for n, lin in block_linears(model, b).items()} for b in blocks]
-    if kind == "masks":
-        from .search import MaskDatabase
-
-        db, captured = MaskDatabase(model, calib_ids, method, batch_size, progress), None
-    else:
-        db, captured = None, capture_inputs(model, calib_ids)
-    setup_seconds = time.perf_counter() - t_start
-    objective_ids = eval_tokens(tokenizer, objective, objective_seqlen)  # tokenized once for all trials
-    trials, last = [], {}
+    trials = Trials(model, tokenizer, calib_ids, method, objective, objective_windows, objective_seqlen, options,
+                    batch_size, engine, kind, progress)
     bar = tqdm(total=len(betas), desc=f"ATP β search ({strategy})", unit="trial", disable=not progress, leave=False)
 
     def trial(i: int) -> float:
-        beta = betas[i]
-        t0 = time.perf_counter()
-        rates = atp.allocate(L, target, atp_beta=beta)
-        try:
-            if db is not None:
-                db.apply(rates)
-            else:
-                prune_blocks(model, None, method, rates, options=options, batch_size=batch_size, progress=False,
-                             captured=captured, engine=engine)
-            t_prune = time.perf_counter() - t0
-            r = perplexity(model, tokenizer, objective, objective_seqlen, objective_windows, progress=False,
-                           ids=objective_ids)
-        finally:
-            _restore(model, blocks, dense)
-        last.update(r)
-        obj = r["ppl"] if math.isfinite(r["ppl"]) else float("inf")
-        trials.append({"beta": beta, "rates": rates, "objective": obj, "prune_seconds": t_prune,
-                       "seconds": time.perf_counter() - t0, "order": len(trials)})
-        log.info("ATP β = %.4f  %s = %.3f  (%.1fs)", beta, r["metric"], obj, trials[-1]["seconds"])
+        obj = trials(atp.allocate(L, target, atp_beta=betas[i]), beta=betas[i])
         bar.update()
         return obj
 
@@ -227,22 +200,139 @@ def search(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float
             fibonacci_search(trial, len(betas))
     finally:
         bar.close()
-        _restore(model, blocks, dense)
-    if not any(math.isfinite(t["objective"]) for t in trials):
-        raise UsageError(f"ATP search: every β tried gave an infinite or NaN objective ({len(trials)} of "
-                         f"{len(betas)} grid points): the pruned model diverges at sparsity {target}, so there is "
-                         "no β to choose")
-    best = min(trials, key=lambda t: (t["objective"], t["beta"]))
-    return {
-        "best_beta": best["beta"], "best_rates": best["rates"], "beta_max": atp.beta_max(L, target), "step": step,
-        "strategy": strategy, "grid_size": len(betas),
-        "trials": sorted(trials, key=lambda t: t["beta"]),
-        "objective": {"dataset": objective, "windows": min(objective_windows, last["total_windows"]),
-                      "seqlen": objective_seqlen, "metric": last["metric"],
-                      "test_set_selection": objective == "wikitext2"},
-        "search_seconds": time.perf_counter() - t_start, "setup_seconds": setup_seconds, "trials_kind": kind,
-        "one_prune_seconds": trials[0]["prune_seconds"] if kind == "prune" else None,
-    }
+        trials.restore()
+    return trials.report(target, L, step, strategy, len(betas), t_start)
+
+
+class Trials:
+    """One trial = prune with given rates from block 0's inputs captured once, score the objective on a few
+    held-out windows, restore the dense weights from a copy in memory. Shared by ATP's β search and ATP+DLP's
+    joint (β, α) search; `trials` keeps every trial's record."""
+
+    def __init__(self, model, tokenizer, calib_ids, method: str, objective: str, objective_windows: int,
+                 objective_seqlen: int, options: dict | None, batch_size: int | None, engine: str,
+                 kind: str = "prune", progress: bool = True):
+        self.model, self.tokenizer, self.method, self.objective = model, tokenizer, method, objective
+        self.windows, self.seqlen, self.options, self.batch_size, self.engine = (
+            objective_windows, objective_seqlen, options, batch_size, engine)
+        self.blocks = get_blocks(model)
+        self.dense = [{n: lin.weight.detach().clone() for n, lin in block_linears(model, b).items()}
+                      for b in self.blocks]
+        t0 = time.perf_counter()
+        if kind == "masks":  # `search` has the details
+            from .search import MaskDatabase
+
+            self.db, self.captured = MaskDatabase(model, calib_ids, method, batch_size, progress), None
+        else:
+            self.db, self.captured = None, capture_inputs(model, calib_ids)
+        self.kind, self.setup_seconds = kind, time.perf_counter() - t0
+        self.objective_ids = eval_tokens(tokenizer, objective, objective_seqlen)  # tokenized once for all trials
+        self.trials: list[dict] = []
+        self.last: dict = {}
+
+    def __call__(self, rates: list[float], **record) -> float:
+        """The objective (inf for NaN or inf) of the model pruned at `rates`; `record` (β, α) goes into the trial."""
+        t0 = time.perf_counter()
+        try:
+            if self.db is not None:
+                self.db.apply(rates)
+            else:
+                prune_blocks(self.model, None, self.method, rates, options=self.options,
+                             batch_size=self.batch_size, progress=False, captured=self.captured, engine=self.engine)
+            t_prune = time.perf_counter() - t0
+            r = perplexity(self.model, self.tokenizer, self.objective, self.seqlen, self.windows, progress=False,
+                           ids=self.objective_ids)
+        finally:
+            self.restore()
+        self.last.update(r)
+        obj = r["ppl"] if math.isfinite(r["ppl"]) else float("inf")
+        self.trials.append({**record, "rates": rates, "objective": obj, "prune_seconds": t_prune,
+                            "seconds": time.perf_counter() - t0, "order": len(self.trials)})
+        log.info("trial %s  %s = %.3f  (%.1fs)", " ".join(f"{k} = {v:.4f}" for k, v in record.items()),
+                 r["metric"], obj, self.trials[-1]["seconds"])
+        return obj
+
+    def restore(self) -> None:
+        _restore(self.model, self.blocks, self.dense)
+
+    def report(self, target: float, L: int, step: float, strategy: str, grid_size: int, t_start: float) -> dict:
+        """The search report (see `search`). Raises UsageError when every objective is inf or NaN."""
+        trials = self.trials
+        if not any(math.isfinite(t["objective"]) for t in trials):
+            raise UsageError(f"ATP search: every β tried gave an infinite or NaN objective ({len(trials)} of "
+                             f"{grid_size} grid points): the pruned model diverges at sparsity {target}, so there is "
+                             "no β to choose")
+        best = min(trials, key=lambda t: (t["objective"], t["beta"], t.get("alpha", 0.0)))
+        return {
+            "best_beta": best["beta"], "best_rates": best["rates"], "beta_max": atp.beta_max(L, target),
+            "step": step, "strategy": strategy, "grid_size": grid_size,
+            "trials": sorted(trials, key=lambda t: (t["beta"], t.get("alpha", 0.0))),
+            "objective": {"dataset": self.objective, "windows": min(self.windows, self.last["total_windows"]),
+                          "seqlen": self.seqlen, "metric": self.last["metric"],
+                          "test_set_selection": self.objective == "wikitext2"},
+            "search_seconds": time.perf_counter() - t_start, "setup_seconds": self.setup_seconds,
+            "trials_kind": self.kind,
+            "one_prune_seconds": trials[0]["prune_seconds"] if self.kind == "prune" else None,
+            **({"best_alpha": best["alpha"]} if "alpha" in best else {}),
+        }
+
+
+def fibonacci_trials(n: int) -> int:
+    """The most indices `fibonacci_search` scores on a grid of n points: k − 1, F_k the first Fibonacci number
+    >= n + 1 (1 for n = 1)."""
+    fib = [1, 1, 2]
+    while fib[-1] < n + 1:
+        fib.append(fib[-1] + fib[-2])
+    return max(1, len(fib) - 2)
+
+
+@no_grad
+def search_joint(model, tokenizer, calib_ids: torch.Tensor, method: str, target: float, scores,
+                 step: float = 0.002, alpha_max: float = 0.15, objective: str = "c4", objective_windows: int = 8,
+                 objective_seqlen: int = 2048, options: dict | None = None, batch_size: int | None = None,
+                 progress: bool = True, engine: str = "block", monotone: bool = True, kind: str = "prune") -> dict:
+    """ATP+DLP's joint search of β and α (`atp_dlp.allocate`) within ATP's own budget: as many trials as
+    `search`'s golden strategy scores at most on the same β grid (T = `fibonacci_trials(n)`). Stage 1: Fibonacci
+    search over β at α = 0 (ATP itself) on the grid thinned to every m-th β (β = 0 kept), m the smallest that
+    leaves T − 2 trials or fewer (at least 1); stage 2: the k trials left, α = alpha_max·j/k for j = 1..k at
+    the chosen β. The best trial wins (objective, then smaller β, then smaller α).
+
+    scores: DLP's block scores U (L,) from the dense model (`dlp.block_scores`). Returns `search`'s report
+    (strategy "joint") with "best_alpha", "alpha_max", "budget", "beta_stride" and every trial's "alpha". The
+    model is left dense. kind: what a trial scores, as `search`. Raises UsageError as `search`, or for
+    alpha_max outside [0, 0.5)."""
+    from . import atp_dlp, dlp
+
+    dlp.check_alpha(alpha_max, "ATP+DLP α_max")
+    L = len(get_blocks(model))
+    betas = beta_grid(L, target, step)
+    budget = fibonacci_trials(len(betas))
+    stage2 = min(2, budget - 1) if len(betas) > 1 else 0
+    m = 1
+    while fibonacci_trials(len(betas[::m])) > budget - stage2 and m < len(betas):
+        m += 1
+    coarse = betas[::m]
+    t_start = time.perf_counter()
+    trials = Trials(model, tokenizer, calib_ids, method, objective, objective_windows, objective_seqlen, options,
+                    batch_size, engine, kind, progress)
+    bar = tqdm(total=budget, desc="ATP+DLP (β, α) search", unit="trial", disable=not progress, leave=False)
+
+    def trial(beta: float, alpha: float) -> float:
+        obj = trials(atp_dlp.allocate(scores, target, beta, alpha, monotone), beta=beta, alpha=alpha)
+        bar.update()
+        return obj
+
+    try:
+        best_i, _ = fibonacci_search(lambda i: trial(coarse[i], 0.0), len(coarse))
+        left = budget - len(trials.trials)
+        for j in range(1, left + 1):
+            trial(coarse[best_i], alpha_max * j / left)
+    finally:
+        bar.close()
+        trials.restore()
+    rep = trials.report(target, L, step, "joint", len(betas), t_start)
+    rep.update(alpha_max=alpha_max, budget=budget, beta_stride=m)
+    return rep
 
 
 def _restore(model, blocks, dense):

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     search = p.add_argument_group("ATP search")
     search.add_argument("--search", action="store_true",
                         help="ATP: search β on the grid 0, --atp_step, ... < β_max (--atp_search) and keep the β "
-                             "with the lowest objective")
+                             "with the lowest objective; with --allocation atp_dlp, β and α jointly within the same trial budget")
     add_config(search, ATPSearchConfig())
     add_quiet(p)
     p.set_defaults(run=run)

@@ -51,10 +51,10 @@ class PruneRun:
         if self.search is not None:
             if self.command != "allocate":
                 raise UsageError("ATP's β search runs under `sparsellm allocate --search`")
-            if self.prune.allocation != "atp":
-                raise UsageError("--search is ATP's β search: use it with --allocation atp")
-            if self.prune.allocator.atp_beta:
-                raise UsageError("--search chooses β itself: leave out --atp_beta")
+            if self.prune.allocation not in ("atp", "atp_dlp"):
+                raise UsageError("--search is ATP's β search: use it with --allocation atp (or atp_dlp)")
+            if getattr(self.prune.allocator, "atp_beta", 0.0) or getattr(self.prune.allocator, "atp_dlp_beta", None):
+                raise UsageError("--search chooses β itself: leave out --atp_beta / --atp_dlp_beta")
             self.search.validate()
         self.evaluation.validate()
         self.prune.calibration.validate(check_file=True)
@@ -159,13 +159,30 @@ def run_prune(cfg: PruneRun, progress: bool = True) -> Run:
         record.metrics_dense = evaluate(model, tok, ev, eval_seqlen, progress, tasks)
     if cfg.search is not None:
         s = cfg.search
-        details["search"] = search(model, tok, calib, pc.prune_method, pc.sparsity_ratio, s.atp_step, s.objective,
-                                   s.objective_windows, min(s.objective_seqlen or eval_seqlen, context_length(model)),
-                                   options=pc.options(), batch_size=c.batch_size, progress=progress,
-                                   strategy=s.atp_search, engine=pc.engine, kind=s.atp_trials)
+        obj_seqlen = min(s.objective_seqlen or eval_seqlen, context_length(model))
+        if pc.allocation == "atp_dlp":  # β and α jointly, within ATP's trial budget
+            from ..allocate.atp_search import search_joint
+            from ..allocate.dlp import block_scores
+
+            t0 = time.perf_counter()
+            scores = block_scores(model, calib, "mean", c.batch_size, progress)
+            details["search"] = search_joint(model, tok, calib, pc.prune_method, pc.sparsity_ratio, scores,
+                                             s.atp_step, objective=s.objective, objective_windows=s.objective_windows,
+                                             objective_seqlen=obj_seqlen, options=pc.options(),
+                                             batch_size=c.batch_size, progress=progress, engine=pc.engine,
+                                             monotone=not pc.allocator.atp_dlp_unordered, kind=s.atp_trials)
+            details["search"]["search_seconds"] = time.perf_counter() - t0  # with the DLP scores' dense pass
+            pc.allocator.atp_dlp_beta = details["search"]["best_beta"]
+            pc.allocator.atp_dlp_alpha = details["search"]["best_alpha"]
+            record.config.update(atp_dlp_beta=pc.allocator.atp_dlp_beta, atp_dlp_alpha=pc.allocator.atp_dlp_alpha)
+        else:
+            details["search"] = search(model, tok, calib, pc.prune_method, pc.sparsity_ratio, s.atp_step, s.objective,
+                                       s.objective_windows, obj_seqlen, options=pc.options(),
+                                       batch_size=c.batch_size, progress=progress, strategy=s.atp_search,
+                                       engine=pc.engine, kind=s.atp_trials)
+            pc.allocator.atp_beta = details["search"]["best_beta"]
+            record.config["atp_beta"] = pc.allocator.atp_beta
         details["search"]["objective"]["also_evaluated"] = s.objective in names  # then not held out from it
-        pc.allocator.atp_beta = details["search"]["best_beta"]
-        record.config["atp_beta"] = pc.allocator.atp_beta
         record.timings["search"] = details["search"]["search_seconds"]
     rates = resolve_allocation(model, pc, calib, progress, tokenizer=tok)
     details["allocation"] = rates[1]
