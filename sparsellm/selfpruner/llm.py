@@ -256,12 +256,12 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
     server, which answers HTTP 500 to json_schema), then none (prompt-only parsing). A mode the server
     refuses with an error status is not asked for again; the mode in use is logged once, and
     `chat.counts` counts the requests of each mode. A connection failure, or an error status without
-    response_format, raises UsageError naming the URL."""
+    response_format, raises UsageError naming the URL; a body that is not a chat completion is an invalid
+    reply (counted, then retried or the GA fallback)."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none", timeout=timeout,
                            max_retries=1)
-    modes = list(MODES)
     said: set = set()
 
     def fmt(mode, reply):
@@ -270,8 +270,8 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
         return {"type": "json_object", "schema": reply.schema}
 
     def chat(messages, seed, max_tokens, prefix="", reply=None):  # no pre-fill: not every server supports it
-        while True:
-            mode = modes[0] if reply is not None else "prompt"
+        while True:  # a refused mode is in chat.counts (saved with the search state), so a resumed search skips it too
+            mode = next(m for m in MODES if m not in chat.counts["refused"]) if reply is not None else "prompt"
             extra = {} if mode == "prompt" else {"response_format": fmt(mode, reply)}
             try:
                 r = client.chat.completions.create(model=model, messages=messages, temperature=temperature,
@@ -283,8 +283,7 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
                     raise UsageError(f"the LLM endpoint {base_url} answered HTTP {e.status_code}: {e.message}") from None
                 log.warning("the LLM endpoint %s refused response_format %s (HTTP %d: %s)", base_url, mode,
                             e.status_code, str(e.message).splitlines()[0][:200])
-                chat.counts["refused"][mode] = chat.counts["refused"].get(mode, 0) + 1
-                modes.pop(0)
+                chat.counts["refused"][mode] = 1
                 continue
             break
         if mode not in said:
