@@ -146,8 +146,9 @@ def _answer(body):
 
 class _Server(BaseHTTPRequestHandler):
     """An OpenAI-compatible stub. mode: "schema" (enforces response_format json_schema: valid JSON, else
-    prose), "reject" (HTTP 500 to any response_format, like llama-cpp-python's server to json_schema; prose
-    otherwise), "nonjson" (a body that is not JSON)."""
+    prose), "reject" (HTTP 500 to any response_format or grammar, like llama-cpp-python's server to
+    json_schema; prose otherwise), "gbnf" (refuses json_schema, decodes under a `grammar` field: valid
+    JSON), "nonjson" (a body that is not JSON)."""
 
     mode = "schema"
     requests: list = []
@@ -158,9 +159,12 @@ class _Server(BaseHTTPRequestHandler):
         rf = body.get("response_format")
         if self.mode == "nonjson":
             return self._send(200, b"<html>not json</html>", "text/html")
-        if self.mode == "reject" and rf is not None:
+        if (self.mode == "reject" and (rf is not None or "grammar" in body)) or (self.mode == "gbnf" and rf is not None):
             return self._send(500, json.dumps({"error": {"message": "Input should be 'text' or 'json_object'"}}).encode())
-        if rf is not None:
+        if "grammar" in body:
+            assert body["grammar"].startswith("root ::= ")
+            content = json.dumps(_answer(body), separators=(", ", ": "))
+        elif rf is not None:
             obj = _answer(body)
             jsonschema.validate(obj, rf["json_schema"]["schema"])  # what the request asked for
             content = json.dumps(obj)
@@ -217,15 +221,27 @@ def test_openai_falls_back_to_prompt_only_when_response_format_is_refused(server
     with caplog.at_level(logging.INFO, logger="sparsellm"):
         state = evolve(_quadratic, 4, CFG, ops)
     st = ops.stats()
-    assert st["backend"]["refused"] == {"json_schema": 1, "json_object": 1}  # each asked for once, then not again
+    assert st["backend"]["refused"] == {"json_schema": 1, "grammar": 1, "json_object": 1}  # asked once, not again
     assert st["backend"]["requests"] == {"prompt": 14}
     assert st["steps"] == {"first_try": 0, "retried": 0, "fell_back": 7} and st["calls"] == 14
-    types = [r.get("response_format", {}).get("type") for r in _Server.requests]  # (the client retries a 500 once)
-    assert list(dict.fromkeys(types)) == ["json_schema", "json_object", None] and types[-14:] == [None] * 14
+    types = ["grammar" if "grammar" in r else r.get("response_format", {}).get("type") for r in _Server.requests]
+    assert list(dict.fromkeys(types)) == ["json_schema", "grammar", "json_object", None]  # the client retries a 500
+    assert types[-14:] == [None] * 14
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("refused response_format json_schema" in m for m in msgs) == 1
     assert sum("prompt-only parsing" in m for m in msgs) == 1  # which was used: logged once
     assert all(feasible(p["rates"], 0.3, 0.6) for p in state["population"])
+
+
+def test_openai_uses_a_gbnf_grammar_where_json_schema_is_refused(server):
+    _Server.mode = "gbnf"  # llama-cpp-python's server: json_schema refused, `grammar` honoured
+    ops = LLMOperators(openai_chat(server, "m"), "m", None, retries=0)
+    evolve(_quadratic, 4, CFG, ops)
+    st = ops.stats()
+    assert st["backend"] == {"requests": {"grammar": 7}, "refused": {"json_schema": 1}}
+    assert st["steps"] == {"first_try": 7, "retried": 0, "fell_back": 0}
+    g = _Server.requests[-1]["grammar"]
+    assert '"p" "a" "i" "r" "s"' in g or '"c" "h" "i" "l" "d"' in g
 
 
 def test_a_server_answering_non_json_is_a_counted_fallback(server):
@@ -236,11 +252,11 @@ def test_a_server_answering_non_json_is_a_counted_fallback(server):
     assert len(state["population"]) == 4
 
 
-@pytest.mark.parametrize("backend", ["openai", "openai-refused", "local"])
+@pytest.mark.parametrize("backend", ["openai", "openai-gbnf", "openai-refused", "local"])
 def test_resume_continues_exactly(tmp_path, server, chat_dir, backend):
     if backend == "local":
         require("llguidance")
-    _Server.mode = "reject" if backend == "openai-refused" else "schema"
+    _Server.mode = {"openai-refused": "reject", "openai-gbnf": "gbnf"}.get(backend, "schema")
     cfg = SearchConfig(**{**vars(CFG), "generations": 3})
 
     def ops():

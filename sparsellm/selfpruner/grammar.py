@@ -135,3 +135,33 @@ class GrammarProcessor:
         allowed[:len(bits)] = torch.from_numpy(bits.astype(bool))
         scores[:, ~allowed.to(scores.device)] = -torch.inf
         return scores
+
+
+def to_gbnf(regex: str) -> str:
+    """The GBNF grammar (llama.cpp's grammar format) of a regex of this module's subset: literals (`\\X`
+    escapes one), character classes, groups, `|`, `?` and `{m}` / `{m,n}`. Sent as the `grammar` field to a
+    llama.cpp server (llama-server, llama-cpp-python), which then decodes under it."""
+    out, i = [], 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            c, i = regex[i + 1], i + 1
+            out.append(json_lit(c))
+        elif c == "[":
+            j = regex.index("]", i)
+            out.append(regex[i:j + 1])
+            i = j
+        elif c == "{":
+            j = regex.index("}", i)
+            out.append(regex[i:j + 1])
+            i = j
+        elif c in "()|?":
+            out.append(c)
+        else:
+            out.append(json_lit(c))
+        i += 1
+    return "root ::= " + " ".join(out)
+
+
+def json_lit(c: str) -> str:
+    return '"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"'

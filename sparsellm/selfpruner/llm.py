@@ -139,7 +139,7 @@ class LLMOperators:
         function of the number of population rows to show (shown: as many of the best as fit the context)."""
         import jsonschema
 
-        max_tokens = reply.chars + 8 if reply is not None else 64 + 7 * n_numbers  # +8: EOS and a chat end marker
+        max_tokens = reply.chars + 64 if reply is not None else 64 + 7 * n_numbers  # the longest valid reply + slack
         if callable(task):
             n_rows = task.rows
             while n_rows > 2 and not self._fits(self._messages(ctx, task(n_rows), example), max_tokens):
@@ -243,7 +243,7 @@ class LLMOperators:
 # ------------------------------------------------------------------------------------------------ backends
 
 
-MODES = ("json_schema", "json_object", "prompt")  # what openai_chat asks for, best first
+MODES = ("json_schema", "grammar", "json_object", "prompt")  # what openai_chat asks for, best first
 
 
 def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.7,
@@ -252,8 +252,10 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
     key is read from the environment variable `api_key_env` (a local server usually needs none).
 
     With a `reply`, the request asks for the reply's JSON schema: response_format {"type": "json_schema"}
-    (OpenAI, vLLM, llama.cpp's llama-server), then {"type": "json_object", "schema": ...} (llama-cpp-python's
-    server, which answers HTTP 500 to json_schema), then none (prompt-only parsing). A mode the server
+    (OpenAI, vLLM, llama.cpp's llama-server); then the reply's exact regex as a GBNF `grammar` field (the
+    llama.cpp servers' extension; llama-cpp-python's server answers HTTP 500 to json_schema, and its schema
+    grammar ignores numeric bounds and digit counts); then response_format {"type": "json_object",
+    "schema": ...}; then none (prompt-only parsing). A mode the server
     refuses with an error status is not asked for again; the mode in use is logged once, and
     `chat.counts` counts the requests of each mode. A connection failure, or an error status without
     response_format, raises UsageError naming the URL; a body that is not a chat completion is an invalid
@@ -272,7 +274,8 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
     def chat(messages, seed, max_tokens, prefix="", reply=None):  # no pre-fill: not every server supports it
         while True:  # a refused mode is in chat.counts (saved with the search state), so a resumed search skips it too
             mode = next(m for m in MODES if m not in chat.counts["refused"]) if reply is not None else "prompt"
-            extra = {} if mode == "prompt" else {"response_format": fmt(mode, reply)}
+            extra = ({} if mode == "prompt" else {"extra_body": {"grammar": grammar.to_gbnf(reply.regex)}}
+                     if mode == "grammar" else {"response_format": fmt(mode, reply)})
             try:
                 r = client.chat.completions.create(model=model, messages=messages, temperature=temperature,
                                                    seed=seed, max_tokens=max_tokens, **extra)
@@ -289,6 +292,7 @@ def openai_chat(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", 
         if mode not in said:
             said.add(mode)
             log.info("the LLM endpoint %s: %s", base_url, "prompt-only parsing (no response_format)" if mode == "prompt"
+                     else "replies constrained by the operator's grammar (GBNF `grammar` field)" if mode == "grammar"
                      else f"replies constrained by response_format {mode} with the operator's JSON schema")
         chat.counts["requests"][mode] = chat.counts["requests"].get(mode, 0) + 1
         if not hasattr(r, "choices"):
