@@ -279,3 +279,27 @@ def test_resume_continues_exactly(tmp_path, server, chat_dir, backend):
     assert resumed["population"] == full["population"] and resumed["operators"] == full["operators"]
     assert [h["best"] for h in resumed["history"]] == [h["best"] for h in full["history"]]
 
+
+
+def test_prompt_and_reply_budget_scale_with_the_blocks_and_fit_the_context():
+    seen = []
+
+    def chat(messages, seed, max_tokens, prefix="", reply=None):
+        seen.append((messages[-1]["content"], max_tokens, reply))
+        return "no"
+
+    chat.context, chat.count_tokens = 2000, lambda messages: sum(len(m["content"]) for m in messages)
+    ops = LLMOperators(chat, "m", None, retries=0)
+    rng = random.Random(0)
+    for L in (4, 16):
+        ops.mutate([_pop(rng, 1, L)[0]], Context(L, 0.3, 0.6, 1, rng, 0))
+    (_, b4, r4), (_, b16, r16) = seen[-2:]
+    assert r16.chars - r4.chars == 12 * 7 and b16 - b4 == 12 * 7  # 7 characters per more rate: "0.ddd, "
+    pop = _pop(rng, 30, 16)
+    ops.select(pop, 2, Context(16, 0.3, 0.6, 1, rng, 0))
+    text, budget, reply = seen[-1]
+    rows = len(re.findall(r"^\d+\. fitness", text, re.M))
+    assert 2 <= rows < 30 and len(text) + budget <= 2000  # the best rows that fit
+    assert grammar.matches(reply.regex, f'{{"pairs": [[0, {rows - 1}], [1, 1]]}}')  # only the rows shown
+    assert not grammar.matches(reply.regex, f'{{"pairs": [[0, {rows}], [1, 1]]}}')
+    assert "0. fitness" in text and "fitness=" in text

@@ -133,18 +133,22 @@ class LLMOperators:
         context, count = getattr(self.chat, "context", None), getattr(self.chat, "count_tokens", None)
         return context is None or count is None or count(messages) + max_tokens <= context
 
-    def _ask(self, op: str, ctx, task, schema: dict, example: str, check, n_numbers: int, prefix: str = "",
+    def _rows(self, ctx, task, example: str, n_rows: int, max_tokens: int) -> int:
+        """How many of the best population rows the prompt `task(rows)` can show within the context."""
+        while n_rows > 2 and not self._fits(self._messages(ctx, task(n_rows), example), max_tokens):
+            n_rows -= max(1, n_rows // 4)
+        return n_rows
+
+    @staticmethod
+    def _budget(reply: Reply) -> int:
+        return reply.chars + 64  # the longest valid reply, and slack for an end marker or an unconstrained fence
+
+    def _ask(self, op: str, ctx, task: str, schema: dict, example: str, check, n_numbers: int, prefix: str = "",
              reply: Reply | None = None):
-        """One operator step: ask, validate, retry, count; None when it falls back. `task` is a string, or a
-        function of the number of population rows to show (shown: as many of the best as fit the context)."""
+        """One operator step: ask, validate, retry, count; None when it falls back."""
         import jsonschema
 
-        max_tokens = reply.chars + 64 if reply is not None else 64 + 7 * n_numbers  # the longest valid reply + slack
-        if callable(task):
-            n_rows = task.rows
-            while n_rows > 2 and not self._fits(self._messages(ctx, task(n_rows), example), max_tokens):
-                n_rows -= max(1, n_rows // 4)
-            task = task(n_rows)
+        max_tokens = self._budget(reply) if reply is not None else 64 + 7 * n_numbers
         messages = self._messages(ctx, task, example)
         for attempt in range(self.retries + 1):
             seed = (ctx.seed * 1_000_003 + ctx.generation * 1009 + attempt * 31 + OPS.index(op)) % 2**31
@@ -190,15 +194,16 @@ class LLMOperators:
         def task(rows):
             return (f"{self._population(pop, rows)}\n\nSelect {n} pairs of parents (by their index in the list above) "
                     f"for crossover and mutation. Prefer fit parents but keep some diversity.")
-        task.rows = len(pop)
+        example = '{"pairs": [[i, j], ...]}'
+        upper = Reply("select", {}, "", grammar.max_chars("pairs", n, 2, len(str(len(pop) - 1))))
+        rows = self._rows(ctx, task, example, len(pop), self._budget(upper))  # the population shown: best rows
         item = {"type": "array", "minItems": 2, "maxItems": 2,
-                "items": {"type": "integer", "minimum": 0, "maximum": len(pop) - 1}}  # 1.0 passes: int() below
+                "items": {"type": "integer", "minimum": 0, "maximum": rows - 1}}  # 1.0 passes: int() below
         schema = {"type": "object", "required": ["pairs"],
                   "properties": {"pairs": {"type": "array", "minItems": n, "items": item}}}
         sent = {**schema, "properties": {"pairs": {"type": "array", "minItems": n, "maxItems": n, "items": item}}}
-        reply = Reply("select", sent, grammar.pairs_regex(n, len(pop)),
-                      grammar.max_chars("pairs", n, 2, len(str(len(pop) - 1))))
-        got = self._ask("select", ctx, task, schema, '{"pairs": [[i, j], ...]}',
+        reply = Reply("select", sent, grammar.pairs_regex(n, rows), grammar.max_chars("pairs", n, 2, len(str(rows - 1))))
+        got = self._ask("select", ctx, task(rows), schema, example,
                         lambda o: [(int(a), int(b)) for a, b in o["pairs"][:n]], 2 * n, '{"pairs": [[', reply)
         return got if got is not None else self.fallback.select(pop, n, ctx)
 
