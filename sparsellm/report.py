@@ -234,8 +234,13 @@ def search_markdown(run: dict) -> str:
              f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
              f"{r['fitness']['windows']} windows) {r['best_fitness']:.4f}"]
     if "calls" in ops:
+        steps = ops.get("steps") or {}
         lines.append(f"LLM calls {ops.get('calls', 0)}, invalid replies {ops.get('invalid_replies', 0)}, "
-                     f"GA fallbacks {ops.get('fallbacks', {})}")
+                     f"GA fallbacks {ops.get('fallbacks', {})}"
+                     + (f"; operator steps: valid first try {steps.get('first_try', 0)}, after retries "
+                        f"{steps.get('retried', 0)}, fell back {steps.get('fell_back', 0)}; clamped rates "
+                        f"{ops.get('clamped', 0)}" if steps else "")
+                     + (f"; backend {ops['backend']}" if ops.get("backend") else ""))
     lines += ["", "rates: " + " ".join(f"{x:.3f}" for x in r["best_rates"])]
     for k, f in enumerate(r["final"]):
         ev = " ".join(f"{m} {v['ppl']:.3f}" for m, v in (f.get("eval") or {}).items())

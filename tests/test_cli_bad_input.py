@@ -130,6 +130,6 @@ def test_every_input_is_protected_from_the_output(capsys, env, saved_model_dir):
     chat = env["root"] / "chat"
     shutil.copytree(saved_model_dir, chat)
     err = _check(capsys, env["root"], ["--quiet", "search", "--model", env["model"], "--calib_dataset", env["calib"],
-                                       *SMALL, "--backend", "local", "--local_model", str(chat), "--out", str(chat),
+                                       *SMALL, "--backend", "local", "--llm_model", str(chat), "--out", str(chat),
                                        "--overwrite"])
     assert "overlaps the input" in err

@@ -76,7 +76,7 @@ def _scripted_chat(log=None, bad_every=0):
     """A test double of a chat model: reads the request out of the prompt and answers valid JSON, or
     garbage for about one seed in `bad_every`; like a sampled model at a fixed seed, a function of its input."""
 
-    def chat(messages, seed, max_tokens, prefix=""):
+    def chat(messages, seed, max_tokens, prefix="", reply=None):
         text = messages[-1]["content"]
         if log is not None:
             log.append(text)
@@ -140,7 +140,7 @@ def test_llm_operators_validate_fall_back_count_and_log(tmp_path):
     assert "mean must be 0.3" in prompts[0] and "The model is tiny." in prompts[0]
     assert all(feasible(p["rates"], 0.3, 0.8) for p in state["population"])
 
-    def never(messages, seed, max_tokens, prefix=""):
+    def never(messages, seed, max_tokens, prefix="", reply=None):
         return "no json here"
 
     ops = LLMOperators(never, "m", None, retries=1)
@@ -281,10 +281,12 @@ def test_each_backend_is_registered_with_its_own_config():
                        "uniform": registry.NoConfig, "evopress": EvoPressConfig}
     assert flat_defaults(OpenAIConfig) == {"llm_base_url": None, "llm_model": None, "llm_api_key_env": "OPENAI_API_KEY",
                                            "llm_temperature": 0.7, "llm_retries": 2}
-    assert flat_defaults(LocalConfig) == {"local_model": "smollm2-135m", "llm_temperature": 0.7, "llm_retries": 2}
-    # the shared sampling settings are declared once, in LLMConfig, which both LLM backends compose
+    assert flat_defaults(LocalConfig) == {"llm_grammar": "on", "llm_model": None, "llm_temperature": 0.7,
+                                          "llm_retries": 2}
+    assert LocalConfig().model == "smollm2-135m"
+    # the shared settings are declared once, in LLMConfig, which both LLM backends compose
     for cls in (OpenAIConfig, LocalConfig):
-        assert {f.name for f in dataclasses.fields(cls)} & {"llm_temperature", "llm_retries"} == set()
+        assert {f.name for f in dataclasses.fields(cls)} & {"llm_model", "llm_temperature", "llm_retries"} == set()
         assert cls().llm == LLMConfig()
     ops = registry.get("search_backend", "ga").fn(registry.NoConfig(), describe="m")
     assert isinstance(ops, GAOperators)
@@ -292,12 +294,12 @@ def test_each_backend_is_registered_with_its_own_config():
 
 
 @pytest.mark.parametrize("backend,flags,message", [
-    ("ga", {"llm_model": "x"}, "--llm_model applies only to --backend openai"),
+    ("ga", {"llm_model": "x"}, "--llm_model applies only to --backend openai or local"),
     ("uniform", {"llm_temperature": 0.5}, "--llm_temperature applies only to --backend openai or local"),
-    ("openai", {"llm_base_url": "u", "llm_model": "m", "local_model": "other"},
-     "--local_model applies only to --backend local"),
+    ("openai", {"llm_base_url": "u", "llm_model": "m", "llm_grammar": "off"},
+     "--llm_grammar applies only to --backend local"),
     ("local", {"llm_base_url": None, "llm_api_key_env": "K", "llm_model": "m"},
-     "--llm_api_key_env, --llm_model apply only to --backend openai"),
+     "--llm_api_key_env applies only to --backend openai"),
 ])
 def test_a_setting_of_an_unchosen_backend_is_refused(backend, flags, message):
     from sparsellm.selfpruner.backends import backend_config
@@ -306,7 +308,7 @@ def test_a_setting_of_an_unchosen_backend_is_refused(backend, flags, message):
         backend_config(backend, flags)
     assert type(e.value) is UsageError and str(e.value) == message
     # at its default the same setting is no error (the command line passes every backend's flags)
-    assert backend_config("ga", {"llm_retries": 2, "local_model": "smollm2-135m", "llm_base_url": None})
+    assert backend_config("ga", {"llm_retries": 2, "llm_grammar": "on", "llm_base_url": None})
 
 
 def test_cli_unchosen_backend_setting_is_one_line_exit_2(tmp_path, saved_model_dir, capsys):
@@ -331,7 +333,7 @@ def test_cli_search_help_shows_the_groups(capsys):
                 "search": ["--target_rate", "--max_rate", "--population", "--generations", "--crossover",
                            "--mutation", "--metric", "--gqa"],
                 "backend": ["--backend", "--llm_base_url", "--llm_model", "--llm_api_key_env", "--llm_temperature",
-                            "--llm_retries", "--local_model"],
+                            "--llm_retries", "--llm_grammar"],
                 "fitness": ["--fitness_windows", "--fitness_seqlen", "--final_k"],
                 "parallel fitness": ["--workers", "--ray_address"],
                 "evaluation": ["--eval", "--eval_seqlen", "--max_windows", "--tasks", "--bench"],
@@ -352,15 +354,15 @@ def test_backend_llm_resolves_to_openai_with_a_url_else_local(extra, backend, tm
     from sparsellm.selfpruner import LocalConfig, OpenAIConfig
 
     args = build_parser().parse_args(["search", "--model", "m", "--backend", "llm", "--out", str(tmp_path / "o"), *extra])
-    if extra == ["--llm_model", "m"]:  # local, then --llm_model is another backend's setting
-        with pytest.raises(UsageError, match="--llm_model applies only to --backend openai"):
-            search_run(args)
-        return
     cfg = search_run(args)
+    if extra == ["--llm_model", "m"]:  # local: --llm_model names the chat model, in any --model form
+        assert cfg.backend_config.model == "m"
     assert cfg.backend == backend
     assert type(cfg.backend_config) is {"local": LocalConfig, "openai": OpenAIConfig}[backend]
     assert cfg.validate().to_dict()["backend"] == backend
     # the library resolves the alias the same way, from the config it is given
-    run = SearchRun(backend="llm", backend_config=OpenAIConfig("http://h/v1", "m"))
+    from sparsellm.selfpruner import LLMConfig
+
+    run = SearchRun(backend="llm", backend_config=OpenAIConfig("http://h/v1", llm=LLMConfig("m")))
     run.output.out = str(tmp_path / "o")
     assert run.validate().backend == "openai"

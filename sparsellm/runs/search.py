@@ -117,7 +117,7 @@ class SearchRun:
         from ..models import resolve_model
 
         c = self.calibration.calib_dataset
-        local = getattr(self.backend_config, "local_model", None) if self.backend == "local" else None
+        local = self.backend_config.model if self.backend == "local" else None
         return [src, Path(c) if c != "c4" else None, resolve_model(local)[1] if local else None,
                 Path(self.evaluation.hellaswag_file) if self.evaluation.hellaswag_file else None]
 
@@ -166,7 +166,7 @@ def _state_settings(cfg: SearchRun, model_path: str, seqlen: int, digest: str | 
     llm = {**{k: d for k, (d, _) in all_settings().items()}, **flatten(cfg.backend_config)}
     return {"model": model_path, "backend": cfg.backend, "dtype": _resolved(cfg)[2],
             "calibration": [c.calib_dataset, c.nsamples, seqlen, c.seed, digest],
-            "llm": [llm[k] for k in ("llm_base_url", "llm_model", "local_model", "llm_temperature", "llm_retries")]}
+            "llm": [llm[k] for k in ("llm_base_url", "llm_model", "llm_grammar", "llm_temperature", "llm_retries")]}
 
 
 def run_search(cfg: SearchRun, progress: bool = True) -> Run:

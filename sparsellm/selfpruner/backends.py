@@ -4,11 +4,12 @@ registers under kind "search_backend" with a config holding only its own setting
     ops = fn(config, describe=..., log_path=...)     # operators for `evolution.evolve`, or None: no search
 
     ga       classical genetic operators (`ga.GAOperators`), no settings
-    openai   an OpenAI-compatible endpoint (`OpenAIConfig`: llm_base_url, llm_model, llm_api_key_env, llm)
-    local    a chat model run in-process (`LocalConfig`: local_model, llm)
+    openai   an OpenAI-compatible endpoint (`OpenAIConfig`: llm_base_url, llm_api_key_env, llm)
+    local    a chat model run in-process (`LocalConfig`: llm_grammar, llm)
     uniform  no search: the target rate everywhere
 
-The two LLM backends compose the shared sampling settings `LLMConfig` (llm_temperature, llm_retries).
+The two LLM backends compose the shared settings `LLMConfig` (llm_model, llm_temperature, llm_retries):
+llm_model is the name the endpoint serves (openai), or the chat model in any `--model` form (local).
 "llm" is not a backend but an alias the command line resolves (`resolve_alias`): openai when
 llm_base_url is given, else local. `backend_config` builds the chosen backend's config from flat settings
 and refuses a setting of another backend given a non-default value.
@@ -28,11 +29,16 @@ from .llm import LLMOperators, local_chat, openai_chat
 ALIAS = "llm"
 
 
+LOCAL_DEFAULT = "smollm2-135m"
+
+
 @dataclass
 class LLMConfig:
-    """Sampling settings shared by the LLM backends: the temperature, and how often a reply that does not
-    validate is asked for again before the GA operator does that step."""
+    """Settings shared by the LLM backends: the model, the temperature, and how often a reply that does
+    not validate is asked for again before the GA operator does that step."""
 
+    llm_model: str | None = setting(None, "the search LLM: openai, the model name the endpoint serves; local, "
+                                          f"a chat model in any --model form (default {LOCAL_DEFAULT})")
     llm_temperature: float = setting(0.7, "sampling temperature of the search LLM")
     llm_retries: int = setting(2, "retries of a bad reply before the GA fallback")
 
@@ -50,12 +56,11 @@ class OpenAIConfig:
     and the environment variable holding its key (a local server usually needs none)."""
 
     llm_base_url: str | None = setting(None, "openai backend: e.g. http://localhost:8000/v1")
-    llm_model: str | None = setting(None, "openai backend: the model name the endpoint serves")
     llm_api_key_env: str = setting("OPENAI_API_KEY", "openai backend: env variable with the key")
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def validate(self) -> "OpenAIConfig":
-        if not (self.llm_base_url and self.llm_model):
+        if not (self.llm_base_url and self.llm.llm_model):
             raise UsageError("--backend openai needs --llm_base_url and --llm_model")
         self.llm.validate()
         return self
@@ -63,14 +68,22 @@ class OpenAIConfig:
 
 @dataclass
 class LocalConfig:
-    """A chat (instruct) model run in this process with transformers."""
+    """A chat (instruct) model run in this process with transformers (llm.llm_model; None: the default
+    preset), decoding under each operator's grammar unless llm_grammar is "off"."""
 
-    local_model: str = setting("smollm2-135m", "local backend: the chat model (any --model form)")
+    llm_grammar: str = setting("on", "local backend: decode every reply under its grammar (needs the selfpruner "
+                                     "extra: llguidance)", choices=("on", "off"))
     llm: LLMConfig = field(default_factory=LLMConfig)
 
     def validate(self) -> "LocalConfig":
+        if self.llm_grammar not in ("on", "off"):
+            raise UsageError(f"--llm_grammar must be on or off, got {self.llm_grammar}")
         self.llm.validate()
         return self
+
+    @property
+    def model(self) -> str:
+        return self.llm.llm_model or LOCAL_DEFAULT
 
 
 @register("search_backend", "ga", NoConfig)
@@ -82,15 +95,15 @@ def ga(config, *, describe: str, log_path=None):
 @register("search_backend", "openai", OpenAIConfig)
 def openai(config: OpenAIConfig, *, describe: str, log_path=None):
     """operators by a chat model behind an OpenAI-compatible endpoint, GA fallback"""
-    chat = openai_chat(config.llm_base_url, config.llm_model, config.llm_api_key_env, config.llm.llm_temperature)
+    chat = openai_chat(config.llm_base_url, config.llm.llm_model, config.llm_api_key_env, config.llm.llm_temperature)
     return LLMOperators(chat, describe, log_path, config.llm.llm_retries)
 
 
 @register("search_backend", "local", LocalConfig)
 def local(config: LocalConfig, *, describe: str, log_path=None):
     """operators by a chat model run in-process, GA fallback"""
-    return LLMOperators(local_chat(config.local_model, config.llm.llm_temperature), describe, log_path,
-                        config.llm.llm_retries)
+    return LLMOperators(local_chat(config.model, config.llm.llm_temperature, config.llm_grammar == "on"), describe,
+                        log_path, config.llm.llm_retries)
 
 
 @register("search_backend", "uniform", NoConfig)
