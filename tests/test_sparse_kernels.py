@@ -89,6 +89,27 @@ def test_avx2_build_equals_the_native_build():
             _check(compiled_mm(avx2, bw, x), w.to(dtype).float(), w, x, dtype)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compiled_pack_equals_torch_pack(dtype):
+    for i, (out, n_in) in enumerate(SHAPES + [(3, 16), (2, 0)]):
+        w = _weight(out, n_in, 0.6, seed=i) * 300
+        if w.numel() > 4:  # -0.0 (dropped), an fp16 underflow to 0 (kept: its bit is set), a bf16 rounding tie
+            w.view(-1)[1:4] = torch.tensor([-0.0, 1e-30, 1 + 2 ** -8])
+        a, b = BitmapWeight.pack(w, dtype), BitmapWeight.pack(w, dtype, compiled=False)
+        assert a.shape == b.shape and a.values.dtype == b.values.dtype == dtype
+        assert torch.equal(a.bits, b.bits) and torch.equal(a.row_ptr, b.row_ptr)
+        assert torch.equal(a.values.view(torch.uint8), b.values.view(torch.uint8))  # bit for bit
+    for compiled in (True, False):
+        with pytest.raises(UsageError, match="NaN/inf"):
+            BitmapWeight.pack(torch.tensor([[0.0, float("nan")]]), dtype, compiled=compiled)
+        with pytest.raises(UsageError, match="NaN/inf"):
+            BitmapWeight.pack(torch.tensor([[float("-inf"), 1.0]]), dtype, compiled=compiled)
+    if dtype == torch.float16:
+        with pytest.raises(UsageError, match="float16 range"):
+            BitmapWeight.pack(torch.tensor([[0.0, -7e4]]), dtype)
+
+
 def test_format_bytes_and_errors():
     w = _weight(64, 64, 0.0)
     w[:, ::2] = 0  # exactly 50% (rows 0 and 63 have fewer)

@@ -98,7 +98,7 @@ class SparseLinear(nn.Module):
 
 
 def _sparsity(weight: torch.Tensor) -> float:
-    return float((weight == 0).sum()) / max(1, weight.numel())
+    return 1.0 - float(torch.count_nonzero(weight)) / max(1, weight.numel())
 
 
 @torch.no_grad()
