@@ -9,9 +9,10 @@
 //   16-lane weight vector with its bitmap (AVX-512 vexpandps, or an AVX2 permutation table), FMA it with the
 //   same 16 columns of each token. The weight bytes are read once per 8 tokens; the work is dense-shaped,
 //   which costs nothing at batch 1, where the time is the bytes.
-// gather_mm (prefill): tokens are transposed into tiles xt (tiles, in_pad, TT); each row's column indices
-//   and fp32 values are decoded once per tile, then every non-zero adds value * xt[col, :] to TT
-//   accumulators (TT/16 or TT/8 vectors). The work is nnz * T FMAs, so it shrinks with the sparsity.
+// tiled_mm (prefill): tokens are transposed into tiles xt (tiles, in_pad, TT); each row's column offsets
+//   and fp32 values are decoded once per call, then, per tile and per block of columns (kept in cache),
+//   every non-zero adds value * xt[col, :] to TT accumulators (TT/16 or TT/8 vectors) held in registers.
+//   The work is nnz * T FMAs, so it shrinks with the sparsity.
 // Threads: OpenMP over rows (and tiles), `threads` taken from torch.get_num_threads() by the caller.
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -179,44 +180,6 @@ template <int V> inline float value_at(const char* v, int64_t k) {
   return f;
 }
 
-// one tile: yt[r, 0:NV*W] = sum_k val[k] * xt[idx[k], 0:NV*W] over the non-zeros of row r
-template <int NV>
-inline void gather_row(const int32_t* idx, const float* val, int n, const float* xt, float* yt) {
-  constexpr int TT = NV * W;
-  vec acc[NV];
-  for (int u = 0; u < NV; ++u) acc[u] = vzero();
-  for (int k = 0; k < n; ++k) {
-    const vec a = vset1(val[k]);
-    const float* xp = xt + (int64_t)idx[k] * TT;
-    for (int u = 0; u < NV; ++u) acc[u] = vfma(a, vload(xp + u * W), acc[u]);
-  }
-  for (int u = 0; u < NV; ++u) vstore(yt + u * W, acc[u]);
-}
-
-// xt: (tiles, in_pad, TT) tokens transposed by tile; yt: (tiles, out, TT)
-template <int V, int NV>
-void gather_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* xt, int64_t tiles,
-               int64_t G, float* yt, int64_t out, int threads) {
-  constexpr int TT = NV * W;
-  const int64_t in_pad = G * GW;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<int32_t> idx(in_pad + GW);
-    std::vector<float> val(in_pad + GW);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      for (int64_t r = 0; r < out; ++r) {
-        const uint16_t* b = bits + r * G;
-        int n = 0;
-        for (int64_t g = 0; g < G; ++g) n += decode_idx(b[g], (int)(g * GW), idx.data() + n);
-        const char* v = values + row_ptr[r] * vbytes<V>();
-        for (int k = 0; k < n; ++k) val[k] = value_at<V>(v, k);
-        gather_row<NV>(idx.data(), val.data(), n, xt + tile * in_pad * TT, yt + (tile * out + r) * TT);
-      }
-    }
-  }
-}
-
 // Prefill, decoded once per call: every row's column offsets (column * TT, int32) and fp32 values are
 // decoded into idx/val once and reused by every token tile; the columns are taken in blocks of `cbg` groups
 // (cbg * 16 columns of a tile: cbg * 16 * TT * 4 bytes of xt, sized to stay in L1/L2) and each thread keeps
@@ -289,8 +252,9 @@ torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
   const int64_t out = bits.size(0), G = bits.size(1), T = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == G * GW, "x must be (T, in_pad)");
   auto y = torch::empty({T, out}, x.options());
-  // a thread per ~64K weights at most: OpenMP start-up and a descheduled thread cost more on small layers
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G / 4096));
+  // a thread per 2M weights at most: on a loaded machine each parallel region waits for a descheduled
+  // thread (SmolLM2-135M decode at 2 threads: 4.3 tok/s with one kernel thread, 2.6 with two)
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G * GW / (1 << 21)));
   by_dtype(values, [&](auto V) {
     expand_mm<decltype(V)::value>(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
                                   (const char*)values.data_ptr(), x.data_ptr<float>(), T, G, y.data_ptr<float>(), out, nt);
@@ -298,24 +262,28 @@ torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
   return y;
 }
 
-// xt: (tiles, in_pad, TT) fp32 with TT = tile_vectors * lanes -> yt: (tiles, out, TT) fp32
-torch::Tensor spmm_gather(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor xt, int64_t threads) {
+// xt: (tiles, in_pad, TT) fp32 with TT = tile_vectors * lanes -> yt: (tiles, out, TT) fp32, through tiled_mm
+// with column blocks of `cbg` bitmap groups (>= G: no blocking)
+torch::Tensor spmm_tiled(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor xt, int64_t threads,
+                         int64_t cbg) {
   check(row_ptr, bits, values, xt);
   const int64_t out = bits.size(0), G = bits.size(1);
   TORCH_CHECK(xt.dim() == 3 && xt.size(1) == G * GW && xt.size(2) % W == 0 && xt.size(2) <= 4 * W,
               "xt must be (tiles, in_pad, TT) with TT a multiple of the vector width, at most 4 vectors");
+  TORCH_CHECK(cbg >= 1, "cbg must be >= 1");
   const int64_t tiles = xt.size(0), TT = xt.size(2);
-  auto yt = torch::empty({tiles, out, TT}, xt.options());
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tiles * out * G * TT / 65536));
+  auto yt = torch::zeros({tiles, out, TT}, xt.options());
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>({threads, out, tiles * out * G * TT / 65536}));
   by_dtype(values, [&](auto V) {
     constexpr int v = decltype(V)::value;
     auto args = std::make_tuple(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
-                                (const char*)values.data_ptr(), xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt);
+                                (const char*)values.data_ptr(), xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt,
+                                std::min(cbg, std::max<int64_t>(G, 1)));
     switch (TT / W) {
-      case 1: std::apply(gather_mm<v, 1>, args); break;
-      case 2: std::apply(gather_mm<v, 2>, args); break;
-      case 3: std::apply(gather_mm<v, 3>, args); break;
-      default: std::apply(gather_mm<v, 4>, args); break;
+      case 1: std::apply(tiled_mm<v, 1>, args); break;
+      case 2: std::apply(tiled_mm<v, 2>, args); break;
+      case 3: std::apply(tiled_mm<v, 3>, args); break;
+      default: std::apply(tiled_mm<v, 4>, args); break;
     }
   });
   return yt;
@@ -368,38 +336,11 @@ std::vector<torch::Tensor> pack_bitmap(torch::Tensor w, int64_t vdtype) {
   return {bits, values, row_ptr, stats};
 }
 
-// as spmm_gather, through tiled_mm: column blocks of `cbg` bitmap groups (>= G: no blocking)
-torch::Tensor spmm_tiled(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor xt, int64_t threads,
-                         int64_t cbg) {
-  check(row_ptr, bits, values, xt);
-  const int64_t out = bits.size(0), G = bits.size(1);
-  TORCH_CHECK(xt.dim() == 3 && xt.size(1) == G * GW && xt.size(2) % W == 0 && xt.size(2) <= 4 * W,
-              "xt must be (tiles, in_pad, TT) with TT a multiple of the vector width, at most 4 vectors");
-  TORCH_CHECK(cbg >= 1, "cbg must be >= 1");
-  const int64_t tiles = xt.size(0), TT = xt.size(2);
-  auto yt = torch::zeros({tiles, out, TT}, xt.options());
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>({threads, out, tiles * out * G * TT / 65536}));
-  by_dtype(values, [&](auto V) {
-    constexpr int v = decltype(V)::value;
-    auto args = std::make_tuple(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
-                                (const char*)values.data_ptr(), xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt,
-                                std::min(cbg, std::max<int64_t>(G, 1)));
-    switch (TT / W) {
-      case 1: std::apply(tiled_mm<v, 1>, args); break;
-      case 2: std::apply(tiled_mm<v, 2>, args); break;
-      case 3: std::apply(tiled_mm<v, 3>, args); break;
-      default: std::apply(tiled_mm<v, 4>, args); break;
-    }
-  });
-  return yt;
-}
-
 std::string isa() { return ISA; }
 int64_t lanes() { return W; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm_expand", &spmm_expand, "bitmap sparse x dense, few tokens (decode)");
-  m.def("spmm_gather", &spmm_gather, "bitmap sparse x dense, token tiles (prefill)");
   m.def("spmm_tiled", &spmm_tiled, "bitmap sparse x dense, token tiles, rows decoded once, column blocks");
   m.def("pack_bitmap", &pack_bitmap, "pack a dense fp32 weight into the bitmap format");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
