@@ -89,6 +89,27 @@ def test_avx2_build_equals_the_native_build():
             _check(compiled_mm(avx2, bw, x), w.to(dtype).float(), w, x, dtype)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compiled_pack_equals_torch_pack(dtype):
+    for i, (out, n_in) in enumerate(SHAPES + [(3, 16), (2, 0)]):
+        w = _weight(out, n_in, 0.6, seed=i) * 300
+        if w.numel() > 4:  # -0.0 (dropped), an fp16 underflow to 0 (kept: its bit is set), a bf16 rounding tie
+            w.view(-1)[1:4] = torch.tensor([-0.0, 1e-30, 1 + 2 ** -8])
+        a, b = BitmapWeight.pack(w, dtype), BitmapWeight.pack(w, dtype, compiled=False)
+        assert a.shape == b.shape and a.values.dtype == b.values.dtype == dtype
+        assert torch.equal(a.bits, b.bits) and torch.equal(a.row_ptr, b.row_ptr)
+        assert torch.equal(a.values.view(torch.uint8), b.values.view(torch.uint8))  # bit for bit
+    for compiled in (True, False):
+        with pytest.raises(UsageError, match="NaN/inf"):
+            BitmapWeight.pack(torch.tensor([[0.0, float("nan")]]), dtype, compiled=compiled)
+        with pytest.raises(UsageError, match="NaN/inf"):
+            BitmapWeight.pack(torch.tensor([[float("-inf"), 1.0]]), dtype, compiled=compiled)
+    if dtype == torch.float16:
+        with pytest.raises(UsageError, match="float16 range"):
+            BitmapWeight.pack(torch.tensor([[0.0, -7e4]]), dtype)
+
+
 def test_format_bytes_and_errors():
     w = _weight(64, 64, 0.0)
     w[:, ::2] = 0  # exactly 50% (rows 0 and 63 have fewer)
@@ -171,6 +192,36 @@ def test_swapped_tiny_llama_generates_like_dense(dtype):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+def _token_nll(model, ids):
+    """(batch * (seq - 1),) fp32: each next token's NLL from the logits of one forward (the prefill kernel)."""
+    logits = model(ids).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_perplexity_through_kernels_equals_dense_with_zeros(dtype, monkeypatch):
+    model = _pruned_llama(0.7)
+    with torch.no_grad():  # sharper logits than the random init's near-uniform ones, so errors show in the NLL
+        model.lm_head.weight.mul_(8)
+    rounded = copy.deepcopy(model)  # dense with zeros, weights rounded to the value dtype
+    with torch.no_grad():
+        for mod in rounded.model.layers.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(mod.weight.to(dtype).float())
+    ids = torch.randint(3, model.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    nll_dense, nll_rounded = _token_nll(model, ids), _token_nll(rounded, ids)
+    sparsify(model, min_sparsity=0.3, dtype=dtype)
+    nll = _token_nll(model, ids)
+    ppl, ppl_rounded, ppl_dense = (float(n.double().mean().exp()) for n in (nll, nll_rounded, nll_dense))
+    assert nll_dense.std() > 0.5  # the check below can see an error
+    torch.testing.assert_close(nll, nll_rounded, rtol=1e-4, atol=1e-4)  # fp32 summation order only
+    assert abs(ppl - ppl_rounded) <= 1e-4 * ppl_rounded
+    assert abs(ppl - ppl_dense) <= {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype] * ppl_dense
+    monkeypatch.setattr(build, "load", lambda *a: None)  # the pure-PyTorch path: the same perplexity
+    assert abs(float(_token_nll(model, ids).double().mean().exp()) - ppl) <= 1e-4 * ppl
 
 
 def test_swap_without_the_originals_rebuilds_the_stored_weights():

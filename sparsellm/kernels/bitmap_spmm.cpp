@@ -9,13 +9,15 @@
 //   16-lane weight vector with its bitmap (AVX-512 vexpandps, or an AVX2 permutation table), FMA it with the
 //   same 16 columns of each token. The weight bytes are read once per 8 tokens; the work is dense-shaped,
 //   which costs nothing at batch 1, where the time is the bytes.
-// gather_mm (prefill): tokens are transposed into tiles xt (tiles, in_pad, TT); each row's column indices
-//   and fp32 values are decoded once per tile, then every non-zero adds value * xt[col, :] to TT
-//   accumulators (TT/16 or TT/8 vectors). The work is nnz * T FMAs, so it shrinks with the sparsity.
+// tiled_mm (prefill): tokens are transposed into tiles xt (tiles, in_pad, TT); each row's column offsets
+//   and fp32 values are decoded once per call, then, per tile and per block of columns (kept in cache),
+//   every non-zero adds value * xt[col, :] to TT accumulators (TT/16 or TT/8 vectors) held in registers.
+//   The work is nnz * T FMAs, so it shrinks with the sparsity.
 // Threads: OpenMP over rows (and tiles), `threads` taken from torch.get_num_threads() by the caller.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -178,39 +180,50 @@ template <int V> inline float value_at(const char* v, int64_t k) {
   return f;
 }
 
-// one tile: yt[r, 0:NV*W] = sum_k val[k] * xt[idx[k], 0:NV*W] over the non-zeros of row r
-template <int NV>
-inline void gather_row(const int32_t* idx, const float* val, int n, const float* xt, float* yt) {
-  constexpr int TT = NV * W;
-  vec acc[NV];
-  for (int u = 0; u < NV; ++u) acc[u] = vzero();
-  for (int k = 0; k < n; ++k) {
-    const vec a = vset1(val[k]);
-    const float* xp = xt + (int64_t)idx[k] * TT;
-    for (int u = 0; u < NV; ++u) acc[u] = vfma(a, vload(xp + u * W), acc[u]);
-  }
-  for (int u = 0; u < NV; ++u) vstore(yt + u * W, acc[u]);
-}
-
-// xt: (tiles, in_pad, TT) tokens transposed by tile; yt: (tiles, out, TT)
+// Prefill, decoded once per call: every row's column offsets (column * TT, int32) and fp32 values are
+// decoded into idx/val once and reused by every token tile; the columns are taken in blocks of `cbg` groups
+// (cbg * 16 columns of a tile: cbg * 16 * TT * 4 bytes of xt, sized to stay in L1/L2) and each thread keeps
+// its own rows' accumulators for the block in registers, adding the block's sum into yt.
 template <int V, int NV>
-void gather_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* xt, int64_t tiles,
-               int64_t G, float* yt, int64_t out, int threads) {
+void tiled_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* xt, int64_t tiles,
+              int64_t G, float* yt, int64_t out, int threads, int64_t cbg) {
   constexpr int TT = NV * W;
-  const int64_t in_pad = G * GW;
+  const int64_t in_pad = G * GW, nnz = row_ptr[out], nb = (G + cbg - 1) / cbg;
+  std::vector<int32_t> idx(nnz + GW);
+  std::vector<float> val(nnz + GW);
+  std::vector<int64_t> boff(out * (nb + 1));  // boff[r, b]: row r's first non-zero in column block b
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<int32_t> idx(in_pad + GW);
-    std::vector<float> val(in_pad + GW);
-#pragma omp for collapse(2) schedule(static)
+    const int nt = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t r0 = out * me / nt, r1 = out * (me + 1) / nt;
+    int32_t buf[GW];
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t k = row_ptr[r];
+      const char* v = values + k * vbytes<V>();
+      for (int64_t g = 0; g < G; ++g) {
+        if (g % cbg == 0) boff[r * (nb + 1) + g / cbg] = k;
+        const int n = decode_idx(bits[r * G + g], (int)(g * GW), buf);
+        for (int j = 0; j < n; ++j) idx[k + j] = buf[j] * TT;
+        k += n;
+      }
+      boff[r * (nb + 1) + nb] = k;
+      for (int64_t j = row_ptr[r]; j < k; ++j) val[j] = value_at<V>(v, j - row_ptr[r]);
+    }
     for (int64_t tile = 0; tile < tiles; ++tile) {
-      for (int64_t r = 0; r < out; ++r) {
-        const uint16_t* b = bits + r * G;
-        int n = 0;
-        for (int64_t g = 0; g < G; ++g) n += decode_idx(b[g], (int)(g * GW), idx.data() + n);
-        const char* v = values + row_ptr[r] * vbytes<V>();
-        for (int k = 0; k < n; ++k) val[k] = value_at<V>(v, k);
-        gather_row<NV>(idx.data(), val.data(), n, xt + tile * in_pad * TT, yt + (tile * out + r) * TT);
+      const float* xb = xt + tile * in_pad * TT;
+      float* yb = yt + tile * out * TT;
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t k0 = boff[r * (nb + 1) + b], k1 = boff[r * (nb + 1) + b + 1];
+          vec acc[NV];
+          for (int u = 0; u < NV; ++u) acc[u] = b ? vload(yb + r * TT + u * W) : vzero();
+          for (int64_t k = k0; k < k1; ++k) {
+            const vec a = vset1(val[k]);
+            const float* xp = xb + idx[k];
+            for (int u = 0; u < NV; ++u) acc[u] = vfma(a, vload(xp + u * W), acc[u]);
+          }
+          for (int u = 0; u < NV; ++u) vstore(yb + r * TT + u * W, acc[u]);
+        }
       }
     }
   }
@@ -239,8 +252,9 @@ torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
   const int64_t out = bits.size(0), G = bits.size(1), T = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == G * GW, "x must be (T, in_pad)");
   auto y = torch::empty({T, out}, x.options());
-  // a thread per ~64K weights at most: OpenMP start-up and a descheduled thread cost more on small layers
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G / 4096));
+  // a thread per 2M weights at most: on a loaded machine each parallel region waits for a descheduled
+  // thread (SmolLM2-135M decode at 2 threads: 4.3 tok/s with one kernel thread, 2.6 with two)
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G * GW / (1 << 21)));
   by_dtype(values, [&](auto V) {
     expand_mm<decltype(V)::value>(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
                                   (const char*)values.data_ptr(), x.data_ptr<float>(), T, G, y.data_ptr<float>(), out, nt);
@@ -248,27 +262,78 @@ torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
   return y;
 }
 
-// xt: (tiles, in_pad, TT) fp32 with TT = tile_vectors * lanes -> yt: (tiles, out, TT) fp32
-torch::Tensor spmm_gather(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor xt, int64_t threads) {
+// xt: (tiles, in_pad, TT) fp32 with TT = tile_vectors * lanes -> yt: (tiles, out, TT) fp32, through tiled_mm
+// with column blocks of `cbg` bitmap groups (>= G: no blocking)
+torch::Tensor spmm_tiled(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor xt, int64_t threads,
+                         int64_t cbg) {
   check(row_ptr, bits, values, xt);
   const int64_t out = bits.size(0), G = bits.size(1);
   TORCH_CHECK(xt.dim() == 3 && xt.size(1) == G * GW && xt.size(2) % W == 0 && xt.size(2) <= 4 * W,
               "xt must be (tiles, in_pad, TT) with TT a multiple of the vector width, at most 4 vectors");
+  TORCH_CHECK(cbg >= 1, "cbg must be >= 1");
   const int64_t tiles = xt.size(0), TT = xt.size(2);
-  auto yt = torch::empty({tiles, out, TT}, xt.options());
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tiles * out * G * TT / 65536));
+  auto yt = torch::zeros({tiles, out, TT}, xt.options());
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>({threads, out, tiles * out * G * TT / 65536}));
   by_dtype(values, [&](auto V) {
     constexpr int v = decltype(V)::value;
     auto args = std::make_tuple(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
-                                (const char*)values.data_ptr(), xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt);
+                                (const char*)values.data_ptr(), xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt,
+                                std::min(cbg, std::max<int64_t>(G, 1)));
     switch (TT / W) {
-      case 1: std::apply(gather_mm<v, 1>, args); break;
-      case 2: std::apply(gather_mm<v, 2>, args); break;
-      case 3: std::apply(gather_mm<v, 3>, args); break;
-      default: std::apply(gather_mm<v, 4>, args); break;
+      case 1: std::apply(tiled_mm<v, 1>, args); break;
+      case 2: std::apply(tiled_mm<v, 2>, args); break;
+      case 3: std::apply(tiled_mm<v, 3>, args); break;
+      default: std::apply(tiled_mm<v, 4>, args); break;
     }
   });
   return yt;
+}
+
+// w: (out, in) fp32 contiguous -> [bits int16 (out, G), values (nnz + 16) in `vdtype` (0 fp32, 1 fp16,
+// 2 bf16; rounded as torch's .to() rounds), row_ptr int64 (out + 1), stats fp32 (2,) = (max |w|, 1 if every
+// weight is finite else 0)]. Single-threaded, two passes over w: the format of format.py, bit for bit.
+std::vector<torch::Tensor> pack_bitmap(torch::Tensor w, int64_t vdtype) {
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous float32 (out, in)");
+  TORCH_CHECK(vdtype >= 0 && vdtype <= 2, "vdtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  const int64_t out = w.size(0), n = w.size(1), G = (n + GW - 1) / GW;
+  auto bits = torch::empty({out, G}, torch::kInt16);
+  auto row_ptr = torch::empty({out + 1}, torch::kInt64);
+  const float* p = w.data_ptr<float>();
+  uint16_t* b = (uint16_t*)bits.data_ptr<int16_t>();
+  int64_t* rp = row_ptr.data_ptr<int64_t>();
+  float amax = 0.f;
+  bool finite = true;
+  rp[0] = 0;
+  for (int64_t r = 0; r < out; ++r) {
+    int64_t cnt = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q = p + r * n + g * GW;
+      const int m = (int)std::min<int64_t>(GW, n - g * GW);
+      uint32_t word = 0;
+      for (int k = 0; k < m; ++k) {
+        const float v = q[k], a = std::fabs(v);
+        word |= (uint32_t)(v != 0.f) << k;
+        finite &= a <= 3.402823466e38f;  // false for inf and NaN
+        amax = a > amax ? a : amax;
+      }
+      b[r * G + g] = (uint16_t)word;
+      cnt += __builtin_popcount(word);
+    }
+    rp[r + 1] = rp[r] + cnt;
+  }
+  const int64_t nnz = rp[out];
+  const auto dt = vdtype == 0 ? torch::kFloat32 : vdtype == 1 ? torch::kFloat16 : torch::kBFloat16;
+  auto values = torch::zeros({nnz + GW}, dt);
+  auto fill = [&](auto* dst) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < out * n; ++i)
+      if (p[i] != 0.f) dst[k++] = std::remove_pointer_t<decltype(dst)>(p[i]);
+  };
+  if (vdtype == 0) fill(values.data_ptr<float>());
+  else if (vdtype == 1) fill(values.data_ptr<at::Half>());
+  else fill(values.data_ptr<at::BFloat16>());
+  auto stats = torch::tensor({amax, finite ? 1.f : 0.f});
+  return {bits, values, row_ptr, stats};
 }
 
 std::string isa() { return ISA; }
@@ -276,7 +341,8 @@ int64_t lanes() { return W; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm_expand", &spmm_expand, "bitmap sparse x dense, few tokens (decode)");
-  m.def("spmm_gather", &spmm_gather, "bitmap sparse x dense, token tiles (prefill)");
+  m.def("spmm_tiled", &spmm_tiled, "bitmap sparse x dense, token tiles, rows decoded once, column blocks");
+  m.def("pack_bitmap", &pack_bitmap, "pack a dense fp32 weight into the bitmap format");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
   m.def("lanes", &lanes, "fp32 lanes per vector");
 }

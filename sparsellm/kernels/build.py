@@ -39,7 +39,7 @@ def build_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def load(isa: str | None = None):
-    """The compiled extension module (functions spmm_expand, spmm_gather, isa, lanes), or None where it
+    """The compiled extension module (functions spmm_expand, spmm_tiled, pack_bitmap, isa, lanes), or None where it
     cannot be built (one warning line says why). `isa`: None (the best this CPU has, -march=native) or
     "avx2" (AVX2 + FMA + F16C only); default from $SPARSELLM_KERNEL_ISA."""
     if os.environ.get("SPARSELLM_KERNELS", "").lower() == "pytorch":

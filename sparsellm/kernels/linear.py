@@ -20,6 +20,10 @@ from .format import GROUP, BitmapWeight, reference_mm
 
 log = logging.getLogger("sparsellm")
 EXPAND_MAX = 8  # tokens per call up to which the decode (expand) kernel is used
+# prefill column block, in 16-column groups: 192 columns x 64 tokens of fp32 = 48 KB of x per block. Against
+# no blocking (and the earlier per-tile decode), 1 thread, 70%, fp16: 1.33x vs 1.21x (1.03x) dense at
+# 576x1536 / 512 tokens, 1.44x vs 1.40x (1.17x) at 1536x576, on a loaded 2-core machine (noisy)
+COLUMN_BLOCK = 12
 
 
 def spmm(w: BitmapWeight, x: torch.Tensor, threads: int | None = None, csr=None) -> torch.Tensor:
@@ -47,7 +51,7 @@ def compiled_mm(ext, w: BitmapWeight, x: torch.Tensor, threads: int | None = Non
     if tiles * tt != T:
         x = F.pad(x, (0, 0, 0, tiles * tt - T))
     xt = x.view(tiles, tt, in_pad).transpose(1, 2).contiguous()  # (tiles, in_pad, tt)
-    yt = ext.spmm_gather(w.row_ptr, w.bits, w.values, xt, threads)  # (tiles, out, tt)
+    yt = ext.spmm_tiled(w.row_ptr, w.bits, w.values, xt, threads, COLUMN_BLOCK)  # (tiles, out, tt)
     return yt.transpose(1, 2).reshape(tiles * tt, -1)[:T]
 
 
@@ -98,7 +102,7 @@ class SparseLinear(nn.Module):
 
 
 def _sparsity(weight: torch.Tensor) -> float:
-    return float((weight == 0).sum()) / max(1, weight.numel())
+    return 1.0 - float(torch.count_nonzero(weight)) / max(1, weight.numel())
 
 
 @torch.no_grad()
