@@ -99,6 +99,12 @@ def model_mode(args) -> dict:
         m = load_model(str(d), torch.float32)[0]
         swaps[n] = sparsify(m, min_sparsity=0.3, dtype=torch.float16)
         models[n] = m
+        if args.fp16_head:  # the same pruned model, its dense output embedding read as fp16 through our kernel too
+            m = load_model(str(d), torch.float32)[0]
+            rec = sparsify(m, min_sparsity=0.3, dtype=torch.float16)
+            head = sparsify(m, min_sparsity=0.0, dtype=torch.float16, lm_head=True)  # only lm_head is left
+            swaps[f"{n} + fp16 head"] = {**rec, "swapped": {**rec["swapped"], **head["swapped"]}}
+            models[f"{n} + fp16 head"] = m
     res = compare(models, (128, 512), (1, 8), decode_prompt=32 if args.quick else 128,
                   new_tokens=8 if args.quick else 32, repeats=2 if args.quick else args.repeats,
                   warmup=1, threads=args.threads)
@@ -166,6 +172,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--fp16_head", action="store_true", help="also each pruned model with its dense lm_head read as fp16 through our kernel")
     ap.add_argument("--quick", action="store_true", help="smoke run: wanda70 only (or 1/8-width blocks), "
                                                           "short calibration, 2 repeats")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/sparse_kernels_*.json)")
