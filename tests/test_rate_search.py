@@ -133,10 +133,25 @@ def test_cli_allocate_search_end_to_end(tmp_path, saved_model_dir, calib_txt):
 
     out = tmp_path / "a"
     assert main(["--quiet", "allocate", "--model", str(saved_model_dir), "--prune_method", "wanda",
-                 "--sparsity_ratio", "0.5", "--allocation", "search", "--search_budget", "9", "--search_lambda", "0.2",
+                 "--sparsity_ratio", "0.5", "--allocation", "search", "--search_budget", "24", "--search_lambda", "0.2",
                  "--search_windows", "2", "--search_seqlen", "16", "--calib_dataset", str(calib_txt),
                  "--nsamples", "2", "--seqlen", "16", "--save", str(out)]) == 0
     rates = json.loads((out / "rates.json").read_text())
     assert len(rates) == 2 and abs(sum(rates) / 2 - 0.5) < 1e-9
     rep = json.loads((out / "report.json").read_text())
-    assert rep["allocation"]["name"] == "search" and rep["allocation"]["search_budget"] == 9
+    assert rep["allocation"]["name"] == "search" and rep["allocation"]["search_budget"] == 24
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"search_loop": "evopress", "search_budget": 23, "search_windows": 1}, "less than one EvoPress generation"),
+    ({"search_loop": "ga", "search_budget": 15}, "less than one GA generation"),
+    ({"search_loop": "evopress", "search_budget": 24, "search_windows": 20}, "pool"),  # 320 > 256 windows
+])
+def test_search_refuses_a_budget_or_pool_it_cannot_use(kw, match, tokenizer):
+    """Breaker findings: a budget below one generation used to return uniform rates silently, and a pool past
+    the bundled C4 windows scored candidates on fewer windows than it said."""
+    from sparsellm import PruneConfig, resolve_allocation
+
+    pc = PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.5, allocation="search", search_seqlen=16, **kw)
+    with pytest.raises(UsageError, match=match):
+        resolve_allocation(make_model("llama"), pc, _calib(), progress=False, tokenizer=tokenizer)

@@ -204,3 +204,14 @@ def test_cli_evopress_bad_input(tmp_path, saved_model_dir, capsys):
     assert "--evo_pool 999 is more than" in capsys.readouterr().err and not (tmp_path / "e").exists()
     assert _search(saved_model_dir, tmp_path / "g", "--backend", "ga", "--evo_levels", "3") == 2
     assert "--evo_levels applies only to --backend evopress" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_rate,step", [(0.3, None), (0.6, 0.4)])
+def test_evopress_without_room_to_move_returns_the_uniform_vector(max_rate, step):
+    """Breaker finding: max_rate == target (no level up) or Δ > target (no level down) crashed on an empty
+    offspring list; it is the uniform vector."""
+    cfg = SearchConfig(target_rate=0.3, max_rate=max_rate, population=4, generations=6, crossover=4, mutation=4, seed=1)
+    ops = EvoPress(EvoPressConfig(evo_offspring=6, evo_survivors="3,2,1", evo_windows="1,2,4", evo_pool=8,
+                                  evo_step=step))
+    state = ops.search(lambda vs, w: [_rising(v) for v in vs], 4, cfg, 4)
+    assert state["population"][0]["rates"] == pytest.approx([0.3] * 4) and state["generation"] == 0

@@ -53,7 +53,7 @@ class RateSearchConfig:
         if self.search_lambda is None:
             self.search_lambda = min(0.2, 0.9 * min(target, 1 - target)) if target > 0 else 0.0
         if not (0 < self.search_lambda <= target and target + self.search_lambda < 1):
-            raise UsageError(f"--search_lambda must be in (0, min(S, 1 − S)) at sparsity {target}, got "
+            raise UsageError(f"--search_lambda must be in (0, S] with S + λ < 1 (and S > 0) at sparsity {target}, got "
                              f"{self.search_lambda}")
         if self.search_windows < 1 or self.search_seqlen < 2:
             raise UsageError("--search_windows must be >= 1 and --search_seqlen >= 2")
@@ -166,6 +166,18 @@ def rates_for_model(model, calib_ids, target: float, config: RateSearchConfig, *
         return ppl if math.isfinite(ppl) else math.inf
 
     s, ops = loop_settings(config)
+    budget = s.population + s.generations * (s.crossover + s.mutation)
+    if hasattr(ops, "search"):
+        pool, w = c4.shape[1] // seqlen, [int(x) for x in ops.config.evo_windows.split(",")]
+        if ops.config.evo_pool > pool:
+            raise UsageError(f"--search_windows {config.search_windows} needs a pool of {ops.config.evo_pool} "
+                             f"C4-validation windows of {seqlen} tokens; there are {pool}")
+        first = (16 * w[0] + 4 * w[1] + 3 * w[2]) / config.search_windows + 1  # one generation and the final score
+        if first > budget:
+            raise UsageError(f"--search_budget {config.search_budget} is less than one EvoPress generation "
+                             f"({first:g} evaluations)")
+    elif s.generations < 1:
+        raise UsageError(f"--search_budget {config.search_budget} is less than one GA generation (16 evaluations)")
     try:
         uniform = fitness([lam] * L)
         if hasattr(ops, "search"):

@@ -165,7 +165,7 @@ class EvoPress:
 
         gen_cost = (c.evo_offspring * stages[0][1] + sum(k * w for (k, _), (_, w) in zip(stages, stages[1:]))
                     + stages[-1][1]) / fitness_windows  # the parent joins the last stage
-        movable = n_blocks > 1 and hi > lo
+        movable = n_blocks > 1 and lo < 0 < hi  # a level switch needs room both down and up
         while movable and state["evals"] + gen_cost + 1 <= budget:  # + 1: the final parent's score
             t0 = time.perf_counter()
             parent = state["levels"]
@@ -177,6 +177,8 @@ class EvoPress:
                     child = level_switch(child, lo, hi, rng)
                 if child != parent and child not in offspring:
                     offspring.append(child)
+            if not offspring:  # no child differs from the parent: nothing left to search
+                break
             cands = offspring
             for s, (keep, w) in enumerate(stages):
                 if s == len(stages) - 1 and parent not in cands:
