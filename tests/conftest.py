@@ -167,6 +167,7 @@ SLOW = {
     "test_ray_search.py::test_worker_fitness_is_an_independent_perplexity_in_order",  # the Ray cluster's start
     "test_ray_search.py::test_two_workers_give_the_serial_search_and_resume_across_worker_counts",
     "test_ray_search.py::test_cli_search_workers_writes_the_serial_result",
+    "test_sparse_kernels.py::test_a_build_killed_half_way_does_not_block_the_next_load",  # a real build, ~25 s
 }
 
 

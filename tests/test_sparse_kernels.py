@@ -17,8 +17,16 @@ from sparsellm.kernels import BitmapWeight, SparseLinear, densify, reference_mm,
 from sparsellm.kernels import build
 from sparsellm.kernels.linear import compiled_mm
 
-EXT = build.load()
-needs_ext = pytest.mark.skipif(EXT is None, reason="compiled sparse kernels unavailable here (see the warning)")
+
+
+@pytest.fixture
+def ext():
+    """The compiled extension, built on first use inside a test (so pytest-timeout bounds the build), or a skip."""
+    m = build.load()
+    if m is None:
+        pytest.skip("compiled sparse kernels unavailable here (see the warning)")
+    return m
+
 SHAPES = [(1, 1), (7, 33), (65, 50), (130, 257), (48, 64)]
 TOKENS = [1, 3, 8, 9, 70]
 
@@ -42,10 +50,9 @@ def _check(y, w_stored, w_orig, x, dtype):
     assert ((y - F.linear(x, w_orig)).abs() <= eps * scale + 1e-6).all()
 
 
-@needs_ext
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_compiled_kernel_matches_f_linear(sparsity, dtype):
+def test_compiled_kernel_matches_f_linear(ext, sparsity, dtype):
     for i, (out, n_in) in enumerate(SHAPES):
         w = _weight(out, n_in, sparsity, seed=i)
         bw = BitmapWeight.pack(w, dtype)
@@ -53,7 +60,7 @@ def test_compiled_kernel_matches_f_linear(sparsity, dtype):
         assert torch.equal(bw.to_dense(torch.float32), stored)
         for T in TOKENS:
             x = torch.randn(T, n_in)
-            _check(compiled_mm(EXT, bw, x, threads=2), stored, w, x, dtype)
+            _check(compiled_mm(ext, bw, x, threads=2), stored, w, x, dtype)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.99])
@@ -64,19 +71,17 @@ def test_fallback_matches_f_linear(sparsity):
     _check(reference_mm(bw, x), w.half().float(), w, x, torch.float16)
 
 
-@needs_ext
-def test_compiled_kernel_equals_fallback():
+def test_compiled_kernel_equals_fallback(ext):
     for sparsity in (0.0, 0.5, 0.9):
         w = _weight(130, 257, sparsity)
         bw = BitmapWeight.pack(w, torch.bfloat16)
         for T in (1, 8, 70):
             x = torch.randn(T, 257)
             scale = x.abs() @ bw.to_dense(torch.float32).abs().t()  # fp32 summation-order tolerance
-            assert ((compiled_mm(EXT, bw, x) - reference_mm(bw, x)).abs() <= 1e-5 * scale + 1e-6).all()
+            assert ((compiled_mm(ext, bw, x) - reference_mm(bw, x)).abs() <= 1e-5 * scale + 1e-6).all()
 
 
-@needs_ext
-def test_avx2_build_equals_the_native_build():
+def test_avx2_build_equals_the_native_build(ext):
     avx2 = build.load("avx2")
     if avx2 is None:
         pytest.skip("the AVX2 build is unavailable here")
@@ -89,9 +94,67 @@ def test_avx2_build_equals_the_native_build():
             _check(compiled_mm(avx2, bw, x), w.to(dtype).float(), w, x, dtype)
 
 
-@needs_ext
+def _load_in_child(ext_dir, timeout, **env):
+    """build.load() in a fresh interpreter with the cache at `ext_dir`: (its isa() or None, its stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(); from sparsellm.kernels import build; m = build.load(); "
+            "print('ISA', m.isa() if m is not None else None)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_dir), **env}
+    env.pop("SPARSELLM_KERNEL_ISA", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split("ISA ")[-1].strip(), r.stderr
+
+
+def _hold_lock(ext_dir):
+    """A process that holds the build lock of this machine's native build (and leaves torch's own lock file in
+    the build folder, as a build killed half-way does), started and holding when this returns."""
+    import subprocess
+    import sys
+
+    code = ("import fcntl, hashlib, sys, time; from pathlib import Path; from sparsellm.kernels import build; "
+            "key = hashlib.sha1(build.SOURCE.read_bytes() + build._cpu_flags().encode() + b'native').hexdigest()[:12]; "
+            "d = Path(sys.argv[1]) / f'bitmap_spmm_native_{key}'; d.mkdir(parents=True); (d / 'lock').touch(); "
+            "f = open(d.parent / f'{d.name}.lock', 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
+            "time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(ext_dir)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_build_killed_half_way_does_not_block_the_next_load(ext, tmp_path):
+    holder = _hold_lock(tmp_path)
+    holder.kill()
+    holder.wait()
+    isa, err = _load_in_child(tmp_path, timeout=400)  # torch's lock file alone made this wait forever
+    assert isa == ext.isa(), err
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_build_held_by_a_live_process_past_the_time_limit_falls_back(tmp_path):
+    holder = _hold_lock(tmp_path)
+    try:
+        isa, err = _load_in_child(tmp_path, timeout=60, SPARSELLM_KERNEL_BUILD_TIMEOUT="2")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert isa == "None"
+    assert "TimeoutError" in err and "pure-PyTorch" in err
+
+
+def test_a_build_past_the_time_limit_falls_back_and_leaves_nothing(tmp_path):
+    isa, err = _load_in_child(tmp_path, timeout=60, SPARSELLM_KERNEL_BUILD_TIMEOUT="1")
+    assert isa == "None"
+    assert "TimeoutError" in err and "pure-PyTorch" in err
+    assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.glob("*.tmp*"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_compiled_pack_equals_torch_pack(dtype):
+def test_compiled_pack_equals_torch_pack(ext, dtype):
     for i, (out, n_in) in enumerate(SHAPES + [(3, 16), (2, 0)]):
         w = _weight(out, n_in, 0.6, seed=i) * 300
         if w.numel() > 4:  # -0.0 (dropped), an fp16 underflow to 0 (kept: its bit is set), a bf16 rounding tie
@@ -200,9 +263,8 @@ def _token_nll(model, ids):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
 
 
-@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_perplexity_through_kernels_equals_dense_with_zeros(dtype, monkeypatch):
+def test_perplexity_through_kernels_equals_dense_with_zeros(ext, dtype, monkeypatch):
     model = _pruned_llama(0.7)
     with torch.no_grad():  # sharper logits than the random init's near-uniform ones, so errors show in the NLL
         model.lm_head.weight.mul_(8)
@@ -291,12 +353,20 @@ def test_generate_cli(tmp_path, tokenizer, capsys):
     assert text.strip()
 
 
-@pytest.mark.parametrize("extra", [["--model", "/nonexistent/model"], ["--kernels", "csr"], ["--threads", "0"]])
+@pytest.mark.parametrize("extra", [["--model", "/nonexistent/model"], ["--kernels", "csr"], ["--threads", "0"],
+                                   ["--max_new_tokens", "128"]])  # 1 prompt token + 128 > the tiny llama's 128
 def test_generate_cli_bad_input(tmp_path, tokenizer, capsys, extra):
     d = tmp_path / "model"
     make_model("llama").save_pretrained(d)
     tokenizer.save_pretrained(d)
+    capsys.readouterr()  # save_pretrained's progress bar
     code = main(["--quiet", "generate", "--model", str(d), "--prompt", "the", *extra])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code != 0 and len(lines) == 1 and lines[0].startswith("sparsellm: error:"), err
+
+
+def test_generate_cli_names_an_empty_model(capsys):
+    assert main(["--quiet", "generate", "--model", ""]) != 0
+    assert "--model is empty" in capsys.readouterr().err
+
