@@ -111,6 +111,12 @@ def check_finite(config) -> None:
             check_finite(value)
 
 
+def check_model_spec(model) -> None:
+    """Raises UsageError for a missing or blank --model."""
+    if model is None or not str(model).strip():
+        raise UsageError("--model is empty: give a preset name, a .gguf file, an HF directory or a hub id")
+
+
 @dataclass
 class ModelSource:
     """The input model, the device its forwards run on and their precision (`sparsellm.devices`)."""
@@ -144,8 +150,7 @@ class ModelSource:
     def validate(self) -> "ModelSource":
         from .devices import check_device_spec, check_dtype_spec
 
-        if not str(self.model).strip():
-            raise UsageError("--model is empty: give a preset name, a .gguf file, an HF directory or a hub id")
+        check_model_spec(self.model)
         check_dtype_spec(self.dtype)
         check_device_spec(self.device)
         if self.load not in ("auto", "memory", "lazy"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import setting
+from ..config import check_model_spec, setting
 from ..errors import UsageError
 
 KERNELS = ("sparse", "dense")
@@ -25,6 +25,7 @@ class GenerateRun:
     threads: int | None = setting(None, "torch and kernel threads (default: torch's choice)")
 
     def validate(self) -> "GenerateRun":
+        check_model_spec(self.model)
         if self.kernels not in KERNELS:
             raise UsageError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.max_new_tokens < 1:
@@ -40,7 +41,8 @@ class GenerateRun:
 
 def run_generate(cfg: GenerateRun) -> dict:
     """Returns generate_timed's result plus {"text" (the new tokens decoded), "kernels", "swap" (sparsify's
-    record, None for dense), "threads"}. Raises UsageError for bad settings or a model that cannot be loaded."""
+    record, None for dense), "threads"}. Raises UsageError for bad settings, a model that cannot be loaded, or a
+    prompt plus max_new_tokens longer than the model's context (config.max_position_embeddings)."""
     import torch
 
     from ..kernels import sparsify
@@ -51,10 +53,14 @@ def run_generate(cfg: GenerateRun) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     model, tok, _ = load_model(cfg.model, torch.float32)
-    swap = sparsify(model, min_sparsity=cfg.min_sparsity) if cfg.kernels == "sparse" else None
     ids = tok(cfg.prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise UsageError("the prompt tokenizes to no tokens")
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and ids.shape[1] + cfg.max_new_tokens > ctx:
+        raise UsageError(f"the prompt's {ids.shape[1]} tokens + --max_new_tokens {cfg.max_new_tokens} exceed the "
+                         f"model's context of {ctx} tokens")
+    swap = sparsify(model, min_sparsity=cfg.min_sparsity) if cfg.kernels == "sparse" else None
     res = generate_timed(model, ids, cfg.max_new_tokens, tok.eos_token_id)
     res.update(text=tok.decode(res["ids"][0, ids.shape[1]:], skip_special_tokens=True), kernels=cfg.kernels,
                swap=swap, threads=torch.get_num_threads())

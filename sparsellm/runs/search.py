@@ -39,8 +39,9 @@ from .rundir import RunDir
 log = logging.getLogger("sparsellm")
 
 BACKEND_HELP = ("search operators: ga (classical), openai (any OpenAI-compatible endpoint), local (a chat model "
-                "in-process), llm (openai when --llm_base_url is given, else local), uniform (no search: the target "
-                "rate everywhere)")
+                "in-process), llm (openai when --llm_base_url is given, else local), evopress (EvoPress's level-switch "
+                "mutation and multi-step selection, no LLM; --evo_* settings), uniform (no search: the target rate "
+                "everywhere)")
 
 
 @dataclass
