@@ -3,7 +3,9 @@ and small local text corpora. Nothing here touches the network."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -183,6 +185,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.zeroshot)
         if f"{fname}::{item.name}" in SLOW or f"{fname}::{getattr(item, 'originalname', item.name)}" in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+def reply(handler, code: int, data: bytes, ctype: str = "application/json") -> None:
+    """Send one HTTP response with `data` from a BaseHTTPRequestHandler (the tests' loopback OpenAI stubs)."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", ctype)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@contextlib.contextmanager
+def loopback_server(handler_class):
+    """An HTTPServer on 127.0.0.1 (a free port) serving `handler_class` from a daemon thread; yields the server
+    and shuts it down after."""
+    from http.server import HTTPServer
+
+    srv = HTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def drop_unchosen(argv: list[str]) -> list[str]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from conftest import loopback_server, reply
 
 from sparsellm.cli import main
 from sparsellm.errors import UsageError
@@ -164,12 +164,7 @@ class _Stub(BaseHTTPRequestHandler):
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                 "finish_reason": "stop"}],
                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply(self, 200, json.dumps(payload).encode())
 
     def log_message(self, *a):
         pass
@@ -177,13 +172,9 @@ class _Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub_url():
-    server = HTTPServer(("127.0.0.1", 0), _Stub)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
     _Stub.requests, _Stub.die_after = [], None
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", server
-    server.shutdown()
-    server.server_close()
+    with loopback_server(_Stub) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", server
 
 
 def test_openai_backend_against_a_loopback_stub(stub_url, tmp_path, monkeypatch):

@@ -10,12 +10,11 @@ import json
 import logging
 import random
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import jsonschema
 import pytest
-from conftest import make_model, require
+from conftest import loopback_server, make_model, reply, require
 
 from sparsellm.errors import UsageError
 from sparsellm.selfpruner import LLMOperators, SearchConfig, evolve, feasible, grammar, openai_chat
@@ -158,9 +157,9 @@ class _Server(BaseHTTPRequestHandler):
         _Server.requests.append(body)
         rf = body.get("response_format")
         if self.mode == "nonjson":
-            return self._send(200, b"<html>not json</html>", "text/html")
+            return reply(self, 200, b"<html>not json</html>", "text/html")
         if (self.mode == "reject" and (rf is not None or "grammar" in body)) or (self.mode == "gbnf" and rf is not None):
-            return self._send(500, json.dumps({"error": {"message": "Input should be 'text' or 'json_object'"}}).encode())
+            return reply(self, 500, json.dumps({"error": {"message": "Input should be 'text' or 'json_object'"}}).encode())
         if "grammar" in body:
             assert body["grammar"].startswith("root ::= ")
             content = json.dumps(_answer(body), separators=(", ", ": "))
@@ -170,16 +169,9 @@ class _Server(BaseHTTPRequestHandler):
             content = json.dumps(obj)
         else:
             content = "Sure! Here are good rates: 0.1, 0.2 ..."  # a small model without constraints
-        self._send(200, json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+        reply(self, 200, json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
                                     "choices": [{"index": 0, "finish_reason": "stop",
                                                  "message": {"role": "assistant", "content": content}}]}).encode())
-
-    def _send(self, code, data, ctype="application/json"):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def log_message(self, *a):
         pass
@@ -187,12 +179,9 @@ class _Server(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = HTTPServer(("127.0.0.1", 0), _Server)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     _Server.requests, _Server.mode = [], "schema"
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with loopback_server(_Server) as srv:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
 
 
 def _quadratic(rates):
