@@ -111,6 +111,17 @@ def check_finite(config) -> None:
             check_finite(value)
 
 
+def positive_ints(spec: str, flag: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (e.g. "128,512"). Raises UsageError naming `flag`."""
+    try:
+        vals = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated integers, got {spec!r}") from None
+    if not vals or min(vals) < 1:
+        raise UsageError(f"{flag} must be integers >= 1, got {spec!r}")
+    return vals
+
+
 def check_model_spec(model) -> None:
     """Raises UsageError for a missing or blank --model."""
     if model is None or not str(model).strip():

@@ -8,22 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import check_finite, setting
+from ..config import check_finite, positive_ints, setting
 from ..errors import UsageError
 from ..outputs import write_json_atomic
 from .record import Run
 from .rundir import RunDir
-
-
-def ints(spec: str, flag: str) -> list[int]:
-    """Comma-separated positive integers. Raises UsageError."""
-    try:
-        vals = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} must be comma-separated integers, got {spec!r}") from None
-    if not vals or min(vals) < 1:
-        raise UsageError(f"{flag} must be positive integers, got {spec!r}")
-    return vals
 
 
 @dataclass
@@ -54,8 +43,8 @@ class BenchRun:
 
     def validate(self) -> "BenchRun":
         check_finite(self)
-        ints(self.prefill, "--prefill")
-        ints(self.decode_batches, "--decode_batches")
+        positive_ints(self.prefill, "--prefill")
+        positive_ints(self.decode_batches, "--decode_batches")
         if self.kernels not in ("dense", "sparse"):
             raise UsageError(f"--kernels must be dense or sparse, got {self.kernels!r}")
         if self.repeats < 1 or self.warmup < 0 or self.new_tokens < 1 or self.decode_prompt < 1:
@@ -96,7 +85,7 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
     from ..models import load_model
 
     cfg.validate()
-    prefill, batches = ints(cfg.prefill, "--prefill"), ints(cfg.decode_batches, "--decode_batches")
+    prefill, batches = positive_ints(cfg.prefill, "--prefill"), positive_ints(cfg.decode_batches, "--decode_batches")
     baseline = _baseline(cfg)
     save = RunDir.prepare(cfg.save, [], replaces=False)  # only speed.json is added, e.g. to the run dir
     if cfg.deepsparse:  # a missing runtime environment is reported before any model loads

@@ -32,22 +32,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import setting
+from ..config import positive_ints, setting
 from ..errors import UsageError
 from ..registry import register
 from .evolution import SearchConfig, _rng_state, _set_rng, key_of, write_state
 
 log = logging.getLogger("sparsellm")
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        out = [int(x) for x in str(text).split(",")]
-    except ValueError:
-        raise UsageError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise UsageError(f"--{name} must be integers >= 1, got {text!r}")
-    return out
 
 
 @dataclass
@@ -66,7 +56,7 @@ class EvoPressConfig:
 
     def stages(self) -> list[tuple[int, int]]:
         """[(survivors, windows)] per stage. Raises UsageError for bad lists."""
-        surv, wins = _ints(self.evo_survivors, "evo_survivors"), _ints(self.evo_windows, "evo_windows")
+        surv, wins = positive_ints(self.evo_survivors, "--evo_survivors"), positive_ints(self.evo_windows, "--evo_windows")
         if len(surv) != len(wins):
             raise UsageError(f"--evo_survivors and --evo_windows need one entry per stage ({len(surv)} vs {len(wins)})")
         if surv[-1] != 1 or any(b > a for a, b in zip(surv, surv[1:])):
