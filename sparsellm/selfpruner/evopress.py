@@ -56,7 +56,8 @@ class EvoPressConfig:
 
     def stages(self) -> list[tuple[int, int]]:
         """[(survivors, windows)] per stage. Raises UsageError for bad lists."""
-        surv, wins = positive_ints(self.evo_survivors, "--evo_survivors"), positive_ints(self.evo_windows, "--evo_windows")
+        surv = positive_ints(self.evo_survivors, "--evo_survivors")
+        wins = positive_ints(self.evo_windows, "--evo_windows")
         if len(surv) != len(wins):
             raise UsageError(f"--evo_survivors and --evo_windows need one entry per stage ({len(surv)} vs {len(wins)})")
         if surv[-1] != 1 or any(b > a for a, b in zip(surv, surv[1:])):
