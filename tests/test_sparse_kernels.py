@@ -112,13 +112,15 @@ def _load_in_child(ext_dir, timeout, **env):
 
 def _hold_lock(ext_dir):
     """A process that holds the build lock of this machine's native build (and leaves torch's own lock file in
-    the build folder, as a build killed half-way does), started and holding when this returns."""
+    the build folder and a temporary build folder, as a build killed half-way does), started and holding when
+    this returns."""
     import subprocess
     import sys
 
     code = ("import fcntl, hashlib, sys, time; from pathlib import Path; from sparsellm.kernels import build; "
             "key = hashlib.sha1(build.SOURCE.read_bytes() + build._cpu_flags().encode() + b'native').hexdigest()[:12]; "
             "d = Path(sys.argv[1]) / f'bitmap_spmm_native_{key}'; d.mkdir(parents=True); (d / 'lock').touch(); "
+            "(d.parent / f'{d.name}.tmp_killed').mkdir(); "
             "f = open(d.parent / f'{d.name}.lock', 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
             "time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code, str(ext_dir)], stdout=subprocess.PIPE, text=True)

@@ -82,6 +82,8 @@ def _build(so: Path, name: str, isa: str, timeout: float) -> None:
                 time.sleep(0.5)
         if so.exists():
             return
+        for stale in folder.parent.glob(f"{folder.name}.tmp*"):  # left by a build whose process was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp")
         try:
             child = subprocess.Popen([sys.executable, __file__, tmp, name, isa], stdin=subprocess.DEVNULL,
