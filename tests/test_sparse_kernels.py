@@ -118,8 +118,8 @@ def _hold_lock(ext_dir):
     import sys
 
     code = ("import fcntl, hashlib, sys, time; from pathlib import Path; from sparsellm.kernels import build; "
-            "key = hashlib.sha1(build.SOURCE.read_bytes() + build._cpu_flags().encode() + b'native').hexdigest()[:12]; "
-            "d = Path(sys.argv[1]) / f'bitmap_spmm_native_{key}'; d.mkdir(parents=True); (d / 'lock').touch(); "
+            "import os; os.environ['TORCH_EXTENSIONS_DIR'] = sys.argv[1]; d = build.cached_so('native').parent; "
+            "d.mkdir(parents=True); (d / 'lock').touch(); "
             "(d.parent / f'{d.name}.tmp_killed').mkdir(); "
             "f = open(d.parent / f'{d.name}.lock', 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
             "time.sleep(600)")
@@ -153,6 +153,31 @@ def test_a_build_past_the_time_limit_falls_back_and_leaves_nothing(tmp_path):
     assert isa == "None"
     assert "TimeoutError" in err and "pure-PyTorch" in err
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.glob("*.tmp*"))
+
+
+def _compilers_building_in(folder):
+    """Pids of processes (ninja, g++, cc1plus, ...) whose working directory is under `folder`."""
+    import os
+
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            cwd = os.readlink(f"/proc/{d}/cwd")
+        except OSError:
+            continue
+        if d.isdigit() and cwd.startswith(str(folder)):
+            pids.append(int(d))
+    return pids
+
+
+def test_a_build_stopped_at_its_time_limit_leaves_no_compiler_running(tmp_path):
+    """ninja runs each command in its own process group, so killing the child's group alone left g++ running."""
+    import time
+
+    isa, err = _load_in_child(tmp_path, timeout=60, SPARSELLM_KERNEL_BUILD_TIMEOUT="6")  # cc1plus is running by then
+    assert isa == "None" and "TimeoutError" in err
+    time.sleep(1)
+    assert _compilers_building_in(tmp_path) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -356,7 +381,7 @@ def test_generate_cli(tmp_path, tokenizer, capsys):
 
 
 @pytest.mark.parametrize("extra", [["--model", "/nonexistent/model"], ["--kernels", "csr"], ["--threads", "0"],
-                                   ["--max_new_tokens", "128"]])  # 1 prompt token + 128 > the tiny llama's 128
+                                   ["--max_new_tokens", "129"]])  # 1 prompt token + 128 fed back > the tiny llama's 128
 def test_generate_cli_bad_input(tmp_path, tokenizer, capsys, extra):
     d = tmp_path / "model"
     make_model("llama").save_pretrained(d)

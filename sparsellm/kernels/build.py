@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,12 +53,79 @@ def build_dir() -> Path:
 
 
 def build_timeout() -> float:
-    """Seconds one build may take: $SPARSELLM_KERNEL_BUILD_TIMEOUT, default 600 (about 20 s on 2 cores here)."""
-    return float(os.environ.get("SPARSELLM_KERNEL_BUILD_TIMEOUT", "600"))
+    """Seconds one build may take: $SPARSELLM_KERNEL_BUILD_TIMEOUT, default 600 (about 25 s on 2 cores here).
+    Raises ValueError naming the variable for a value that is not a positive number ('inf' waits forever)."""
+    raw = os.environ.get("SPARSELLM_KERNEL_BUILD_TIMEOUT", "").strip() or "600"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # also refuses nan, which would make the wait for the lock endless
+        raise ValueError(f"$SPARSELLM_KERNEL_BUILD_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`: the build child, ninja, and the process groups that ninja makes for
+    each compiler command (so os.killpg on the child's group alone would leave g++/cc1plus running)."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except OSError:
+            pass
+        return
+    for _ in range(5):  # a shell may fork between the scan and the kill: scan again until nothing is left
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z" and int(stat.parent.name) != os.getpid():
+                alive.append(int(stat.parent.name))
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+
+def _why(out: str, returncode: int) -> str:
+    """The most telling line of a failed build's output: the last compiler/linker error, else the last line."""
+    lines = [s.strip() for s in out.splitlines() if s.strip()]
+    for line in reversed(lines):
+        if not line.startswith("ninja:") and re.search(r"error|not found|no such file|cannot", line, re.I):
+            return line
+    return lines[-1] if lines else f"the build exited with {returncode}"
+
+
+def cached_so(isa: str) -> Path:
+    """Where the build for `isa` is cached: named by a hash of the source, this CPU's flags, the compile flags,
+    torch's version and Python's ABI (the .so links against both, and one cache may serve several venvs)."""
+    import torch
+
+    key = hashlib.sha1(SOURCE.read_bytes() + _cpu_flags().encode() + isa.encode() + " ".join(FLAGS[isa]).encode()
+                       + torch.__version__.encode() + sys.implementation.cache_tag.encode()).hexdigest()[:12]
+    return build_dir() / f"bitmap_spmm_{isa}_{key}" / f"sparsellm_bitmap_spmm_{isa}_{key}.so"
 
 
 def _compile(folder: str, name: str, isa: str) -> None:
-    """The child process's work: compile (and import, as a check) the extension in `folder`."""
+    """The child process's work: compile (and import, as a check) the extension in `folder`. It stops the whole
+    build (its session) when its parent dies, so a SIGKILLed or SIGTERMed caller leaves no compiler running."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch_parent():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        _kill_session(os.getsid(0))
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
     from torch.utils.cpp_extension import load as cpp_load
 
     cpp_load(name=name, sources=[str(SOURCE)], build_directory=folder, verbose=False,
@@ -88,16 +156,19 @@ def _build(so: Path, name: str, isa: str, timeout: float) -> None:
         try:
             child = subprocess.Popen([sys.executable, __file__, tmp, name, isa], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)  # its own process group: ninja and g++ go with it
+                                     start_new_session=True)  # its own session: Ctrl-C reaches only this process
             try:
                 out, _ = child.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.communicate()
                 raise TimeoutError(f"the build ran past {timeout:.0f} s ($SPARSELLM_KERNEL_BUILD_TIMEOUT)") from None
+            finally:  # a time-out, Ctrl-C, pytest-timeout, or a child that died leaving ninja/g++ behind
+                _kill_session(child.pid)
+                if child.returncode is None:
+                    child.communicate()
             if child.returncode != 0:
-                lines = [s for s in out.splitlines() if s.strip()]
-                raise RuntimeError(lines[-1] if lines else f"the build exited with {child.returncode}")
+                raise RuntimeError(_why(out, child.returncode))
+            with open(Path(tmp) / so.name, "rb") as f:
+                os.fsync(f.fileno())  # a crash after the rename must not leave a truncated .so (SIGBUS on import)
             folder.mkdir(exist_ok=True)
             os.replace(Path(tmp) / so.name, so)
         finally:
@@ -108,19 +179,20 @@ def _build(so: Path, name: str, isa: str, timeout: float) -> None:
 def load(isa: str | None = None):
     """The compiled extension module (functions spmm_expand, spmm_tiled, pack_bitmap, isa, lanes), or None where it
     cannot be built (one warning line says why). `isa`: None (the best this CPU has, -march=native) or
-    "avx2" (AVX2 + FMA + F16C only); default from $SPARSELLM_KERNEL_ISA. Raises ValueError for another isa."""
+    "avx2" (AVX2 + FMA + F16C only); default from $SPARSELLM_KERNEL_ISA. Raises UsageError for another isa."""
     if os.environ.get("SPARSELLM_KERNELS", "").lower() == "pytorch":
         log.warning("sparsellm: SPARSELLM_KERNELS=pytorch: sparse linears use the pure-PyTorch CSR path (slow)")
         return None
     isa = isa or os.environ.get("SPARSELLM_KERNEL_ISA") or "native"
     if isa not in FLAGS:
-        raise ValueError(f"SPARSELLM_KERNEL_ISA must be 'avx2' or unset, got {isa!r}")
+        from ..errors import UsageError  # imported here: the build's child process runs this file as a script
+
+        raise UsageError(f"SPARSELLM_KERNEL_ISA must be 'avx2' or unset, got {isa!r}")
     try:
         import torch  # noqa: F401  (the extension's symbols come from libtorch)
 
-        key = hashlib.sha1(SOURCE.read_bytes() + _cpu_flags().encode() + isa.encode()).hexdigest()[:12]
-        name = f"sparsellm_bitmap_spmm_{isa}_{key}"
-        so = build_dir() / f"bitmap_spmm_{isa}_{key}" / f"{name}.so"
+        so = cached_so(isa)
+        name = so.stem
         if not so.exists():
             _build(so, name, isa, build_timeout())
         spec = importlib.util.spec_from_file_location(name, so)

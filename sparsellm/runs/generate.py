@@ -57,7 +57,7 @@ def run_generate(cfg: GenerateRun) -> dict:
     if ids.shape[1] == 0:
         raise UsageError("the prompt tokenizes to no tokens")
     ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and ids.shape[1] + cfg.max_new_tokens > ctx:
+    if ctx is not None and ids.shape[1] + cfg.max_new_tokens - 1 > ctx:  # the last new token is never fed back
         raise UsageError(f"the prompt's {ids.shape[1]} tokens + --max_new_tokens {cfg.max_new_tokens} exceed the "
                          f"model's context of {ctx} tokens")
     swap = sparsify(model, min_sparsity=cfg.min_sparsity) if cfg.kernels == "sparse" else None
