@@ -194,6 +194,7 @@ def load(isa: str | None = None):
         so = cached_so(isa)
         name = so.stem
         if not so.exists():
+            log.info(f"sparsellm: building the sparse kernels ({isa}) once, about 25 s; cached in {so.parent}")
             _build(so, name, isa, build_timeout())
         spec = importlib.util.spec_from_file_location(name, so)
         module = importlib.util.module_from_spec(spec)
