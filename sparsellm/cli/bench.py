@@ -12,7 +12,8 @@ from .common import add_config, add_quiet, config_from
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measured inference speed of a model against its dense baseline, in one process")
     fields = [f.name for f in dataclasses.fields(BenchRun)]
-    groups = {"model": ("model", "baseline", "kernels"), "DeepSparse": ("deepsparse", "deepsparse_python"), "output": ("save",)}
+    groups = {"model": ("model", "baseline", "kernels", "values"), "DeepSparse": ("deepsparse", "deepsparse_python"),
+              "output": ("save",)}
     groups["measurement"] = tuple(f for f in fields if not any(f in g for g in groups.values()))
     for title in ("model", "measurement", "DeepSparse", "output"):
         add_config(p.add_argument_group(title), BenchRun(), skip=set(fields) - set(groups[title]), required=("model",))

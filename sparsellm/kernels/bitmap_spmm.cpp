@@ -2,7 +2,8 @@
 //
 //   row_ptr  int64 (out + 1)      offset of row r's first value in `values`
 //   bits     int16 (out, G)       G = in_pad / 16; bit k of bits[r, g] is set iff W[r, 16 g + k] != 0
-//   values   fp32/fp16/bf16 (nnz + 16)   the non-zeros, row-major, 16 elements of zero padding at the end
+//   values   fp32/fp16/bf16/int8 (nnz + 16)   the non-zeros, row-major, 16 elements of zero padding at the end
+//   scales   fp32 (out)           int8 values only: row r's weights are scales[r] * values
 //   x        fp32 (T, in_pad)     rows of activations, zero-padded to in_pad columns
 //
 // expand_mm (decode, T <= 8 per pass): for each 16-column group, expand the group's packed values into a
@@ -13,17 +14,21 @@
 //   and fp32 values are decoded once per call, then, per tile and per block of columns (kept in cache),
 //   every non-zero adds value * xt[col, :] to TT accumulators (TT/16 or TT/8 vectors) held in registers.
 //   The work is nnz * T FMAs, so it shrinks with the sparsity.
+// int8 values are converted to fp32 (exact) where the other types are, summed with x in fp32 like them, and
+//   each row's finished sum is multiplied by its scale (scale_row below).
 // Threads: OpenMP over rows (and tiles), `threads` taken from torch.get_num_threads() by the caller.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace {
 
-enum VT { F32 = 0, F16 = 1, BF16 = 2 };
+enum VT { F32 = 0, F16 = 1, BF16 = 2, I8 = 3 };
 
 #if defined(__AVX512F__)
 constexpr int W = 16;  // lanes per vector, and columns per bitmap word handled at once
@@ -32,6 +37,7 @@ inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vset1(float a) { return _mm512_set1_ps(a); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 template <int V> inline vec vals16(const void* p) {
@@ -40,6 +46,7 @@ template <int V> inline vec vals16(const void* p) {
     asm("" : "+v"(r));  // keeps gcc from fusing the load into vexpandps (mem), which is microcoded on Zen 4
     return r;
   } else if constexpr (V == F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+  else if constexpr (V == I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
   else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 // the group's weights: packed values at p expanded to the lanes whose bit is set in m
@@ -57,6 +64,7 @@ inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vset1(float a) { return _mm256_set1_ps(a); }
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -66,6 +74,7 @@ inline float vsum(vec v) {
 template <int V> inline vec vals8(const void* p) {
   if constexpr (V == F32) return _mm256_loadu_ps((const float*)p);
   else if constexpr (V == F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  else if constexpr (V == I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
   else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 struct Table {  // for each 8-bit mask: the permutation that moves packed lane i to the i-th set bit
@@ -95,12 +104,18 @@ const char* ISA = "avx2";
 
 constexpr int GW = 16;  // columns per bitmap word
 
-template <int V> constexpr int vbytes() { return V == F32 ? 4 : 2; }
+template <int V> constexpr int vbytes() { return V == F32 ? 4 : V == I8 ? 1 : 2; }
+
+// row r's finished sum: times its scale for int8 values, as it is for the float types (scales is null)
+template <int V> inline float scale_row(float sum, const float* scales, int64_t r) {
+  if constexpr (V == I8) return sum * scales[r];
+  else return sum;
+}
 
 // rows [r0, r1) for T tokens (T <= 8): y[t, r] = sum_j W[r, j] x[t, j]
 template <int V, int T>
-void expand_rows(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* x, int64_t G,
-                 float* y, int64_t out, int64_t r0, int64_t r1) {
+void expand_rows(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* scales, const float* x,
+                 int64_t G, float* y, int64_t out, int64_t r0, int64_t r1) {
   const int64_t ld = G * GW;
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* b = bits + r * G;
@@ -141,13 +156,13 @@ void expand_rows(const int64_t* row_ptr, const uint16_t* bits, const char* value
       }
 #endif
     }
-    for (int t = 0; t < T; ++t) y[t * out + r] = vsum(acc0[t]) + vsum(acc1[t]);
+    for (int t = 0; t < T; ++t) y[t * out + r] = scale_row<V>(vsum(acc0[t]) + vsum(acc1[t]), scales, r);
   }
 }
 
 template <int V>
-void expand_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* x, int64_t T,
-               int64_t G, float* y, int64_t out, int threads) {
+void expand_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* scales, const float* x,
+               int64_t T, int64_t G, float* y, int64_t out, int threads) {
   const int64_t ld = G * GW;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t c = 0; c < threads; ++c) {
@@ -156,14 +171,14 @@ void expand_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values,
       const float* xp = x + t0 * ld;
       float* yp = y + t0 * out;
       switch (T - t0 < 8 ? T - t0 : 8) {
-        case 1: expand_rows<V, 1>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
-        case 2: expand_rows<V, 2>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
-        case 3: expand_rows<V, 3>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
-        case 4: expand_rows<V, 4>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
-        case 5: expand_rows<V, 5>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
-        case 6: expand_rows<V, 6>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
-        case 7: expand_rows<V, 7>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
-        default: expand_rows<V, 8>(row_ptr, bits, values, xp, G, yp, out, r0, r1); break;
+        case 1: expand_rows<V, 1>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
+        case 2: expand_rows<V, 2>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
+        case 3: expand_rows<V, 3>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
+        case 4: expand_rows<V, 4>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
+        case 5: expand_rows<V, 5>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
+        case 6: expand_rows<V, 6>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
+        case 7: expand_rows<V, 7>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
+        default: expand_rows<V, 8>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
       }
     }
   }
@@ -172,6 +187,7 @@ void expand_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values,
 // value k of a row, as fp32
 template <int V> inline float value_at(const char* v, int64_t k) {
   if constexpr (V == F32) return ((const float*)v)[k];
+  if constexpr (V == I8) return (float)((const int8_t*)v)[k];
   uint32_t h = ((const uint16_t*)v)[k];
   if constexpr (V == F16) return _cvtsh_ss((unsigned short)h);
   uint32_t u = h << 16;
@@ -183,10 +199,11 @@ template <int V> inline float value_at(const char* v, int64_t k) {
 // Prefill, decoded once per call: every row's column offsets (column * TT, int32) and fp32 values are
 // decoded into idx/val once and reused by every token tile; the columns are taken in blocks of `cbg` groups
 // (cbg * 16 columns of a tile: cbg * 16 * TT * 4 bytes of xt, sized to stay in L1/L2) and each thread keeps
-// its own rows' accumulators for the block in registers, adding the block's sum into yt.
+// its own rows' accumulators for the block in registers, adding the block's sum into yt (int8: the last
+// block multiplies the row's sum by its scale).
 template <int V, int NV>
-void tiled_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* xt, int64_t tiles,
-              int64_t G, float* yt, int64_t out, int threads, int64_t cbg) {
+void tiled_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* scales, const float* xt,
+              int64_t tiles, int64_t G, float* yt, int64_t out, int threads, int64_t cbg) {
   constexpr int TT = NV * W;
   const int64_t in_pad = G * GW, nnz = row_ptr[out], nb = (G + cbg - 1) / cbg;
   std::vector<int32_t> idx(nnz + GW);
@@ -222,6 +239,10 @@ void tiled_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, 
             const float* xp = xb + idx[k];
             for (int u = 0; u < NV; ++u) acc[u] = vfma(a, vload(xp + u * W), acc[u]);
           }
+          if constexpr (V == I8) {
+            if (b == nb - 1)
+              for (int u = 0; u < NV; ++u) acc[u] = vmul(acc[u], vset1(scales[r]));
+          }
           for (int u = 0; u < NV; ++u) vstore(yb + r * TT + u * W, acc[u]);
         }
       }
@@ -237,19 +258,35 @@ void check(const torch::Tensor& row_ptr, const torch::Tensor& bits, const torch:
   TORCH_CHECK(row_ptr.numel() == bits.size(0) + 1, "row_ptr must have out + 1 entries");
 }
 
+// the scales' pointer: int8 values need fp32 (out) scales; the float types take none
+const float* scales_of(const torch::Tensor& values, const std::optional<torch::Tensor>& scales, int64_t out) {
+  if (values.dtype() != torch::kInt8) {
+    TORCH_CHECK(!scales.has_value(), "scales are for int8 values only");
+    return nullptr;
+  }
+  TORCH_CHECK(scales.has_value(), "int8 values need their fp32 row scales");
+  const auto& s = *scales;
+  TORCH_CHECK(s.dtype() == torch::kFloat32 && s.is_contiguous() && s.dim() == 1 && s.size(0) == out,
+              "scales must be contiguous float32 (out,)");
+  return s.data_ptr<float>();
+}
+
 template <typename F> void by_dtype(const torch::Tensor& values, F f) {
   if (values.dtype() == torch::kFloat32) f(std::integral_constant<int, F32>());
   else if (values.dtype() == torch::kFloat16) f(std::integral_constant<int, F16>());
   else if (values.dtype() == torch::kBFloat16) f(std::integral_constant<int, BF16>());
-  else TORCH_CHECK(false, "values must be float32, float16 or bfloat16");
+  else if (values.dtype() == torch::kInt8) f(std::integral_constant<int, I8>());
+  else TORCH_CHECK(false, "values must be float32, float16, bfloat16 or int8");
 }
 
 }  // namespace
 
-// x: (T, in_pad) fp32 -> (T, out) fp32
-torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor x, int64_t threads) {
+// x: (T, in_pad) fp32 -> (T, out) fp32; scales: fp32 (out,) for int8 values, None otherwise
+torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor x, int64_t threads,
+                          std::optional<torch::Tensor> scales) {
   check(row_ptr, bits, values, x);
   const int64_t out = bits.size(0), G = bits.size(1), T = x.size(0);
+  const float* sp = scales_of(values, scales, out);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == G * GW, "x must be (T, in_pad)");
   auto y = torch::empty({T, out}, x.options());
   // a thread per 2M weights at most: on a loaded machine each parallel region waits for a descheduled
@@ -257,17 +294,18 @@ torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G * GW / (1 << 21)));
   by_dtype(values, [&](auto V) {
     expand_mm<decltype(V)::value>(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
-                                  (const char*)values.data_ptr(), x.data_ptr<float>(), T, G, y.data_ptr<float>(), out, nt);
+                                  (const char*)values.data_ptr(), sp, x.data_ptr<float>(), T, G, y.data_ptr<float>(), out, nt);
   });
   return y;
 }
 
 // xt: (tiles, in_pad, TT) fp32 with TT = tile_vectors * lanes -> yt: (tiles, out, TT) fp32, through tiled_mm
-// with column blocks of `cbg` bitmap groups (>= G: no blocking)
+// with column blocks of `cbg` bitmap groups (>= G: no blocking); scales as spmm_expand's
 torch::Tensor spmm_tiled(torch::Tensor row_ptr, torch::Tensor bits, torch::Tensor values, torch::Tensor xt, int64_t threads,
-                         int64_t cbg) {
+                         int64_t cbg, std::optional<torch::Tensor> scales) {
   check(row_ptr, bits, values, xt);
   const int64_t out = bits.size(0), G = bits.size(1);
+  const float* sp = scales_of(values, scales, out);
   TORCH_CHECK(xt.dim() == 3 && xt.size(1) == G * GW && xt.size(2) % W == 0 && xt.size(2) <= 4 * W,
               "xt must be (tiles, in_pad, TT) with TT a multiple of the vector width, at most 4 vectors");
   TORCH_CHECK(cbg >= 1, "cbg must be >= 1");
@@ -277,7 +315,7 @@ torch::Tensor spmm_tiled(torch::Tensor row_ptr, torch::Tensor bits, torch::Tenso
   by_dtype(values, [&](auto V) {
     constexpr int v = decltype(V)::value;
     auto args = std::make_tuple(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
-                                (const char*)values.data_ptr(), xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt,
+                                (const char*)values.data_ptr(), sp, xt.data_ptr<float>(), tiles, G, yt.data_ptr<float>(), out, nt,
                                 std::min(cbg, std::max<int64_t>(G, 1)));
     switch (TT / W) {
       case 1: std::apply(tiled_mm<v, 1>, args); break;
@@ -290,22 +328,26 @@ torch::Tensor spmm_tiled(torch::Tensor row_ptr, torch::Tensor bits, torch::Tenso
 }
 
 // w: (out, in) fp32 contiguous -> [bits int16 (out, G), values (nnz + 16) in `vdtype` (0 fp32, 1 fp16,
-// 2 bf16; rounded as torch's .to() rounds), row_ptr int64 (out + 1), stats fp32 (2,) = (max |w|, 1 if every
-// weight is finite else 0)]. Single-threaded, two passes over w: the format of format.py, bit for bit.
+// 2 bf16: rounded as torch's .to() rounds; 3 int8: nearbyint(w / scale) clamped to [-127, 127], 0 where the
+// scale is 0), row_ptr int64 (out + 1), stats fp32 (2,) = (max |w|, 1 if every weight is finite else 0),
+// scales fp32 (out,) = max |w_r| / 127 for int8, else empty]. Single-threaded, two passes over w: the format
+// of format.py (and its quantize_rows), bit for bit.
 std::vector<torch::Tensor> pack_bitmap(torch::Tensor w, int64_t vdtype) {
   TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous float32 (out, in)");
-  TORCH_CHECK(vdtype >= 0 && vdtype <= 2, "vdtype must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  TORCH_CHECK(vdtype >= 0 && vdtype <= 3, "vdtype must be 0 (fp32), 1 (fp16), 2 (bf16) or 3 (int8)");
   const int64_t out = w.size(0), n = w.size(1), G = (n + GW - 1) / GW;
   auto bits = torch::empty({out, G}, torch::kInt16);
   auto row_ptr = torch::empty({out + 1}, torch::kInt64);
   const float* p = w.data_ptr<float>();
   uint16_t* b = (uint16_t*)bits.data_ptr<int16_t>();
   int64_t* rp = row_ptr.data_ptr<int64_t>();
+  auto scales = torch::empty({vdtype == 3 ? out : 0}, torch::kFloat32);
   float amax = 0.f;
   bool finite = true;
   rp[0] = 0;
   for (int64_t r = 0; r < out; ++r) {
     int64_t cnt = 0;
+    float ramax = 0.f;
     for (int64_t g = 0; g < G; ++g) {
       const float* q = p + r * n + g * GW;
       const int m = (int)std::min<int64_t>(GW, n - g * GW);
@@ -314,15 +356,17 @@ std::vector<torch::Tensor> pack_bitmap(torch::Tensor w, int64_t vdtype) {
         const float v = q[k], a = std::fabs(v);
         word |= (uint32_t)(v != 0.f) << k;
         finite &= a <= 3.402823466e38f;  // false for inf and NaN
-        amax = a > amax ? a : amax;
+        ramax = a > ramax ? a : ramax;
       }
       b[r * G + g] = (uint16_t)word;
       cnt += __builtin_popcount(word);
     }
     rp[r + 1] = rp[r] + cnt;
+    amax = ramax > amax ? ramax : amax;
+    if (vdtype == 3) scales.data_ptr<float>()[r] = ramax / 127.f;
   }
   const int64_t nnz = rp[out];
-  const auto dt = vdtype == 0 ? torch::kFloat32 : vdtype == 1 ? torch::kFloat16 : torch::kBFloat16;
+  const auto dt = vdtype == 0 ? torch::kFloat32 : vdtype == 1 ? torch::kFloat16 : vdtype == 2 ? torch::kBFloat16 : torch::kInt8;
   auto values = torch::zeros({nnz + GW}, dt);
   auto fill = [&](auto* dst) {
     int64_t k = 0;
@@ -331,17 +375,32 @@ std::vector<torch::Tensor> pack_bitmap(torch::Tensor w, int64_t vdtype) {
   };
   if (vdtype == 0) fill(values.data_ptr<float>());
   else if (vdtype == 1) fill(values.data_ptr<at::Half>());
-  else fill(values.data_ptr<at::BFloat16>());
+  else if (vdtype == 2) fill(values.data_ptr<at::BFloat16>());
+  else if (finite) {  // NaN/inf weights are refused by the caller: nothing to quantize
+    int8_t* dst = values.data_ptr<int8_t>();
+    const float* sc = scales.data_ptr<float>();
+    int64_t k = 0;
+    for (int64_t r = 0; r < out; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = p[r * n + j];
+        if (v == 0.f) continue;
+        const float q = sc[r] > 0.f ? std::nearbyint(v / sc[r]) : 0.f;  // half to even, as torch.round
+        dst[k++] = (int8_t)std::min(127.f, std::max(-127.f, q));
+      }
+  }
   auto stats = torch::tensor({amax, finite ? 1.f : 0.f});
-  return {bits, values, row_ptr, stats};
+  return {bits, values, row_ptr, stats, scales};
 }
 
 std::string isa() { return ISA; }
 int64_t lanes() { return W; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("spmm_expand", &spmm_expand, "bitmap sparse x dense, few tokens (decode)");
-  m.def("spmm_tiled", &spmm_tiled, "bitmap sparse x dense, token tiles, rows decoded once, column blocks");
+  m.def("spmm_expand", &spmm_expand, "bitmap sparse x dense, few tokens (decode)", py::arg("row_ptr"), py::arg("bits"),
+        py::arg("values"), py::arg("x"), py::arg("threads"), py::arg("scales") = py::none());
+  m.def("spmm_tiled", &spmm_tiled, "bitmap sparse x dense, token tiles, rows decoded once, column blocks",
+        py::arg("row_ptr"), py::arg("bits"), py::arg("values"), py::arg("xt"), py::arg("threads"), py::arg("cbg"),
+        py::arg("scales") = py::none());
   m.def("pack_bitmap", &pack_bitmap, "pack a dense fp32 weight into the bitmap format");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
   m.def("lanes", &lanes, "fp32 lanes per vector");

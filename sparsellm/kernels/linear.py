@@ -44,21 +44,21 @@ def compiled_mm(ext, w: BitmapWeight, x: torch.Tensor, threads: int | None = Non
         x = F.pad(x, (0, in_pad - n_in))
     x = x.contiguous()
     if T <= EXPAND_MAX:
-        return ext.spmm_expand(w.row_ptr, w.bits, w.values, x, threads)
+        return ext.spmm_expand(w.row_ptr, w.bits, w.values, x, threads, w.scales)
     lanes = ext.lanes()
     tt = min(4 * lanes, -(-T // lanes) * lanes)  # tokens per tile: up to 4 vectors
     tiles = -(-T // tt)
     if tiles * tt != T:
         x = F.pad(x, (0, 0, 0, tiles * tt - T))
     xt = x.view(tiles, tt, in_pad).transpose(1, 2).contiguous()  # (tiles, in_pad, tt)
-    yt = ext.spmm_tiled(w.row_ptr, w.bits, w.values, xt, threads, COLUMN_BLOCK)  # (tiles, out, tt)
+    yt = ext.spmm_tiled(w.row_ptr, w.bits, w.values, xt, threads, COLUMN_BLOCK, w.scales)  # (tiles, out, tt)
     return yt.transpose(1, 2).reshape(tiles * tt, -1)[:T]
 
 
 class SparseLinear(nn.Module):
     """y = x W^T + b with W in the bitmap format. x: (..., in) float32/bfloat16/float16 -> (..., out) in x's
     dtype, computed in fp32. `original`: the nn.Linear's weight Parameter kept for an exact `densify` (None:
-    `to_dense` rebuilds it in the value dtype)."""
+    `to_dense` rebuilds it in the value dtype; for int8 values, the dequantized scale * int8 in fp32)."""
 
     def __init__(self, weight: BitmapWeight, bias: torch.Tensor | None, original: torch.Tensor | None = None):
         super().__init__()
@@ -92,7 +92,7 @@ class SparseLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The dense (out, in) weight: the original Parameter where it was kept (bitwise), else the stored
-        values in the value dtype."""
+        values in the value dtype (int8 values: the dequantized fp32 scales[r] * values, not the original W)."""
         return self.original if self.original is not None else self.weight_packed.to_dense()
 
     def extra_repr(self) -> str:
@@ -112,7 +112,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = t
     """Swap, in place, every nn.Linear of `model` whose weight is at least `min_sparsity` zeros for a sparse
     module, so `model(...)` and `model.generate(...)` run unchanged. The output embedding (lm_head) is swapped
     only if it was pruned (some zeros) or `lm_head` is True. `kernels`: "cpu" (SparseLinear, bitmap format,
-    values in `dtype`; keep_original keeps each weight Parameter for an exact `densify`) or "semi24"
+    values in `dtype`: float16, bfloat16, float32, or int8 with per-row fp32 scales (format.py); keep_original
+    keeps each weight Parameter for an exact `densify`) or "semi24"
     (`torch.sparse.to_sparse_semi_structured` on CUDA with `backend` "cutlass" or "cusparselt"; see
     semi24.py). Below ~30% zeros the dense fp32 prefill is faster than the sparse one, hence the default.
     Returns {"kernels", "isa", "dtype", "swapped": {name: sparsity}, "skipped": {name: reason},
@@ -170,7 +171,9 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = t
 def densify(model: nn.Module) -> int:
     """Swap every SparseLinear / SemiStructuredLinear of `model` back to nn.Linear, in place: the original
     weight Parameter where it was kept (bitwise the weight before `sparsify`), else the stored values cast
-    to the original weight's dtype. Returns the number of modules swapped back."""
+    to the original weight's dtype: W rounded to the value dtype, or for int8 values the dequantized
+    scales[r] * int8 (W to within half a scale step per weight, not W). Returns the number of modules
+    swapped back."""
     from .semi24 import SemiStructuredLinear
 
     n = 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config import check_finite, positive_ints, setting
 from ..errors import UsageError
 from ..outputs import write_json_atomic
+from .generate import VALUES, VALUES_HELP
 from .record import Run
 from .rundir import RunDir
 
@@ -33,8 +34,9 @@ class BenchRun:
     warmup: int = setting(1, "untimed runs first")
     no_bf16: bool = setting(False, "skip the bfloat16 runs")
     kernels: str = setting("dense", "sparse: also run the model with its pruned linears in sparsellm's CPU sparse "
-                                    "kernels (fp16 values; sparsellm.kernels), in the same alternation",
+                                    "kernels (values in --values; sparsellm.kernels), in the same alternation",
                            choices=("dense", "sparse"))
+    values: str = setting("float16", VALUES_HELP, choices=VALUES)
     deepsparse: bool = setting(False, "also run both models, exported to ONNX, in DeepSparse 1.8 (needs "
                                       "`make deepsparse-env`)")
     deepsparse_python: str | None = setting(None, "the Python of the DeepSparse environment (default: "
@@ -47,6 +49,8 @@ class BenchRun:
         positive_ints(self.decode_batches, "--decode_batches")
         if self.kernels not in ("dense", "sparse"):
             raise UsageError(f"--kernels must be dense or sparse, got {self.kernels!r}")
+        if self.values not in VALUES:
+            raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}")
         if self.repeats < 1 or self.warmup < 0 or self.new_tokens < 1 or self.decode_prompt < 1:
             raise UsageError("--repeats, --new_tokens and --decode_prompt must be >= 1 and --warmup >= 0")
         if self.threads is not None and not 1 <= self.threads <= (os.cpu_count() or 1):
@@ -105,7 +109,7 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
         from ..kernels import sparsify
 
         kernel_model = load_model(cfg.model, torch.float32)[0]
-        swap = sparsify(kernel_model, min_sparsity=0.3, dtype=torch.float16)
+        swap = sparsify(kernel_model, min_sparsity=0.3, dtype=getattr(torch, cfg.values))
         models["model sparse kernels"] = kernel_model
     if not cfg.no_bf16:
         models["dense bf16"] = load_model(baseline, torch.bfloat16)[0]
