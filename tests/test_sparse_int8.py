@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_model
+from test_sparse_kernels import _weight as float_weight
 from sparsellm.cli import main
 from sparsellm.kernels import BitmapWeight, SparseLinear, build, densify, reference_mm, sparsify
 from sparsellm.kernels.linear import compiled_mm
@@ -31,12 +32,7 @@ def _quantize(w):
 
 
 def _weight(out, n_in, sparsity, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, n_in, generator=g)
-    w[torch.rand(out, n_in, generator=g) < sparsity] = 0
-    if out > 2:
-        w[0] = 0  # a row with no non-zeros
-        w[-1, :-1] = 0  # a row whose only non-zero is the last column
+    w = float_weight(out, n_in, sparsity, seed)  # with an all-zero row and a row with only its last column
     if out > 3 and n_in > 2:
         w[1, :2] = torch.tensor([50.0, 1e-3])  # 1e-3 / (50 / 127) rounds to code 0: its bit must stay set
     return w
