@@ -10,8 +10,10 @@ and the fitness token ids loaded, and gathers the perplexities in the candidates
 
 Each actor computes `driver.fitness_of`, the same function the serial search calls, on the same dense model
 (sent once through the object store with ray.put, in its dtype, on the same device type), the same importance
-and the same token ids: a candidate's fitness is the serial one bit for bit on the same kind of machine,
-so the search (population, fitness values, evaluations, history) equals the serial run. Checked by
+and the same token ids: a candidate's fitness is the serial one bit for bit on the same kind of machine
+when the actor's torch thread count equals the serial run's, so the search (population, fitness values,
+evaluations, history) equals the serial run. With other thread counts the products sum in another order and
+the fitness values may differ in their last bits (and a near-tie then selects differently). Checked by
 tests/test_ray_search.py and bench/ray_search_bench.py (CPU; a GPU run matches a serial GPU run as far as its
 kernels are deterministic).
 
