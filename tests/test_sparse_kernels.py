@@ -117,7 +117,7 @@ def _hold_lock(ext_dir):
     import subprocess
     import sys
 
-    code = ("import fcntl, hashlib, sys, time; from pathlib import Path; from sparsellm.kernels import build; "
+    code = ("import fcntl, sys, time; from sparsellm.kernels import build; "
             "import os; os.environ['TORCH_EXTENSIONS_DIR'] = sys.argv[1]; d = build.cached_so('native').parent; "
             "d.mkdir(parents=True); (d / 'lock').touch(); "
             "(d.parent / f'{d.name}.tmp_killed').mkdir(); "
