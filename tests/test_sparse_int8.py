@@ -70,7 +70,7 @@ def test_int8_pack_is_the_reference_quantization(compiled):
         assert torch.equal(bw.mask(), w != 0)  # the bitmap is the pruning mask, codes of 0 included
         assert bw.nnz == int((w != 0).sum())
         assert torch.equal(bw.values[: bw.nnz].float(), codes[w != 0])
-        assert torch.equal(bw.values[bw.nnz:], torch.zeros(16, dtype=torch.int8))
+        assert torch.equal(bw.values[bw.nnz:], torch.zeros(32, dtype=torch.int8))
         assert torch.equal(bw.to_dense(), dq)  # exactly scale * int8
         assert bw.nbytes == bw.bits.numel() * 2 + bw.nnz + (out + 1) * 8 + out * 4
     w = _weight(65, 50, 0.5)

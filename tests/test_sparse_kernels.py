@@ -27,8 +27,8 @@ def ext():
         pytest.skip("compiled sparse kernels unavailable here (see the warning)")
     return m
 
-SHAPES = [(1, 1), (7, 33), (65, 50), (130, 257), (48, 64)]
-TOKENS = [1, 3, 8, 9, 70]
+SHAPES = [(1, 1), (7, 33), (65, 50), (130, 257), (48, 64), (450, 290)]  # the last: 2 kernel threads
+TOKENS = [1, 2, 3, 8, 9, 70]
 
 
 def _weight(out, n_in, sparsity, seed=0):
@@ -209,6 +209,21 @@ def test_format_bytes_and_errors():
         BitmapWeight.pack(w, torch.int16)  # int8 is a value dtype (tests/test_sparse_int8.py), int16 is not
     with pytest.raises(UsageError):
         BitmapWeight.pack(torch.full((2, 2), 1e6), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+def test_values_end_with_32_zeros_and_the_kernel_refuses_less(ext, dtype):
+    """The decode kernels load 32 values at a time from each row's start: the packers (both) must leave 32
+    zeros after the last non-zero, and a multiply of values with less padding is refused, not over-read."""
+    w = _weight(9, 40, 0.5)
+    nnz = int(torch.count_nonzero(w))
+    for compiled in (True, False):
+        bw = BitmapWeight.pack(w, dtype, compiled=compiled)
+        assert bw.values.numel() == nnz + 32 and not bw.values[nnz:].any()
+    x = torch.randn(1, 48)
+    short = bw.values[:nnz + 16].clone()
+    with pytest.raises(RuntimeError, match="32 values of padding"):
+        ext.spmm_expand(bw.row_ptr, bw.bits, short, x, 1, bw.scales)
 
 
 def test_sparse_linear_3d_bias_and_bf16_activations():

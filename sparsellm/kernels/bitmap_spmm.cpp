@@ -2,14 +2,16 @@
 //
 //   row_ptr  int64 (out + 1)      offset of row r's first value in `values`
 //   bits     int16 (out, G)       G = in_pad / 16; bit k of bits[r, g] is set iff W[r, 16 g + k] != 0
-//   values   fp32/fp16/bf16/int8 (nnz + 16)   the non-zeros, row-major, 16 elements of zero padding at the end
+//   values   fp32/fp16/bf16/int8 (nnz + 32)   the non-zeros, row-major, 32 elements of zero padding at the end
 //   scales   fp32 (out)           int8 values only: row r's weights are scales[r] * values
 //   x        fp32 (T, in_pad)     rows of activations, zero-padded to in_pad columns
 //
 // expand_mm (decode, T <= 8 per pass): for each 16-column group, expand the group's packed values into a
 //   16-lane weight vector with its bitmap (AVX-512 vexpandps, or an AVX2 permutation table), FMA it with the
-//   same 16 columns of each token. The weight bytes are read once per 8 tokens; the work is dense-shaped,
-//   which costs nothing at batch 1, where the time is the bytes.
+//   same 16 columns of each token. The weight bytes are read once per 8 tokens. The work is dense-shaped
+//   and bound by port 5 (kmov, vexpandps, vcvtph2ps: ~5 cycles a group on this Xeon), not by the bytes,
+//   on one core; fp16, bf16 and int8 values at 1-2 tokens take two groups a step with vpexpandw where the CPU has
+//   AVX512-VBMI2 (expand2_rows, 1.4x), which reaches the memory bandwidth at 2 threads on 7B shapes.
 // tiled_mm (prefill): tokens are transposed into tiles xt (tiles, in_pad, TT); each row's column offsets
 //   and fp32 values are decoded once per call, then, per tile and per block of columns (kept in cache),
 //   every non-zero adds value * xt[col, :] to TT accumulators (TT/16 or TT/8 vectors) held in registers.
@@ -160,6 +162,82 @@ void expand_rows(const int64_t* row_ptr, const uint16_t* bits, const char* value
   }
 }
 
+#if defined(__AVX512VBMI2__)
+// fp16, bf16 and int8 values at T <= 2 tokens with AVX512-VBMI2: two groups (32 columns) per step. The two
+// groups' 32-bit bitmap is loaded straight into a mask register and their values are expanded as 16-bit
+// words (vpexpandw) or bytes (vpexpandb), then converted in two halves. The one-group path spends a kmov, a
+// vexpandps and a conversion on port 5 per group, and port 5 sets its pace; this one spends fewer per group:
+// fp16 1.4x on 4096 x 4096 at 70%, one thread (bench/kernel_shapes_micro.py). R rows at once: R independent
+// pointer chains; the prefetch is 1.34x on 7B-shaped blocks read from memory (sparse_kernel_bench --shape).
+// the 32 columns' weights: packed values at v expanded to the lanes whose bit is set in k. It loads 32 values
+// (the format's padding covers the last row) and expands in registers: the memory form of vpexpand is
+// microcoded on Zen 4.
+template <int V> inline void expand2(__mmask32 k, const char* v, vec& w0, vec& w1) {
+  if constexpr (V == I8) {
+    const __m256i e = _mm256_maskz_expand_epi8(k, _mm256_loadu_si256((const __m256i*)v));
+    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(e)));
+    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(e, 1)));
+  } else {
+    const __m512i e = _mm512_maskz_expand_epi16(k, _mm512_loadu_si512(v));
+    const __m256i lo = _mm512_castsi512_si256(e), hi = _mm512_extracti64x4_epi64(e, 1);
+    if constexpr (V == F16) {
+      w0 = _mm512_cvtph_ps(lo);
+      w1 = _mm512_cvtph_ps(hi);
+    } else {
+      w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+      w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+    }
+  }
+}
+template <int V, int T, int R>
+void expand2_rows(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* scales, const float* x,
+                  int64_t G, float* y, int64_t out, int64_t r0, int64_t r1) {
+  const int64_t ld = G * GW, P = G / 2;
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    const char* v[R];
+    vec a[R][T], b[R][T];
+    for (int i = 0; i < R; ++i) {
+      v[i] = values + row_ptr[r + i] * vbytes<V>();
+      for (int t = 0; t < T; ++t) a[i][t] = b[i][t] = vzero();
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      vec x0[T], x1[T];
+      for (int t = 0; t < T; ++t) {
+        x0[t] = vload(x + t * ld + p * 2 * GW);
+        x1[t] = vload(x + t * ld + p * 2 * GW + GW);
+      }
+      for (int i = 0; i < R; ++i) {
+        const __mmask32 k = _load_mask32((__mmask32*)(bits + (r + i) * G + 2 * p));
+        _mm_prefetch(v[i] + 512, _MM_HINT_T0);
+        vec w0, w1;
+        expand2<V>(k, v[i], w0, w1);
+        v[i] += __builtin_popcount(_cvtmask32_u32(k)) * vbytes<V>();
+        for (int t = 0; t < T; ++t) {
+          a[i][t] = vfma(w0, x0[t], a[i][t]);
+          b[i][t] = vfma(w1, x1[t], b[i][t]);
+        }
+      }
+    }
+    if (G % 2)  // the last group on its own
+      for (int i = 0; i < R; ++i) {
+        const vec w = expand<V>(bits[(r + i) * G + G - 1], v[i]);
+        for (int t = 0; t < T; ++t) a[i][t] = vfma(w, vload(x + t * ld + (G - 1) * GW), a[i][t]);
+      }
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < T; ++t) y[t * out + r + i] = scale_row<V>(vsum(_mm512_add_ps(a[i][t], b[i][t])), scales, r + i);
+  }
+  if constexpr (R > 1)
+    if (r < r1) expand2_rows<V, T, 1>(row_ptr, bits, values, scales, x, G, y, out, r, r1);
+}
+constexpr bool HAS_EXPAND2 = true;
+#else
+template <int V, int T, int R>
+void expand2_rows(const int64_t*, const uint16_t*, const char*, const float*, const float*, int64_t, float*, int64_t,
+                  int64_t, int64_t) {}
+constexpr bool HAS_EXPAND2 = false;
+#endif
+
 template <int V>
 void expand_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values, const float* scales, const float* x,
                int64_t T, int64_t G, float* y, int64_t out, int threads) {
@@ -170,7 +248,13 @@ void expand_mm(const int64_t* row_ptr, const uint16_t* bits, const char* values,
     for (int64_t t0 = 0; t0 < T; t0 += 8) {
       const float* xp = x + t0 * ld;
       float* yp = y + t0 * out;
-      switch (T - t0 < 8 ? T - t0 : 8) {
+      const int64_t n = T - t0 < 8 ? T - t0 : 8;
+      if (V != F32 && HAS_EXPAND2 && n <= 2) {
+        if (n == 1) expand2_rows<V, 1, 4>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1);
+        else expand2_rows<V, 2, 4>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1);
+        continue;
+      }
+      switch (n) {
         case 1: expand_rows<V, 1>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
         case 2: expand_rows<V, 2>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
         case 3: expand_rows<V, 3>(row_ptr, bits, values, scales, xp, G, yp, out, r0, r1); break;
@@ -256,6 +340,7 @@ void check(const torch::Tensor& row_ptr, const torch::Tensor& bits, const torch:
   TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
   TORCH_CHECK(row_ptr.numel() == bits.size(0) + 1, "row_ptr must have out + 1 entries");
+  TORCH_CHECK(values.numel() >= row_ptr.data_ptr<int64_t>()[bits.size(0)] + 32, "values must end with 32 values of padding (format.py)");
 }
 
 // the scales' pointer: int8 values need fp32 (out) scales; the float types take none
@@ -289,9 +374,11 @@ torch::Tensor spmm_expand(torch::Tensor row_ptr, torch::Tensor bits, torch::Tens
   const float* sp = scales_of(values, scales, out);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == G * GW, "x must be (T, in_pad)");
   auto y = torch::empty({T, out}, x.options());
-  // a thread per 2M weights at most: on a loaded machine each parallel region waits for a descheduled
-  // thread (SmolLM2-135M decode at 2 threads: 4.3 tok/s with one kernel thread, 2.6 with two)
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G * GW / (1 << 21)));
+  // a thread per 64k weights at most, about torch's own grain: on a quiet 2-core machine a 576 x 576 decode
+  // multiply takes 13 us at 2 threads against 21 at one (bench/kernel_shapes_micro.py). A loaded machine
+  // is another matter (each parallel region waits for a descheduled thread: SmolLM2-135M decode at 4.3
+  // tok/s with one kernel thread against 2.6 with two, at load 8); give it fewer threads (--threads).
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, out * G * GW / (1 << 16)));
   by_dtype(values, [&](auto V) {
     expand_mm<decltype(V)::value>(row_ptr.data_ptr<int64_t>(), (const uint16_t*)bits.data_ptr<int16_t>(),
                                   (const char*)values.data_ptr(), sp, x.data_ptr<float>(), T, G, y.data_ptr<float>(), out, nt);
@@ -327,70 +414,7 @@ torch::Tensor spmm_tiled(torch::Tensor row_ptr, torch::Tensor bits, torch::Tenso
   return yt;
 }
 
-// w: (out, in) fp32 contiguous -> [bits int16 (out, G), values (nnz + 16) in `vdtype` (0 fp32, 1 fp16,
-// 2 bf16: rounded as torch's .to() rounds; 3 int8: nearbyint(w / scale) clamped to [-127, 127], 0 where the
-// scale is 0), row_ptr int64 (out + 1), stats fp32 (2,) = (max |w|, 1 if every weight is finite else 0),
-// scales fp32 (out,) = max |w_r| / 127 for int8, else empty]. Single-threaded, two passes over w: the format
-// of format.py (and its quantize_rows), bit for bit.
-std::vector<torch::Tensor> pack_bitmap(torch::Tensor w, int64_t vdtype) {
-  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous float32 (out, in)");
-  TORCH_CHECK(vdtype >= 0 && vdtype <= 3, "vdtype must be 0 (fp32), 1 (fp16), 2 (bf16) or 3 (int8)");
-  const int64_t out = w.size(0), n = w.size(1), G = (n + GW - 1) / GW;
-  auto bits = torch::empty({out, G}, torch::kInt16);
-  auto row_ptr = torch::empty({out + 1}, torch::kInt64);
-  const float* p = w.data_ptr<float>();
-  uint16_t* b = (uint16_t*)bits.data_ptr<int16_t>();
-  int64_t* rp = row_ptr.data_ptr<int64_t>();
-  auto scales = torch::empty({vdtype == 3 ? out : 0}, torch::kFloat32);
-  float amax = 0.f;
-  bool finite = true;
-  rp[0] = 0;
-  for (int64_t r = 0; r < out; ++r) {
-    int64_t cnt = 0;
-    float ramax = 0.f;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* q = p + r * n + g * GW;
-      const int m = (int)std::min<int64_t>(GW, n - g * GW);
-      uint32_t word = 0;
-      for (int k = 0; k < m; ++k) {
-        const float v = q[k], a = std::fabs(v);
-        word |= (uint32_t)(v != 0.f) << k;
-        finite &= a <= 3.402823466e38f;  // false for inf and NaN
-        ramax = a > ramax ? a : ramax;
-      }
-      b[r * G + g] = (uint16_t)word;
-      cnt += __builtin_popcount(word);
-    }
-    rp[r + 1] = rp[r] + cnt;
-    amax = ramax > amax ? ramax : amax;
-    if (vdtype == 3) scales.data_ptr<float>()[r] = ramax / 127.f;
-  }
-  const int64_t nnz = rp[out];
-  const auto dt = vdtype == 0 ? torch::kFloat32 : vdtype == 1 ? torch::kFloat16 : vdtype == 2 ? torch::kBFloat16 : torch::kInt8;
-  auto values = torch::zeros({nnz + GW}, dt);
-  auto fill = [&](auto* dst) {
-    int64_t k = 0;
-    for (int64_t i = 0; i < out * n; ++i)
-      if (p[i] != 0.f) dst[k++] = std::remove_pointer_t<decltype(dst)>(p[i]);
-  };
-  if (vdtype == 0) fill(values.data_ptr<float>());
-  else if (vdtype == 1) fill(values.data_ptr<at::Half>());
-  else if (vdtype == 2) fill(values.data_ptr<at::BFloat16>());
-  else if (finite) {  // NaN/inf weights are refused by the caller: nothing to quantize
-    int8_t* dst = values.data_ptr<int8_t>();
-    const float* sc = scales.data_ptr<float>();
-    int64_t k = 0;
-    for (int64_t r = 0; r < out; ++r)
-      for (int64_t j = 0; j < n; ++j) {
-        const float v = p[r * n + j];
-        if (v == 0.f) continue;
-        const float q = sc[r] > 0.f ? std::nearbyint(v / sc[r]) : 0.f;  // half to even, as torch.round
-        dst[k++] = (int8_t)std::min(127.f, std::max(-127.f, q));
-      }
-  }
-  auto stats = torch::tensor({amax, finite ? 1.f : 0.f});
-  return {bits, values, row_ptr, stats, scales};
-}
+std::vector<torch::Tensor> pack_bitmap(torch::Tensor w, int64_t vdtype);  // pack_bitmap.cpp
 
 std::string isa() { return ISA; }
 int64_t lanes() { return W; }

@@ -1,4 +1,4 @@
-"""Build (on first use) and load the C++ kernels of bitmap_spmm.cpp as a torch extension.
+"""Build (on first use) and load the C++ kernels (bitmap_spmm.cpp, pack_bitmap.cpp) as a torch extension.
 
 The build runs `torch.utils.cpp_extension.load` with g++ -O3 -march=native -fopenmp and ninja, in a child
 process with a time limit ($SPARSELLM_KERNEL_BUILD_TIMEOUT seconds, default 600), in a fresh temporary folder;
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("sparsellm")
-SOURCE = Path(__file__).with_name("bitmap_spmm.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("bitmap_spmm.cpp", "pack_bitmap.cpp")]
 FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mno-avx512f"]}
 
 
@@ -103,11 +103,11 @@ def _why(out: str, returncode: int) -> str:
 
 
 def cached_so(isa: str) -> Path:
-    """Where the build for `isa` is cached: named by a hash of the source, this CPU's flags, the compile flags,
+    """Where the build for `isa` is cached: named by a hash of the sources, this CPU's flags, the compile flags,
     torch's version and Python's ABI (the .so links against both, and one cache may serve several venvs)."""
     import torch
 
-    key = hashlib.sha1(SOURCE.read_bytes() + _cpu_flags().encode() + isa.encode() + " ".join(FLAGS[isa]).encode()
+    key = hashlib.sha1(b"".join(f.read_bytes() for f in SOURCES) + _cpu_flags().encode() + isa.encode() + " ".join(FLAGS[isa]).encode()
                        + torch.__version__.encode() + sys.implementation.cache_tag.encode()).hexdigest()[:12]
     return build_dir() / f"bitmap_spmm_{isa}_{key}" / f"sparsellm_bitmap_spmm_{isa}_{key}.so"
 
@@ -128,7 +128,7 @@ def _compile(folder: str, name: str, isa: str) -> None:
     threading.Thread(target=watch_parent, daemon=True).start()
     from torch.utils.cpp_extension import load as cpp_load
 
-    cpp_load(name=name, sources=[str(SOURCE)], build_directory=folder, verbose=False,
+    cpp_load(name=name, sources=[str(f) for f in SOURCES], build_directory=folder, verbose=False,
              extra_cflags=["-O3", "-fopenmp", "-std=c++17", *FLAGS[isa]], extra_ldflags=["-fopenmp"])
 
 

@@ -2,8 +2,8 @@
 
 A weight W of shape (out, in) is stored as
     bits     int16 (out, G), G = ceil(in / 16): bit k of bits[r, g] is set iff W[r, 16 g + k] != 0
-    values   fp16, bf16, fp32 or int8 (nnz + 16,): the non-zeros in row-major order, then 16 zeros of padding
-             (the kernel loads 16 values at a time)
+    values   fp16, bf16, fp32 or int8 (nnz + 32,): the non-zeros in row-major order, then 32 zeros of padding
+             (the kernels load 16 or 32 values at a time)
     row_ptr  int64 (out + 1,): row r's values are values[row_ptr[r]:row_ptr[r + 1]]
     scales   fp32 (out,), int8 values only (None otherwise): row r's weights are scales[r] * values
 so a weight costs 1/8 byte for its bit plus, if it is kept, the value's bytes. Bytes per weight (the row
@@ -40,7 +40,7 @@ import torch
 from ..errors import UsageError
 
 GROUP = 16  # columns per bitmap word
-PAD = 16  # values of zero padding after the last non-zero
+PAD = 32  # values of zero padding after the last non-zero (the kernels check it is there)
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int8)
 _CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}  # pack_bitmap's value dtype codes
 QMAX = 127  # int8 values lie in [-QMAX, QMAX] (symmetric: -128 is never used)
