@@ -129,9 +129,9 @@ def prune_linears(model, i, linears: dict, pruner, stats: dict | None, rate, nm,
 
 
 def log_block(res: dict) -> dict:
-    def fmt(e):
-        return "-" if e is None else f"{e:.4e}"
+    def fmt(e, none="-"):
+        return none if e is None else f"{e:.4e}"
 
     log.info("block %3d  target %.4f  measured %.4f  rel_error %s  cum_error %s  %.2fs", res["block"],
-             res["target"], res["measured"], fmt(res["rel_error"]), fmt(res["cum_error"]), res["seconds"])
+             res["target"], res["measured"], fmt(res["rel_error"]), fmt(res["cum_error"], "off"), res["seconds"])
     return res

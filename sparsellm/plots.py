@@ -81,7 +81,7 @@ def beta_search(search: dict, path) -> Path:
     ax.set_xlabel("ATP common difference β")
     o = search["objective"]
     flag = " (TEST-SET SELECTION)" if o["test_set_selection"] else ""
-    ax.set_ylabel(f"{o['metric']} on {o['windows']} windows{flag}")
+    ax.set_ylabel(f"{o['metric']} on {o['windows']} window{'' if o['windows'] == 1 else 's'}{flag}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return _save(fig, path)

@@ -9,6 +9,11 @@ def fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
 
 
+def count(n, noun: str) -> str:
+    """ "1 window", "16 windows"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def summary_table(run: dict) -> str:
     """Dense-vs-sparse table (one row per evaluated metric) plus sparsity and timing lines, whether the
     input was already sparse, and the run's warnings; for a plain evaluation, one ppl column."""
@@ -63,7 +68,7 @@ def source_lines(metrics: dict) -> list[str]:
     lines = []
     for key, r in metrics.items():
         if key != "zeroshot" and r.get("split"):
-            lines.append(f"{key}: {r['dataset']} {r['split']} split, {r['windows']} windows of {r['seqlen']} tokens "
+            lines.append(f"{key}: {r['dataset']} {r['split']} split, {count(r['windows'], 'window')} of {r['seqlen']} tokens "
                          f"from {r['source']} (SHA-256 {r['source_sha256'][:12]}…), scored tokens SHA-256 "
                          f"{r['tokens_sha256'][:12]}…")
     return [""] + lines if lines else []
@@ -103,6 +108,8 @@ def block_table(prune_report: dict) -> str:
     for b in prune_report["blocks"]:
         lines.append(f"| {b['block']} | {b['target']:.4f} | {b['measured']:.4f} | {fmt(b['rel_error'], '.3e')} "
                      f"| {fmt(b.get('cum_error'), '.3e')} | {b['seconds']:.2f} |")
+    if all(b.get("cum_error") is None for b in prune_report["blocks"]):
+        lines.append("\nThe cumulative error was off: `--diag_nsamples N` runs N windows through the dense blocks too.")
     return "\n".join(lines)
 
 
@@ -129,7 +136,7 @@ def search_line(search: dict) -> str:
     """The ATP search on one line for the terminal: the chosen β, then every trial's β and objective."""
     o, d = search["objective"], _beta_decimals(search)
     return (f"ATP search: β = {search['best_beta']:.{d}f} chosen (β_max {search['beta_max']:.{d}f}); {o['metric']} on "
-            f"{o['windows']} window{'s' * (o['windows'] != 1)}"
+            f"{count(o['windows'], 'window')}"
             f"{' (test-set selection)' if o['test_set_selection'] else ''}: "
             + ", ".join(f"{t['beta']:.{d}f}{_alpha(t)}: {t['objective']:.6g}" for t in search["trials"]))
 
@@ -158,7 +165,7 @@ def search_table(search: dict) -> str:
     flag = " **(test-set selection: scored on the WikiText-2 test itself)**" if o["test_set_selection"] else ""
     if o.get("also_evaluated") and not o["test_set_selection"]:
         flag += f" **(the {o['dataset']} evaluation below includes these windows: not held out from it)**"
-    lines = [f"ATP β search: objective {o['metric']} on {o['windows']} windows{flag}; "
+    lines = [f"ATP β search: objective {o['metric']} on {count(o['windows'], 'window')}{flag}; "
              f"{len(search['trials'])} trials{_of_grid(search)} in {search['search_seconds']:.1f} s "
              + (f"(one prune: {search['one_prune_seconds']:.1f} s)" if search.get("one_prune_seconds") is not None
                 else f"(trials score masks from one dense pass of {search.get('setup_seconds', 0):.1f} s)"), "",
@@ -232,7 +239,7 @@ def search_markdown(run: dict) -> str:
              + (f", weights on disk {r['weights_mib']:.1f} MiB" if "weights_mib" in r else ""),
              f"{r['evals']:g} fitness evaluations over {r['generations']} generations in {r['search_seconds']:.1f} s "
              f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
-             f"{r['fitness']['windows']} windows) {r['best_fitness']:.4f}"]
+             f"{count(r['fitness']['windows'], 'window')}) {r['best_fitness']:.4f}"]
     if "calls" in ops:
         steps = ops.get("steps") or {}
         lines.append(f"LLM calls {ops.get('calls', 0)}, invalid replies {ops.get('invalid_replies', 0)}, "
@@ -247,7 +254,7 @@ def search_markdown(run: dict) -> str:
         lines.append(f"candidate {k}: fitness {f['fitness']:.4f} {ev}")
     for m, v in run.get("eval", {}).items():
         if m != "zeroshot":
-            lines.append(f"{m}: {v['ppl']:.3f} ({v['windows']} windows)")
+            lines.append(f"{m}: {v['ppl']:.3f} ({count(v['windows'], 'window')})")
         else:
             lines.append(f"zero-shot mean acc {v['mean_acc']:.4f}")
     if run.get("speed"):

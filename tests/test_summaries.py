@@ -38,3 +38,13 @@ def test_ppl_vs_sparsity_has_a_title_and_names_the_pattern(monkeypatch, tmp_path
     plots.ppl_vs_sparsity(rows, "wikitext2_ppl@32", tmp_path / "p.png")
     assert "wikitext2_ppl@32" in seen["title"] and "sparsity" in seen["title"]
     assert sorted(seen["legend"]) == ["wanda uniform, 2:4", "wanda uniform, unstructured"]
+
+
+def test_block_table_says_when_the_cumulative_error_was_off():
+    from sparsellm.report import block_table
+
+    row = {"block": 0, "target": 0.5, "measured": 0.5, "rel_error": 0.01, "seconds": 1.0}
+    off = block_table({"blocks": [{**row, "cum_error": None}, {**row, "block": 1, "cum_error": None}]})
+    assert "--diag_nsamples" in off and off.count("| — |") == 2
+    on = block_table({"blocks": [{**row, "cum_error": 0.02}, {**row, "block": 1, "cum_error": 0.03}]})
+    assert "--diag_nsamples" not in on and "2.000e-02" in on
