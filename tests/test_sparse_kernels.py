@@ -412,3 +412,28 @@ def test_generate_cli_names_an_empty_model(capsys):
     assert main(["--quiet", "generate", "--model", ""]) != 0
     assert "--model is empty" in capsys.readouterr().err
 
+
+
+def test_a_wrong_input_width_is_refused_like_nn_linear():
+    lin = torch.nn.Linear(40, 8)
+    sl = SparseLinear.from_linear(lin)
+    for width in (39, 100):  # the compiled path used to pad or crop x to the weight's width silently
+        with pytest.raises((ValueError, RuntimeError)):
+            sl(torch.randn(2, width))
+
+
+def test_sparsify_that_fails_swaps_nothing_and_names_the_linear():
+    model = make_model("llama")
+    for lin in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        lin.weight.data[lin.weight.abs() < 0.02] = 0
+    bad = "model.layers.1.mlp.down_proj"
+    model.get_submodule(bad).weight.data[0, 0] = 1e5  # out of float16's range
+    with pytest.raises(UsageError, match=bad.replace(".", r"\.")):
+        sparsify(model, min_sparsity=0.0, dtype=torch.float16)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+def test_bf16_values_refuse_weights_that_round_to_inf():
+    with pytest.raises(UsageError, match="bfloat16 range"):
+        BitmapWeight.pack(torch.tensor([[0.0, 3.4028235e38]]), torch.bfloat16)
+    assert BitmapWeight.pack(torch.tensor([[0.0, 3.0e38]]), torch.bfloat16).values[0].isfinite()

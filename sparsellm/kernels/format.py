@@ -83,6 +83,8 @@ class BitmapWeight:
             raise UsageError("a sparse linear weight has NaN/inf values")
         if dtype == torch.float16 and amax > torch.finfo(torch.float16).max:
             raise UsageError("weights exceed the float16 range; store the values as bfloat16")
+        if dtype == torch.bfloat16 and torch.tensor(amax).to(dtype).isinf():
+            raise UsageError("weights exceed the bfloat16 range; store the values as float32")
         if ext is not None:
             return BitmapWeight(bits, values, row_ptr, tuple(w.shape), scales if dtype == torch.int8 else None)
         out, n_in = w.shape

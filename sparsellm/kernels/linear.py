@@ -36,9 +36,12 @@ def spmm(w: BitmapWeight, x: torch.Tensor, threads: int | None = None, csr=None)
 
 
 def compiled_mm(ext, w: BitmapWeight, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """x (T, in) fp32 -> (T, out) fp32 through the extension module `ext` (build.load())."""
+    """x (T, in) fp32 -> (T, out) fp32 through the extension module `ext` (build.load()). Raises ValueError
+    when x's width is not the weight's `in`."""
     threads = threads or torch.get_num_threads()
     T, n_in = x.shape
+    if n_in != w.shape[1]:
+        raise ValueError(f"x has {n_in} features; the sparse weight {tuple(w.shape)} takes {w.shape[1]}")
     in_pad = w.bits.shape[1] * GROUP
     if in_pad != n_in:
         x = F.pad(x, (0, in_pad - n_in))
@@ -118,8 +121,9 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = t
     semi24.py). Below ~30% zeros the dense fp32 prefill is faster than the sparse one, hence the default.
     Returns {"kernels", "isa", "dtype", "swapped": {name: sparsity}, "skipped": {name: reason},
     "sparse_bytes", "dense_bytes"} (bytes of the swapped linears' weights, sparse format vs original).
-    Raises UsageError for a min_sparsity outside [0, 1], an unknown `kernels`, or (semi24) no CUDA or a
-    weight that is not 2:4."""
+    Raises UsageError for a min_sparsity outside [0, 1], an unknown `kernels`, (semi24) no CUDA or a
+    weight that is not 2:4, or a weight that cannot be packed (NaN/inf, out of the value dtype's range; the
+    message names the linear). Nothing is swapped when it raises."""
     if not 0.0 <= min_sparsity <= 1.0:
         raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if kernels not in ("cpu", "semi24"):
@@ -149,15 +153,20 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = t
             from .semi24 import check_24
 
             check_24(child.weight, full)
+    new = {}  # every module is built before the first swap, so a weight that cannot be packed changes nothing
     for mod, child_name, full, child, s in todo:
-        if kernels == "semi24":
-            new = SemiStructuredLinear.from_linear(child, backend)
-            record["sparse_bytes"] += new.nbytes
-        else:
-            new = SparseLinear.from_linear(child, dtype, keep_original)
-            record["sparse_bytes"] += new.weight_packed.nbytes
+        try:
+            if kernels == "semi24":
+                new[full] = SemiStructuredLinear.from_linear(child, backend)
+                record["sparse_bytes"] += new[full].nbytes
+            else:
+                new[full] = SparseLinear.from_linear(child, dtype, keep_original)
+                record["sparse_bytes"] += new[full].weight_packed.nbytes
+        except UsageError as e:
+            raise UsageError(f"{full}: {e}") from None
         record["dense_bytes"] += child.weight.numel() * child.weight.element_size()
-        setattr(mod, child_name, new)
+    for mod, child_name, full, child, s in todo:
+        setattr(mod, child_name, new[full])
         record["swapped"][full] = s
     if kernels == "cpu":
         ext = build.load()
