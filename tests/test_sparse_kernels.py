@@ -437,3 +437,19 @@ def test_bf16_values_refuse_weights_that_round_to_inf():
     with pytest.raises(UsageError, match="bfloat16 range"):
         BitmapWeight.pack(torch.tensor([[0.0, 3.4028235e38]]), torch.bfloat16)
     assert BitmapWeight.pack(torch.tensor([[0.0, 3.0e38]]), torch.bfloat16).values[0].isfinite()
+
+
+def test_torch_compile_traces_a_swapped_model_in_one_graph(ext):
+    """SparseLinear is a torch custom op under torch.compile: fullgraph=True (any graph break raises) gives the
+    eager swapped model's logits. Dynamo's "eager" backend: the tracing is what is tested, not inductor."""
+    model = make_model("llama").eval()
+    for lin in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        lin.weight.data[lin.weight.abs() < 0.02] = 0
+    sparsify(model, min_sparsity=0.0)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model.forward, fullgraph=True, backend="eager")(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)

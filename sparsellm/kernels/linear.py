@@ -58,6 +58,20 @@ def compiled_mm(ext, w: BitmapWeight, x: torch.Tensor, threads: int | None = Non
     return yt.transpose(1, 2).reshape(tiles * tt, -1)[:T]
 
 
+@torch.library.custom_op("sparsellm::bitmap_mm", mutates_args=())
+def bitmap_mm(x: torch.Tensor, row_ptr: torch.Tensor, bits: torch.Tensor, values: torch.Tensor,
+              scales: torch.Tensor | None, out_features: int, in_features: int) -> torch.Tensor:
+    """x (T, in) fp32 -> (T, out) fp32, contiguous: `spmm` as a torch custom op, so torch.compile keeps a
+    SparseLinear inside one graph (its fake below gives the shape) instead of breaking the graph at it."""
+    w = BitmapWeight(bits, values, row_ptr, (out_features, in_features), scales)
+    return spmm(w, x).contiguous()
+
+
+@bitmap_mm.register_fake
+def _(x, row_ptr, bits, values, scales, out_features, in_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 class SparseLinear(nn.Module):
     """y = x W^T + b with W in the bitmap format. x: (..., in) float32/bfloat16/float16 -> (..., out) in x's
     dtype, computed in fp32. `original`: the nn.Linear's weight Parameter kept for an exact `densify` (None:
@@ -83,7 +97,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if build.load() is None:
+        if torch.compiler.is_compiling():  # one graph under torch.compile; eager skips the op's dispatch cost
+            w = self.weight_packed
+            y = bitmap_mm(x2, w.row_ptr, w.bits, w.values, w.scales, self.out_features, self.in_features)
+        elif build.load() is None:
             if self._csr is None:
                 self._csr = self.weight_packed.csr()
             y = reference_mm(self.weight_packed, x2, self._csr)
