@@ -33,7 +33,7 @@ from sparsellm.models import load_model  # noqa: E402
 
 def step_ms(model, steps: int, prompt: int = 32) -> float:
     """Median over `steps` single-token decode steps after a `prompt`-token prefill, in ms."""
-    ids = torch.randint(0, 1000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (1, prompt), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(ids, use_cache=True)
         pkv, nxt, times = out.past_key_values, ids[:, -1:], []
@@ -57,7 +57,7 @@ def split_ms(model, steps: int) -> tuple[float, float]:
 
     hooks = [h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
-        ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, min(1000, model.config.vocab_size), (1, 32), generator=torch.Generator().manual_seed(0))
         totals, linears = [], []
         with torch.no_grad():
             out = model(ids, use_cache=True)

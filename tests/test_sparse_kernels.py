@@ -453,3 +453,16 @@ def test_torch_compile_traces_a_swapped_model_in_one_graph(ext):
         compiled = torch.compile(model.forward, fullgraph=True, backend="eager")(ids, use_cache=False).logits
     torch._dynamo.reset()
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_inductor_compiles_a_sparse_linear_with_grad_mode_on(ext):
+    """With grad mode on and an input that requires grad, AOTAutograd traces the custom op's backward: it
+    must see a detached input (eager SparseLinear passes no gradient back either), not fail to compile."""
+    lin = torch.nn.Linear(40, 8)
+    lin.weight.data[lin.weight.abs() < 0.05] = 0
+    sl = SparseLinear.from_linear(lin, torch.float32)
+    x = torch.randn(3, 40, requires_grad=True)
+    torch._dynamo.reset()
+    y = torch.compile(sl)(x)
+    torch._dynamo.reset()
+    assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-5)
