@@ -74,8 +74,9 @@ def _(x, row_ptr, bits, values, scales, out_features, in_features):
 
 class SparseLinear(nn.Module):
     """y = x W^T + b with W in the bitmap format, for inference: no gradient flows back through the multiply.
-    x: (..., in) float32/bfloat16/float16 -> (..., out) in x's dtype, computed in fp32. `original`: the nn.Linear's weight Parameter kept for an exact `densify` (None:
-    `to_dense` rebuilds it in the value dtype; for int8 values, the dequantized scale * int8 in fp32)."""
+    x: (..., in) float32/bfloat16/float16 -> (..., out) in x's dtype, computed in fp32. `original`: the
+    nn.Linear's weight Parameter kept for an exact `densify` (None: `to_dense` rebuilds it in the value dtype;
+    for int8 values, the dequantized scale * int8 in fp32)."""
 
     def __init__(self, weight: BitmapWeight, bias: torch.Tensor | None, original: torch.Tensor | None = None):
         super().__init__()
@@ -100,12 +101,12 @@ class SparseLinear(nn.Module):
         if torch.compiler.is_compiling():  # one graph under torch.compile; eager skips the op's dispatch cost
             w = self.weight_packed
             y = bitmap_mm(x2.detach(), w.row_ptr, w.bits, w.values, w.scales, self.out_features, self.in_features)
-        elif build.load() is None:
+        elif (ext := build.load()) is None:
             if self._csr is None:
                 self._csr = self.weight_packed.csr()
             y = reference_mm(self.weight_packed, x2, self._csr)
         else:
-            y = compiled_mm(build.load(), self.weight_packed, x2)
+            y = compiled_mm(ext, self.weight_packed, x2)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
