@@ -202,10 +202,10 @@ def ratio_text(ratio: float, spread: dict | None = None) -> str:
 
 
 def speed_table(res: dict) -> str:
-    """`sparsellm bench`'s table: tokens/s per run and measurement with the ratio to dense fp32 and the
-    spread of its per-repeat ratios, the ratios to dense bf16 and, with DeepSparse, its own ratios and its
-    logit check."""
-    keys = list(res["results"]["dense fp32"])
+    """`sparsellm bench`'s table: tokens/s per run and measurement with the ratio to the baseline (dense fp32;
+    on a GPU dense bf16) and the spread of its per-repeat ratios, the ratios to dense bf16 and, with
+    DeepSparse, its own ratios and its logit check."""
+    keys = list(next(iter(res["results"].values())))
     lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for n, r in res["results"].items():
         ratio, spread = res["ratios"].get(n, {}), res.get("ratio_spread", {}).get(n, {})

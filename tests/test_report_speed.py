@@ -52,7 +52,7 @@ def test_compare_reports_throughput_and_ratios(monkeypatch):
     assert res["results"]["dense"]["prefill@64"] == pytest.approx(64 / 2.0)
     assert res["results"]["sparse"]["decode_b4"] == pytest.approx(4 * 3 / 1.0)
     assert all(v == pytest.approx(2.0) for v in res["ratios"]["sparse"].values())
-    assert "CUDA" in res["cuda_2_4"] or not torch.cuda.is_available()
+    assert res["device"] == "cpu"
     with pytest.raises(UsageError):
         compare({"dense": a}, repeats=0)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,15 +360,20 @@ def _prune_24(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
-@pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
+@pytest.mark.parametrize("backend", ["cutlass", "cusparselt", "auto"])
 def test_semi24_swap_on_cuda(backend):
     model = _prune_24(make_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2))
     model = model.half().cuda()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(3, 128, (1, 64), device="cuda")
     ref = model(ids).logits
+    if backend == "cutlass" and torch.cuda.get_device_capability()[0] != 8:  # sm80 kernels only (seen on an H200)
+        with pytest.raises(UsageError, match="compute capability 8.x"):
+            sparsify(model, min_sparsity=0.3, kernels="semi24", backend=backend)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+        return
     rec = sparsify(model, min_sparsity=0.3, kernels="semi24", backend=backend)
-    assert len(rec["swapped"]) == 14
+    assert len(rec["swapped"]) == 14 and rec["isa"] == (backend if backend != "auto" else "cusparselt")
     torch.testing.assert_close(model(ids).logits, ref, rtol=2e-2, atol=2e-2)
     densify(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -377,6 +384,41 @@ def test_semi24_refuses_weights_that_are_not_24():
     model = _pruned_llama(0.5).half().cuda()  # 50% unstructured: not 2:4
     with pytest.raises(UsageError, match="not 2:4"):
         sparsify(model, kernels="semi24")
+
+
+def _saved_24(tmp_path, tokenizer):
+    d = tmp_path / "model24"
+    _prune_24(make_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("extra,match", [([], "add --device cuda"), (["--device", "cuda"], "CUDA"),
+                                         (["--device", "gpu"], "--device"), (["--backend", "x"], "backend")])
+def test_bench_semi24_refused_before_any_work(tmp_path, tokenizer, capsys, extra, match):
+    if torch.cuda.is_available() and extra == ["--device", "cuda"]:
+        pytest.skip("CUDA is available here")
+    d = _saved_24(tmp_path, tokenizer)
+    capsys.readouterr()
+    code = main(["--quiet", "bench", "--model", str(d), "--baseline", str(d), "--kernels", "semi24",
+                 "--save", str(tmp_path / "s"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
+@pytest.mark.parametrize("backend", ["cusparselt", "auto"])
+def test_bench_semi24_on_cuda(tmp_path, tokenizer, capsys, backend):
+    d = _saved_24(tmp_path, tokenizer)
+    assert main(["--quiet", "bench", "--model", str(d), "--baseline", str(d), "--kernels", "semi24", "--device",
+                 "cuda", "--backend", backend, "--prefill", "64", "--decode_batches", "1,2", "--decode_prompt", "8",
+                 "--new_tokens", "4", "--repeats", "2", "--save", str(tmp_path / "s")]) == 0
+    res = json.loads((tmp_path / "s" / "speed.json").read_text())
+    assert list(res["results"]) == ["dense bf16", "model bf16", "model 2:4 cusparselt"]
+    assert res["device"].startswith("cuda") and len(res["sparse_kernels"]["swapped"]) == 14
+    assert all(v > 0 for r in res["results"].values() for v in r.values())
+    assert "model 2:4 cusparselt" in capsys.readouterr().out
 
 
 def test_generate_cli(tmp_path, tokenizer, capsys):

@@ -12,7 +12,7 @@ from .common import add_config, add_quiet, config_from
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measured inference speed of a model against its dense baseline, in one process")
     fields = [f.name for f in dataclasses.fields(BenchRun)]
-    groups = {"model": ("model", "baseline", "kernels", "values"), "DeepSparse": ("deepsparse", "deepsparse_python"),
+    groups = {"model": ("model", "baseline", "kernels", "values", "device", "backend"), "DeepSparse": ("deepsparse", "deepsparse_python"),
               "output": ("save",)}
     groups["measurement"] = tuple(f for f in fields if not any(f in g for g in groups.values()))
     for title in ("model", "measurement", "DeepSparse", "output"):
@@ -27,6 +27,6 @@ def run(args) -> int:
 
     record = run_bench(config_from(args, BenchRun), progress=not args.quiet)
     res = record.details["speed"]
-    print(res["cuda_2_4"], file=sys.stderr)
+    print(f"device: {res['device']}", file=sys.stderr)
     print(speed_table(res))
     return 0

@@ -25,14 +25,30 @@ def _prompt(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(10, max(11, vocab - 1), (batch, length), generator=g)
 
 
+def _device(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA launches return before the work is done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def prefill_seconds(model, ids: torch.Tensor) -> float:
-    """Wall time of one forward over `ids` (batch, length), computing the logits of the last position only."""
+    """Wall time of one forward over `ids` (batch, length), computing the logits of the last position only.
+    `ids` is moved to the model's device first (not timed); on CUDA the time runs until the GPU is done."""
+    dev = _device(model)
+    ids = ids.to(dev)
+    _sync(dev)
     t0 = time.perf_counter()
     try:
         model(ids, use_cache=False, logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep
         model(ids, use_cache=False)
+    _sync(dev)
     return time.perf_counter() - t0
 
 
@@ -50,14 +66,18 @@ def _cache(out):
 
 @torch.no_grad()
 def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Wall time of `new_tokens` greedy decode steps with a KV cache, after a prefill of `ids` (not timed)."""
+    """Wall time of `new_tokens` greedy decode steps with a KV cache, after a prefill of `ids` (not timed).
+    `ids` is moved to the model's device first; on CUDA the time runs until the GPU is done."""
     kw = cache_kwarg(model)
-    out = model(ids, use_cache=True)
+    dev = _device(model)
+    out = model(ids.to(dev), use_cache=True)
     past, nxt = _cache(out), out.logits[:, -1:].argmax(-1)
+    _sync(dev)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         out = model(nxt, use_cache=True, **{kw: past})
         past, nxt = _cache(out), out.logits[:, -1:].argmax(-1)
+    _sync(dev)
     return time.perf_counter() - t0
 
 
@@ -107,8 +127,7 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
             "seconds": seconds,
             "settings": {"prefill_lengths": [j[0] for j in jobs if j[2] is None], "decode_prompt": decode_prompt,
                          "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "baseline": names[0]},
-            "cuda_2_4": "skipped: 2:4 semi-structured kernels (torch.sparse.to_sparse_semi_structured) need CUDA"
-            if not torch.cuda.is_available() else "not run"}
+            "device": str(_device(first))}
 
 
 def ratio_spread(base_seconds: list[float], seconds: list[float]) -> dict:

@@ -129,14 +129,14 @@ def _sparsity(weight: torch.Tensor) -> float:
 @torch.no_grad()
 def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = torch.float16,
              keep_original: bool = True, lm_head: bool = False, kernels: str = "cpu",
-             backend: str = "cutlass") -> dict:
+             backend: str = "auto") -> dict:
     """Swap, in place, every nn.Linear of `model` whose weight is at least `min_sparsity` zeros for a sparse
     module, so `model(...)` and `model.generate(...)` run unchanged. The output embedding (lm_head) is swapped
     only if it was pruned (some zeros) or `lm_head` is True. `kernels`: "cpu" (SparseLinear, bitmap format,
     values in `dtype`: float16, bfloat16, float32, or int8 with per-row fp32 scales (format.py); keep_original
     keeps each weight Parameter for an exact `densify`) or "semi24"
-    (`torch.sparse.to_sparse_semi_structured` on CUDA with `backend` "cutlass" or "cusparselt"; see
-    semi24.py). Below ~30% zeros the dense fp32 prefill is faster than the sparse one, hence the default.
+    (`torch.sparse.to_sparse_semi_structured` on CUDA with `backend` "cutlass", "cusparselt" or "auto":
+    cuSPARSELt where torch has it; see semi24.py). Below ~30% zeros the dense fp32 prefill is faster than the sparse one, hence the default.
     Returns {"kernels", "isa", "dtype", "swapped": {name: sparsity}, "skipped": {name: reason},
     "sparse_bytes", "dense_bytes"} (bytes of the swapped linears' weights, sparse format vs original).
     Raises UsageError for a min_sparsity outside [0, 1], an unknown `kernels`, (semi24) no CUDA or a
@@ -149,7 +149,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = t
     if kernels == "semi24":
         from .semi24 import check_available, SemiStructuredLinear
 
-        check_available(backend)
+        backend = check_available(backend)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     record = {"kernels": kernels, "isa": None, "dtype": str(dtype).replace("torch.", ""), "swapped": {},
               "skipped": {}, "sparse_bytes": 0, "dense_bytes": 0}

@@ -3,6 +3,12 @@
 "Sparse Semi-Structured Tensors"). The backend is set explicitly with
 `SparseSemiStructuredTensor._FORCE_CUTLASS` (True: CUTLASS, False: cuSPARSELt), before each conversion.
 Weights must be float16 or bfloat16 on CUDA with at most 2 non-zeros in every 4 consecutive inputs.
+
+Measured on an H200 with torch 2.11 (BENCHMARKS.md §13d): PyTorch's CUTLASS kernels run only on compute
+capability 8.x (A100, A10, RTX 30xx/40xx) and fail on 9.0 ("Supported only on GPUs with compute capability
+8.x"), so "auto" takes cuSPARSELt wherever it is available. Each eager cuSPARSELt call costs about 0.9 ms of
+host time there, whatever the shape: the kernels pay off only where that is hidden (CUDA graphs) and the
+multiply is large (prefill).
 """
 
 from __future__ import annotations
@@ -12,16 +18,29 @@ from torch import nn
 
 from ..errors import UsageError
 
-BACKENDS = ("cutlass", "cusparselt")
+BACKENDS = ("auto", "cutlass", "cusparselt")
 
 
-def check_available(backend: str) -> None:
-    """Raise UsageError (one line) unless CUDA is available and `backend` is one of BACKENDS."""
+def check_available(backend: str) -> str:
+    """The backend to use for `backend` ("auto": cusparselt where torch has it, else cutlass). Raises
+    UsageError (one line) for a name not in BACKENDS, no CUDA, cuSPARSELt missing from this torch build, or
+    CUTLASS on a GPU whose compute capability is not 8.x (PyTorch's CUTLASS 2:4 kernels are built for sm80)."""
     if backend not in BACKENDS:
         raise UsageError(f"the 2:4 backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not torch.cuda.is_available():
         raise UsageError("2:4 semi-structured kernels (torch.sparse.to_sparse_semi_structured) need CUDA, "
                          "and no CUDA device is available")
+    has_lt = bool(getattr(torch.backends, "cusparselt", None)) and torch.backends.cusparselt.is_available()
+    if backend == "auto":
+        backend = "cusparselt" if has_lt else "cutlass"
+    if backend == "cusparselt" and not has_lt:
+        raise UsageError("this torch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False); "
+                         "use the cutlass backend")
+    major, minor = torch.cuda.get_device_capability()
+    if backend == "cutlass" and major != 8:
+        raise UsageError(f"PyTorch's CUTLASS 2:4 kernels run only on compute capability 8.x, and this GPU is "
+                         f"{major}.{minor}: use the cusparselt backend")
+    return backend
 
 
 def check_24(weight: torch.Tensor, name: str = "weight") -> None:
@@ -45,7 +64,7 @@ class SemiStructuredLinear(nn.Module):
     """y = x W^T + b with W a SparseSemiStructuredTensor on CUDA. x: (..., in) in W's dtype (float16 or
     bfloat16) on the same device -> (..., out). Keeps the original weight Parameter for an exact densify."""
 
-    def __init__(self, linear: nn.Linear, backend: str = "cutlass"):
+    def __init__(self, linear: nn.Linear, backend: str = "cusparselt"):
         super().__init__()
         from torch.sparse import to_sparse_semi_structured
 
@@ -61,7 +80,7 @@ class SemiStructuredLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "cutlass") -> "SemiStructuredLinear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "cusparselt") -> "SemiStructuredLinear":
         return cls(linear, backend)
 
     @property

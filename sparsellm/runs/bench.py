@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import check_finite, positive_ints, setting
+from ..devices import check_device_spec
 from ..errors import UsageError
 from ..outputs import write_json_atomic
 from .generate import VALUES, VALUES_HELP
 from .record import Run
 from .rundir import RunDir
+
+KERNELS = ("dense", "sparse", "semi24")
 
 
 @dataclass
@@ -34,9 +37,15 @@ class BenchRun:
     warmup: int = setting(1, "untimed runs first")
     no_bf16: bool = setting(False, "skip the bfloat16 runs")
     kernels: str = setting("dense", "sparse: also run the model with its pruned linears in sparsellm's CPU sparse "
-                                    "kernels (values in --values; sparsellm.kernels), in the same alternation",
-                           choices=("dense", "sparse"))
+                                    "kernels (values in --values; sparsellm.kernels); semi24: also run it with its "
+                                    "2:4 linears in PyTorch's semi-structured kernels (CUDA, --backend), in the "
+                                    "same alternation", choices=KERNELS)
     values: str = setting("float16", VALUES_HELP, choices=VALUES)
+    device: str = setting("cpu", "cpu, or cuda / cuda:N / auto: on a GPU every model runs in bfloat16, dense "
+                                 "bf16 the baseline (no fp32 runs)")
+    backend: str = setting("auto", "the 2:4 kernels of --kernels semi24: cusparselt, cutlass (compute capability "
+                                   "8.x only), or auto (cusparselt where torch has it)",
+                           choices=("auto", "cutlass", "cusparselt"))
     deepsparse: bool = setting(False, "also run both models, exported to ONNX, in DeepSparse 1.8 (needs "
                                       "`make deepsparse-env`)")
     deepsparse_python: str | None = setting(None, "the Python of the DeepSparse environment (default: "
@@ -47,8 +56,22 @@ class BenchRun:
         check_finite(self)
         positive_ints(self.prefill, "--prefill")
         positive_ints(self.decode_batches, "--decode_batches")
-        if self.kernels not in ("dense", "sparse"):
-            raise UsageError(f"--kernels must be dense or sparse, got {self.kernels!r}")
+        if self.kernels not in KERNELS:
+            raise UsageError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        check_device_spec(self.device)
+        from ..devices import resolve_device
+
+        cuda = resolve_device(self.device).type == "cuda"  # UsageError for CUDA where there is none
+        if self.kernels == "semi24":
+            if not cuda:
+                raise UsageError("--kernels semi24 runs on a GPU: add --device cuda")
+            from ..kernels.semi24 import check_available
+
+            check_available(self.backend)
+        if self.kernels == "sparse" and cuda:
+            raise UsageError("--kernels sparse are CPU kernels: use --device cpu (or --kernels semi24 on a GPU)")
+        if cuda and self.deepsparse:
+            raise UsageError("--deepsparse runs on the CPU: use --device cpu")
         if self.values not in VALUES:
             raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}")
         if self.repeats < 1 or self.warmup < 0 or self.new_tokens < 1 or self.decode_prompt < 1:
@@ -96,6 +119,10 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
         from ..evaluate.sparse_runtime import find_python
 
         find_python("deepsparse", cfg.deepsparse_python)
+    from ..devices import resolve_device
+
+    if resolve_device(cfg.device).type == "cuda":
+        return _run_cuda(cfg, baseline, prefill, batches, save, progress)
     dense, _, _ = load_model(baseline, torch.float32)
     sparse, _, _ = load_model(cfg.model, torch.float32)
     if cfg.deepsparse:  # every other DeepSparse check, before the long PyTorch runs
@@ -130,6 +157,36 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
         sec = res["seconds"]
         res["ratio_spread_vs_dense_bf16"] = {n: {k: ratio_spread(sec["dense bf16"][k], sec[n][k]) for k in sec[n]}
                                              for n in sec if n != "dense bf16"}
+    if save is not None:
+        write_json_atomic(save.path / "speed.json", res)
+    return record.finish()
+
+
+def _run_cuda(cfg: BenchRun, baseline: str, prefill, batches, save, progress) -> Run:
+    """The GPU bench: dense bf16 (the baseline), the model in bf16, and (--kernels semi24) the model with its
+    2:4 linears in `torch.sparse.to_sparse_semi_structured` (--backend), all on `cfg.device`."""
+    import torch
+
+    from ..devices import describe, resolve_device
+    from ..evaluate.speed import compare
+    from ..kernels import sparsify
+    from ..models import load_model
+
+    device = resolve_device(cfg.device)
+    models = {"dense bf16": load_model(baseline, torch.bfloat16)[0].to(device).eval(),
+              "model bf16": load_model(cfg.model, torch.bfloat16)[0].to(device).eval()}
+    swap = None
+    if cfg.kernels == "semi24":
+        semi = load_model(cfg.model, torch.bfloat16)[0].to(device).eval()
+        swap = sparsify(semi, min_sparsity=0.3, kernels="semi24", backend=cfg.backend)
+        models[f"model 2:4 {swap['isa']}"] = semi
+    timing = dict(decode_prompt=cfg.decode_prompt, new_tokens=cfg.new_tokens, repeats=cfg.repeats, warmup=cfg.warmup)
+    res = compare(models, prefill, batches, threads=cfg.threads, progress=progress, **timing)
+    res.update(model=cfg.model, baseline=baseline, device=describe(device))
+    if swap is not None:
+        res["sparse_kernels"] = {k: v for k, v in swap.items() if k != "skipped"}
+    record = Run("bench", cfg.model, None, vars(cfg), details={"speed": res})
+    res["versions"] = record.versions
     if save is not None:
         write_json_atomic(save.path / "speed.json", res)
     return record.finish()
