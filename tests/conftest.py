@@ -222,7 +222,8 @@ def drop_unchosen(argv: list[str]) -> list[str]:
     from sparsellm.config import flat_names
     from sparsellm.registry import get, names
 
-    chosen = argv[argv.index("--method") + 1].split(",") if "--method" in argv else ["losa"]
+    last = len(argv) - 1 - argv[::-1].index("--method") if "--method" in argv else None  # argparse: the last wins
+    chosen = argv[last + 1].split(",") if last is not None else ["losa"]
     mine = {k for m in chosen if m in names("finetune") for k in flat_names(get("finetune", m).config)}
     theirs = {k for m in names("finetune") if m not in chosen for k in flat_names(get("finetune", m).config)} - mine
     out, skip = [], False

@@ -189,7 +189,7 @@ def _report(d):
 def test_cli_eval_ppl_lazy_equals_in_memory(tmp_path, tokenizer, capsys):
     d = _sharded(tmp_path, "llama", tokenizer)
     argv = ["--quiet", "eval", "ppl", "--model", str(d), "--seqlen", "32", "--max_windows", "3", "--eval_batch_size", "2"]
-    assert main([*argv, "--load", "lazy", "--save", str(tmp_path / "lazy")]) == 0
+    assert main([*argv, "--load", "lazy", "--device", "cpu", "--save", str(tmp_path / "lazy")]) == 0
     out = capsys.readouterr().out
     assert main([*argv, "--load", "memory", "--device", "cpu", "--save", str(tmp_path / "mem")]) == 0
     lazy, mem = _report(tmp_path / "lazy"), _report(tmp_path / "mem")
