@@ -18,12 +18,11 @@ the block already pruned ("true sequential", in GPTQ's terms), and the pruned bl
 the same forward: no replay. Against the block engine only the statistics of the groups after the first
 (o, gate/up, down) differ: their inputs now come through pruned sublayers.
 
-The forward is the model's own `block.forward`. Each micro-batch runs in its own thread and waits in a
-forward pre-hook of its next group's first linear; only one thread runs at any time, micro-batches in a
-fixed order, so the result is deterministic. Memory: every micro-batch's live tensors at its stop, about
-tokens · (8 · hidden + 2 · the widest linear input) values in the model's dtype with the threads' heap
-(`live_bytes`). When that is
-more than half the free memory of the device, the engine recomputes instead (mode "recompute", logged):
+The forward is the model's own `block.forward`. Each micro-batch runs in its own greenlet (a coroutine
+in the calling thread) and waits in a forward pre-hook of its next group's first linear; micro-batches run
+one after another in a fixed order, so the result is deterministic. Memory: every micro-batch's live
+tensors at its stop, about tokens · (8 · hidden + 2 · the widest linear input) values in the model's dtype
+with headroom (`live_bytes`). When that is more than half the free memory of the device, the engine recomputes instead (mode "recompute", logged):
 for each group every micro-batch re-runs the block's prefix up to it, then one more forward gives the
 outputs. The statistics and the pruned weights are the same; the forwards cost about G/2 + 1 passes
 instead of one (G groups), with one micro-batch's memory.
@@ -46,7 +45,7 @@ from .prune import LayerStats
 torch = lazy_import("torch")
 
 log = logging.getLogger("sparsellm")
-_tls = threading.local()  # the micro-batch (`_Window`) whose forward runs in this thread
+_tls = threading.local()  # the micro-batch (`_Window`) whose forward runs now, in this thread
 
 
 class _Stop(Exception):
@@ -54,56 +53,65 @@ class _Stop(Exception):
 
 
 class _Window:
-    """One micro-batch's forward through a block, run in its own thread and stopped at each group that is
-    not pruned yet. `inputs`: {group: (data pointer, shape) of the tensor its first linear read}, to check
-    that the group's other linears read the same one."""
+    """One micro-batch's forward through a block, run in its own greenlet (a coroutine with its own stack, in
+    the calling thread) and stopped at each group that is not pruned yet. `inputs`: {group: (data pointer,
+    shape) of the tensor its first linear read}, to check that the group's other linears read the same one.
+
+    Greenlets, not threads: torch ops run several times slower in a second OS thread (each thread has its
+    own OpenMP team and CUDA state). With one thread per micro-batch the engine took 9.3–9.9 s per
+    LLaMA-2-7B block on an H200 against the block engine's 0.9 s (BENCHMARKS.md §10a), and a 64 × 256
+    matrix product loop ran 3× slower in a thread than in the main one on this 2-core CPU."""
 
     def __init__(self, run=None):
         self.run, self.at, self.error, self.abort = run, None, None, False
         self.inputs = {}
-        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._main, daemon=True, name="sparsellm-window")
+        if run is not None:
+            from greenlet import greenlet  # a dependency; imported here so the block engine works without it
+
+            self._g = greenlet(self._main)
+        else:
+            self._g = None
 
     def _main(self):
-        _tls.window = self
-        self._go.acquire()
         try:
             if not self.abort:
-                with torch.no_grad():
-                    self.run()
+                self.run()
         except _Stop:
             pass
-        except BaseException as e:  # raised again in the main thread by `step`
+        except BaseException as e:  # raised again in the caller by `step`
             self.error = e
         finally:
             self.at, self.inputs = None, {}
-            self._back.release()
 
     def step(self):
-        """Let the forward run to its next stop (called by the main thread). Returns the index of the group
-        it stopped at, or None when the forward has finished; raises what the forward raised."""
-        if not self._thread.is_alive() and self._thread.ident is None:
-            self._thread.start()
-        self._go.release()
-        self._back.acquire()
+        """Let the forward run to its next stop (called by the engine). Returns the index of the group it
+        stopped at, or None when the forward has finished; raises what the forward raised. Grad mode is per
+        thread, shared by the greenlets: it is turned off here, around the switch, so every window's
+        forward runs without autograd and the caller's mode is restored each time."""
+        outer = getattr(_tls, "window", None)
+        _tls.window = self
+        try:
+            with torch.no_grad():
+                self._g.switch()
+        finally:
+            _tls.window = outer
         if self.error is not None:
             raise self.error
         return self.at
 
     def stop(self, g: int):
-        """In the forward's thread: wait at group g until the main thread lets it go on."""
+        """In the forward's greenlet: wait at group g until the engine lets it go on."""
         self.at = g
-        self._back.release()
-        self._go.acquire()
+        self._g.parent.switch()
         if self.abort:
             raise _Stop
 
     def close(self):
         """Unwind a forward that is still waiting (after an error)."""
-        if self._thread.ident is not None and self._thread.is_alive():
+        if self._g is not None and self._g and not self._g.dead:  # started, suspended at a stop
             self.abort = True
-            self._go.release()
-            self._thread.join()
+            self.error = None
+            self.step()
 
 
 class _Recompute(_Window):
@@ -118,9 +126,9 @@ def live_bytes(model, block, tokens: int, dtype) -> int:
     """Bytes held by every micro-batch's forward at its stops, for `tokens` calibration tokens: 8 · hidden +
     2 · the widest linear input values per token. The tensors alive at a stop (residual, normed input,
     rotated q/k, v, attention output, MLP intermediate) are about 4 · hidden + the widest input; the rest is
-    the heap that the micro-batches' threads keep (glibc gives each thread its own arena). Measured on
-    SmolLM2-135M (hidden 576, intermediate 1536), 64 × 512 windows: a peak RSS of 2.9 GB against the block
-    engine's 1.3 GB (BENCHMARKS.md §10); this formula gives 1.0 GB for those windows."""
+    headroom for the allocator. Measured on SmolLM2-135M (hidden 576, intermediate 1536), 64 × 512 windows,
+    when each micro-batch ran in its own thread (each with its own glibc arena): a peak RSS of 2.9 GB against
+    the block engine's 1.3 GB (BENCHMARKS.md §10); this formula gives 1.0 GB for those windows."""
     linears = block_linears(model, block).values()
     widest = max(lin.in_features for lin in linears)
     hidden = getattr(model.config, "hidden_size", None) or widest
@@ -149,7 +157,7 @@ def forward_in_stages(model, block, X, kwargs: dict, Y, batch_size: int, need: s
     `on_group(names, stats)` has been called for it: names are the group's linear names (in the block),
     stats the LayerStats ("norm" or "hessian") of their common input over every window, gathered with the
     groups before it already changed by their own `on_group` (pruned). X, Y: (nsamples, seqlen, hidden).
-    mode "single" runs every forward once (one thread per micro-batch); "recompute" re-runs each
+    mode "single" runs every forward once (one greenlet per micro-batch); "recompute" re-runs each
     micro-batch's prefix for every group. Raises UsageError if a group's linears do not read one tensor or
     the micro-batches reach different groups (an architecture entry that does not fit the model)."""
     linears = block_linears(model, block)
@@ -267,7 +275,7 @@ def prune_block(model, i: int, block, pruner, rate, nm, options: dict, X, kwargs
     if mode == "auto":
         mode = choose_mode(model, block, X)
     forward_in_stages(model, block, X, kwargs, Y, batch_size, pruner.needs, on_group, mode)
-    trim_heap()  # the threads' arenas: give their freed memory back before the next block
+    trim_heap()  # give the freed heap back before the next block
     err = None
     if k:
         r = ref.float()

@@ -165,11 +165,24 @@ def test_groups_that_do_not_read_one_tensor_are_refused(monkeypatch):
                      engine="single")
 
 
-def test_an_error_while_pruning_leaves_no_thread_and_no_hook():
+def _recording_windows(monkeypatch):
+    made = []
+
+    class Recorded(single_pass._Window):
+        def __init__(self, run=None):
+            super().__init__(run)
+            made.append(self)
+
+    monkeypatch.setattr(single_pass, "_Window", Recorded)
+    return made
+
+
+def test_an_error_while_pruning_leaves_no_suspended_forward_and_no_hook(monkeypatch):
     model = make_model("llama")
     X, kwargs = capture_inputs(model, torch.randint(0, 128, (4, SEQLEN)))
     block = _blocks(model)[0]
     threads = threading.active_count()
+    made = _recording_windows(monkeypatch)
 
     def on_group(names, st):
         if names[0].endswith("o_proj"):
@@ -178,7 +191,28 @@ def test_an_error_while_pruning_leaves_no_thread_and_no_hook():
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         single_pass.forward_in_stages(model, block, X, kwargs[0], torch.empty_like(X), 1, "norm", on_group)
     assert threading.active_count() == threads
+    assert len(made) == 4 and all(w._g.dead for w in made)  # every started forward was unwound
     assert all(not m._forward_pre_hooks for m in block.modules())
+
+
+def test_the_forwards_run_in_the_calling_thread_without_autograd(monkeypatch):
+    """Torch ops run several times slower in a second OS thread (its own OpenMP team and CUDA state): every
+    micro-batch's forward runs in the caller's thread, in no_grad, and the caller's grad mode is kept."""
+    model = make_model("llama")
+    X, kwargs = capture_inputs(model, torch.randint(0, 128, (4, SEQLEN)))
+    block = _blocks(model)[0]
+    seen = []
+    h = block.mlp.down_proj.register_forward_pre_hook(
+        lambda mod, args: seen.append((threading.get_ident(), torch.is_grad_enabled())))
+    Y = torch.empty_like(X)
+    try:
+        with torch.enable_grad():
+            single_pass.forward_in_stages(model, block, X, kwargs[0], Y, 1, "norm", lambda names, st: None)
+            assert torch.is_grad_enabled()
+    finally:
+        h.remove()
+    assert seen == [(threading.get_ident(), False)] * 4
+    assert Y.grad_fn is None and not Y.requires_grad
 
 
 @pytest.mark.parametrize("settings", [dict(prune_method="sparsegpt", sparsity_ratio=0.5),
