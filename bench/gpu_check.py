@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=400, help="start no job after this many seconds")
     p.add_argument("--out", default="bench/results/gpu_check.json")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per pruned block
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, "bfloat16")
     t_start = time.perf_counter()
@@ -91,7 +93,8 @@ def main() -> None:
             torch.cuda.synchronize(device)
         out["jobs"].append({"job": job, "prune_seconds": time.perf_counter() - t0,
                             "measured": report["measured"]["sparsity"], "peak_gpu_gib": peak(),
-                            "last_cum_error": report["blocks"][-1]["cum_error"]})
+                            "last_cum_error": report["blocks"][-1]["cum_error"],
+                            "block_seconds": [b["seconds"] for b in report["blocks"]]})
         print(json.dumps(out["jobs"][-1]), flush=True)
         save()
     if args.eval_tokens and time.perf_counter() - t_start <= args.budget:

@@ -6,9 +6,9 @@ Weights must be float16 or bfloat16 on CUDA with at most 2 non-zeros in every 4 
 
 Measured on an H200 with torch 2.11 (BENCHMARKS.md §13d): PyTorch's CUTLASS kernels run only on compute
 capability 8.x (A100, A10, RTX 30xx/40xx) and fail on 9.0 ("Supported only on GPUs with compute capability
-8.x"), so "auto" takes cuSPARSELt wherever it is available. Each eager cuSPARSELt call costs about 0.9 ms of
-host time there, whatever the shape: the kernels pay off only where that is hidden (CUDA graphs) and the
-multiply is large (prefill).
+8.x"), so "auto" takes cuSPARSELt wherever it is available. Each eager cuSPARSELt call cost about 0.9 ms
+there outside the kernel, whatever the shape (it vanished under CUDA-graph replay): the kernels pay off only
+where that is hidden and the multiply is large (prefill, 512 tokens or more).
 """
 
 from __future__ import annotations
