@@ -141,6 +141,12 @@ class PruneConfig:
         self.calibration.validate()
         if self.engine not in ("block", "single"):
             raise UsageError(f"--engine must be block or single, got {self.engine!r}")
+        if self.engine == "single":
+            import importlib.util
+
+            if importlib.util.find_spec("greenlet") is None:
+                raise UsageError("--engine single needs the greenlet package (pip install greenlet), or use "
+                                 "--engine block")
         if self.diag_nsamples is not None and self.diag_nsamples < 0:
             raise UsageError(f"--diag_nsamples must be >= 0, got {self.diag_nsamples}")
         if nm is not None and self.allocation != "uniform":

@@ -107,11 +107,15 @@ class _Window:
             raise _Stop
 
     def close(self):
-        """Unwind a forward that is still waiting (after an error)."""
+        """Unwind a forward that is still waiting (after an error). Never raises: an error while unwinding is
+        logged, so the error that stopped the engine is the one the caller sees, and every window is closed."""
         if self._g is not None and self._g and not self._g.dead:  # started, suspended at a stop
             self.abort = True
             self.error = None
-            self.step()
+            try:
+                self.step()
+            except BaseException as e:  # noqa: BLE001
+                log.debug("a micro-batch raised while it was unwound: %r", e)
 
 
 class _Recompute(_Window):

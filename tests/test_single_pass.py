@@ -195,6 +195,42 @@ def test_an_error_while_pruning_leaves_no_suspended_forward_and_no_hook(monkeypa
     assert all(not m._forward_pre_hooks for m in block.modules())
 
 
+def test_an_error_while_unwinding_keeps_the_first_error_and_unwinds_every_forward(monkeypatch):
+    model = make_model("llama")
+    X, kwargs = capture_inputs(model, torch.randint(0, 128, (4, SEQLEN)))
+    block = _blocks(model)[0]
+    made = _recording_windows(monkeypatch)
+    mlp_forward = block.mlp.forward
+
+    def forward(*a, **k):
+        try:
+            return mlp_forward(*a, **k)
+        finally:
+            if single_pass._tls.window.abort:
+                raise ValueError("raised while unwinding")
+
+    monkeypatch.setattr(block.mlp, "forward", forward)
+
+    def on_group(names, st):
+        if names[0].endswith("down_proj"):
+            raise RuntimeError("the real pruning error")
+
+    with pytest.raises(RuntimeError, match="the real pruning error"), torch.no_grad():
+        single_pass.forward_in_stages(model, block, X, kwargs[0], torch.empty_like(X), 1, "norm", on_group)
+    assert len(made) == 4 and all(w._g.dead for w in made)
+
+
+def test_single_engine_without_greenlet_is_a_usage_error_before_any_work(monkeypatch):
+    import sys
+
+    from sparsellm.pipeline import PruneConfig
+
+    monkeypatch.setitem(sys.modules, "greenlet", None)
+    with pytest.raises(UsageError, match="greenlet"):
+        PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.5, engine="single").validate()
+    PruneConfig.from_flat(prune_method="wanda", sparsity_ratio=0.5, engine="block").validate()
+
+
 def test_the_forwards_run_in_the_calling_thread_without_autograd(monkeypatch):
     """Torch ops run several times slower in a second OS thread (its own OpenMP team and CUDA state): every
     micro-batch's forward runs in the caller's thread, in no_grad, and the caller's grad mode is kept."""

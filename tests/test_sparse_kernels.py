@@ -386,6 +386,26 @@ def test_semi24_refuses_weights_that_are_not_24():
         sparsify(model, kernels="semi24")
 
 
+@pytest.mark.parametrize("cap,has_lt,backend,expect", [
+    ((9, 0), True, "auto", "cusparselt"), ((8, 0), False, "auto", "cutlass"), ((8, 6), True, "cutlass", "cutlass"),
+    ((9, 0), True, "cutlass", "compute capability 8.x"), ((9, 0), False, "auto", "no cuSPARSELt either"),
+    ((7, 5), True, "auto", "8.0 or newer"), ((9, 0), False, "cusparselt", "no cuSPARSELt"),
+    ((9, 0), True, "bogus", "must be one of")])
+def test_semi24_backend_choice_by_compute_capability(monkeypatch, cap, has_lt, backend, expect):
+    """The rule of semi24.check_available, with the GPU faked: CUTLASS's 2:4 kernels in PyTorch are sm80-only
+    (they failed on an H200, compute capability 9.0), cuSPARSELt wherever torch has it, nothing below 8.0."""
+    from sparsellm.kernels import semi24
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: has_lt)
+    if expect in semi24.BACKENDS:
+        assert semi24.check_available(backend) == expect
+    else:
+        with pytest.raises(UsageError, match=expect):
+            semi24.check_available(backend)
+
+
 def _saved_24(tmp_path, tokenizer):
     d = tmp_path / "model24"
     _prune_24(make_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2)).save_pretrained(d)
@@ -394,7 +414,9 @@ def _saved_24(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("extra,match", [([], "add --device cuda"), (["--device", "cuda"], "CUDA"),
-                                         (["--device", "gpu"], "--device"), (["--backend", "x"], "backend")])
+                                         (["--device", "gpu"], "--device"), (["--backend", "x"], "backend"),
+                                         (["--device", "cuda", "--no_bf16"],
+                                          "do not apply" if torch.cuda.is_available() else "CUDA")])
 def test_bench_semi24_refused_before_any_work(tmp_path, tokenizer, capsys, extra, match):
     if torch.cuda.is_available() and extra == ["--device", "cuda"]:
         pytest.skip("CUDA is available here")

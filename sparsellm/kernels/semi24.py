@@ -21,10 +21,11 @@ from ..errors import UsageError
 BACKENDS = ("auto", "cutlass", "cusparselt")
 
 
-def check_available(backend: str) -> str:
-    """The backend to use for `backend` ("auto": cusparselt where torch has it, else cutlass). Raises
-    UsageError (one line) for a name not in BACKENDS, no CUDA, cuSPARSELt missing from this torch build, or
-    CUTLASS on a GPU whose compute capability is not 8.x (PyTorch's CUTLASS 2:4 kernels are built for sm80)."""
+def check_available(backend: str, device=None) -> str:
+    """The backend to use for `backend` on the CUDA `device` (None: the current one; "auto": cusparselt where
+    torch has it, else cutlass). Raises UsageError (one line) for a name not in BACKENDS, no CUDA, a GPU older
+    than compute capability 8.0 (no 2:4 tensor cores), cuSPARSELt missing from this torch build, or CUTLASS on
+    a GPU whose compute capability is not 8.x (PyTorch's CUTLASS 2:4 kernels are built for sm80)."""
     if backend not in BACKENDS:
         raise UsageError(f"the 2:4 backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not torch.cuda.is_available():
@@ -33,13 +34,17 @@ def check_available(backend: str) -> str:
     has_lt = bool(getattr(torch.backends, "cusparselt", None)) and torch.backends.cusparselt.is_available()
     if backend == "auto":
         backend = "cusparselt" if has_lt else "cutlass"
-    if backend == "cusparselt" and not has_lt:
-        raise UsageError("this torch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False); "
-                         "use the cutlass backend")
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise UsageError(f"2:4 semi-structured kernels need compute capability 8.0 or newer, and this GPU is "
+                         f"{major}.{minor}")
     if backend == "cutlass" and major != 8:
         raise UsageError(f"PyTorch's CUTLASS 2:4 kernels run only on compute capability 8.x, and this GPU is "
-                         f"{major}.{minor}: use the cusparselt backend")
+                         f"{major}.{minor}" + (": use the cusparselt backend" if has_lt else
+                                               "; this torch build has no cuSPARSELt either"))
+    if backend == "cusparselt" and not has_lt:
+        raise UsageError("this torch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
+                         + ("; use the cutlass backend" if major == 8 else ""))
     return backend
 
 

@@ -61,13 +61,16 @@ class BenchRun:
         check_device_spec(self.device)
         from ..devices import resolve_device
 
-        cuda = resolve_device(self.device).type == "cuda"  # UsageError for CUDA where there is none
+        device = resolve_device(self.device)  # UsageError for CUDA where there is none
+        cuda = device.type == "cuda"
         if self.kernels == "semi24":
             if not cuda:
                 raise UsageError("--kernels semi24 runs on a GPU: add --device cuda")
             from ..kernels.semi24 import check_available
 
-            check_available(self.backend)
+            check_available(self.backend, device)
+        if cuda and (self.no_bf16 or self.values != "float16"):
+            raise UsageError("on a GPU every run is bfloat16 and --values / --no_bf16 do not apply; drop them")
         if self.kernels == "sparse" and cuda:
             raise UsageError("--kernels sparse are CPU kernels: use --device cpu (or --kernels semi24 on a GPU)")
         if cuda and self.deepsparse:
