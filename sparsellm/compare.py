@@ -34,7 +34,8 @@ def load_run(path) -> tuple[dict, "Path"]:
 def run_row(run: dict, directory) -> dict:
     """One row of the cross-run table: model, method, allocation, target and measured sparsity, ppl per
     metric, zero-shot mean acc, speed ratios (fp32 model / fp32 dense baseline, from speed.json next to the
-    report, if any; with DeepSparse, also the model in DeepSparse / PyTorch dense fp32), size on disk of
+    report, if any; with DeepSparse, also the model in DeepSparse / PyTorch dense fp32; from a GPU bench, the
+    model in 2:4 kernels / dense bf16), size on disk of
     the weights in the directory, non-zero block-linear weights."""
     import json
 
@@ -69,6 +70,9 @@ def run_row(run: dict, directory) -> dict:
         spread = dict(sp.get("ratio_spread", {}).get("model fp32", {}))
         # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
         speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
+        for name, r in ratios.items():  # `bench --device cuda --kernels semi24`: 2:4 kernels / dense bf16
+            if name.startswith("model 2:4"):
+                speed.update({f"2:4 {k}": v for k, v in r.items()})
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
     m = p.get("measured")
     if extra_measured is not None:
