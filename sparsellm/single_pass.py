@@ -22,8 +22,8 @@ The forward is the model's own `block.forward`. Each micro-batch runs in its own
 in the calling thread) and waits in a forward pre-hook of its next group's first linear; micro-batches run
 one after another in a fixed order, so the result is deterministic. Memory: every micro-batch's live
 tensors at its stop, about tokens · (8 · hidden + 2 · the widest linear input) values in the model's dtype
-with headroom (`live_bytes`). When that is more than half the free memory of the device, the engine recomputes instead (mode "recompute", logged):
-for each group every micro-batch re-runs the block's prefix up to it, then one more forward gives the
+with headroom (`live_bytes`). When that is more than half the free memory of the device, the engine
+recomputes instead (mode "recompute", logged): for each group every micro-batch re-runs the block's prefix up to it, then one more forward gives the
 outputs. The statistics and the pruned weights are the same; the forwards cost about G/2 + 1 passes
 instead of one (G groups), with one micro-batch's memory.
 """
@@ -59,7 +59,7 @@ class _Window:
 
     Greenlets, not threads: torch ops run several times slower in a second OS thread (each thread has its
     own OpenMP team and CUDA state). With one thread per micro-batch the engine took 9.3–9.9 s per
-    LLaMA-2-7B block on an H200 against the block engine's 0.9 s (BENCHMARKS.md §10a), and a 64 × 256
+    LLaMA-2-7B block on an H200 against the block engine's 0.9 s (BENCHMARKS.md §9), and a 64 × 256
     matrix product loop ran 3× slower in a thread than in the main one on this 2-core CPU."""
 
     def __init__(self, run=None):
@@ -131,8 +131,8 @@ def live_bytes(model, block, tokens: int, dtype) -> int:
     2 · the widest linear input values per token. The tensors alive at a stop (residual, normed input,
     rotated q/k, v, attention output, MLP intermediate) are about 4 · hidden + the widest input; the rest is
     headroom for the allocator. Measured on SmolLM2-135M (hidden 576, intermediate 1536), 64 × 512 windows,
-    when each micro-batch ran in its own thread (each with its own glibc arena): a peak RSS of 2.9 GB against
-    the block engine's 1.3 GB (BENCHMARKS.md §10); this formula gives 1.0 GB for those windows."""
+    a peak RSS of 1.8 GB against the block engine's 1.3 GB (BENCHMARKS.md §10a; 2.9 GB when each micro-batch
+    ran in its own thread, with its own glibc arena); this formula gives 1.0 GB for those windows."""
     linears = block_linears(model, block).values()
     widest = max(lin.in_features for lin in linears)
     hidden = getattr(model.config, "hidden_size", None) or widest

@@ -136,7 +136,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = t
     values in `dtype`: float16, bfloat16, float32, or int8 with per-row fp32 scales (format.py); keep_original
     keeps each weight Parameter for an exact `densify`) or "semi24"
     (`torch.sparse.to_sparse_semi_structured` on CUDA with `backend` "cutlass", "cusparselt" or "auto":
-    cuSPARSELt where torch has it; see semi24.py). Below ~30% zeros the dense fp32 prefill is faster than the sparse one, hence the default.
+    cuSPARSELt where torch has it; see semi24.py). Below ~30% zeros the dense fp32 prefill is faster than the
+    sparse one, hence the default.
     Returns {"kernels", "isa", "dtype", "swapped": {name: sparsity}, "skipped": {name: reason},
     "sparse_bytes", "dense_bytes"} (bytes of the swapped linears' weights, sparse format vs original).
     Raises UsageError for a min_sparsity outside [0, 1], an unknown `kernels`, (semi24) no CUDA or a

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import check_finite, positive_ints, setting
-from ..devices import check_device_spec
 from ..errors import UsageError
 from ..outputs import write_json_atomic
 from .generate import VALUES, VALUES_HELP
@@ -58,10 +57,9 @@ class BenchRun:
         positive_ints(self.decode_batches, "--decode_batches")
         if self.kernels not in KERNELS:
             raise UsageError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
-        check_device_spec(self.device)
         from ..devices import resolve_device
 
-        device = resolve_device(self.device)  # UsageError for CUDA where there is none
+        device = resolve_device(self.device)  # UsageError for a bad spec, or CUDA where there is none
         cuda = device.type == "cuda"
         if self.kernels == "semi24":
             if not cuda:
@@ -124,8 +122,9 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
         find_python("deepsparse", cfg.deepsparse_python)
     from ..devices import resolve_device
 
-    if resolve_device(cfg.device).type == "cuda":
-        return _run_cuda(cfg, baseline, prefill, batches, save, progress)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        return _run_cuda(cfg, device, baseline, prefill, batches, save, progress)
     dense, _, _ = load_model(baseline, torch.float32)
     sparse, _, _ = load_model(cfg.model, torch.float32)
     if cfg.deepsparse:  # every other DeepSparse check, before the long PyTorch runs
@@ -165,17 +164,16 @@ def run_bench(cfg: BenchRun, progress: bool = True) -> Run:
     return record.finish()
 
 
-def _run_cuda(cfg: BenchRun, baseline: str, prefill, batches, save, progress) -> Run:
+def _run_cuda(cfg: BenchRun, device, baseline: str, prefill, batches, save, progress) -> Run:
     """The GPU bench: dense bf16 (the baseline), the model in bf16, and (--kernels semi24) the model with its
-    2:4 linears in `torch.sparse.to_sparse_semi_structured` (--backend), all on `cfg.device`."""
+    2:4 linears in `torch.sparse.to_sparse_semi_structured` (--backend), all on the CUDA `device`."""
     import torch
 
-    from ..devices import describe, resolve_device
+    from ..devices import describe
     from ..evaluate.speed import compare
     from ..kernels import sparsify
     from ..models import load_model
 
-    device = resolve_device(cfg.device)
     models = {"dense bf16": load_model(baseline, torch.bfloat16)[0].to(device).eval(),
               "model bf16": load_model(cfg.model, torch.bfloat16)[0].to(device).eval()}
     swap = None
