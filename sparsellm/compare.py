@@ -73,6 +73,7 @@ def run_row(run: dict, directory) -> dict:
         for name, r in ratios.items():  # `bench --device cuda --kernels semi24`: 2:4 kernels / dense bf16
             if name.startswith("model 2:4"):
                 speed.update({f"2:4 {k}": v for k, v in r.items()})
+                spread.update({f"2:4 {k}": v for k, v in sp.get("ratio_spread", {}).get(name, {}).items()})
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
     m = p.get("measured")
     if extra_measured is not None:

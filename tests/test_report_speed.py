@@ -82,6 +82,8 @@ def test_cli_bench_and_report(capsys, tmp_path, saved_model_dir, calib_txt):
     assert "tok/s" in out and "model bf16 vs dense bf16: prefill@8" in out
     sp["ratios"]["deepsparse model"] = {"prefill@8": 1.234}  # as `bench --deepsparse` adds it
     sp["ratios"]["model 2:4 cusparselt"] = {"prefill@512": 1.567}  # as `bench --device cuda --kernels semi24` does
+    sp["ratio_spread"]["model 2:4 cusparselt"] = {"prefill@512": {"repeats": 3, "min": 0.91, "q1": 1.2, "median": 1.5,
+                                                                  "q3": 1.6, "max": 1.7, "within_noise": True}}
     (runs[0] / "speed.json").write_text(json.dumps(sp))
 
     out = tmp_path / "summary"
@@ -94,7 +96,7 @@ def test_cli_bench_and_report(capsys, tmp_path, saved_model_dir, calib_txt):
         assert f"{(d / 'model.safetensors').stat().st_size / 2**20:.1f}" in table
     assert "speed decode_b1" in table and "wikitext2_ppl@32" in table
     assert "speed deepsparse prefill@8" in table and "1.23×" in table
-    assert "speed 2:4 prefill@512" in table and "1.57×" in table
+    assert "speed 2:4 prefill@512" in table and "1.57× (0.91–1.70, within noise)" in table
     assert (out / "report.md").read_text().count("\n| ") >= 3
     for png in ("ppl_vs_sparsity.png", "rates.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
