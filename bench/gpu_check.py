@@ -39,6 +39,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=None, help="blocks of the model (default: the shape's; fewer "
+                                                             "gives per-block times of a slow method sooner)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -65,7 +67,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[args.shape], dtype=str(dtype).removeprefix("torch."))
+    shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
+    out["layers"] = shape["num_hidden_layers"]
+    config = LlamaConfig(**shape, dtype=str(dtype).removeprefix("torch."))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()  # random init on the device
     dense = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -7,6 +7,9 @@
 2. A random LLaMA-2-7B-shaped model (built on the GPU; nothing is downloaded), every block linear pruned 2:4 by
    magnitude: prefill and KV-cache decode tokens/s through `sparsellm.evaluate.speed.compare` (alternating
    runs, CUDA-synchronised), dense bf16 against each backend, and the logits of one prompt compared.
+   `--modes graphs,eager`: first with every prefill and decode step captured in a CUDA graph and replayed
+   (`sparsellm.evaluate.cuda_graphs`, a static KV cache; the greedy tokens of the graphed decode are compared
+   with the dense model's), then in eager PyTorch (each call pays its host-side launch and dispatch).
 
     python bench/semi24_bench.py --out bench/results/semi24_7b_h200.json          # on the GPU machine
     python bench/semi24_bench.py --shape tiny --device cpu --out /tmp/semi24.json  # harness check: dense only
@@ -170,10 +173,33 @@ def model_bench(args, out, save, backends):
     save()
     prefill = [int(t) for t in args.prefill.split(",")]
     batches = [int(t) for t in args.decode_batches.split(",")]
-    res = compare(models, prefill, batches, decode_prompt=args.decode_prompt, new_tokens=args.new_tokens,
-                  repeats=args.repeats, warmup=1)
-    out["speed"] = res
-    save()
+    modes = [m for m in args.modes.split(",") if m and (m != "graphs" or args.device != "cpu")]
+    if "graphs" in modes:
+        from sparsellm.evaluate.cuda_graphs import GraphedDecode
+
+        agree = {}
+        for n, m in models.items():
+            try:
+                dec = GraphedDecode(m, ids[:, :128], args.graph_new_tokens)
+                dec()
+                agree[n] = dec.tokens.cpu()
+            except Exception as e:  # noqa: BLE001
+                agree[n] = f"{type(e).__name__}: {e}"[:300]
+        ref = agree["dense bf16"]
+        out["model"]["graphed_greedy_agreement_with_dense"] = {
+            n: t if isinstance(t, str) or isinstance(ref, str) else float((t == ref).float().mean())
+            for n, t in agree.items()}
+        save()
+    for mode in modes:
+        graphs = mode == "graphs"
+        try:
+            res = compare(models, prefill, batches, decode_prompt=args.decode_prompt,
+                          new_tokens=args.graph_new_tokens if graphs else args.new_tokens,
+                          repeats=args.repeats, warmup=1, cuda_graphs=graphs)
+        except Exception as e:  # noqa: BLE001 - recorded; the next mode still runs
+            res = {"error": f"{type(e).__name__}: {e}"[:500]}
+        out["speed_graphs" if graphs else "speed"] = res
+        save()
 
 
 def main() -> None:
@@ -188,6 +214,8 @@ def main() -> None:
     p.add_argument("--decode_prompt", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=8, help="decode steps per run (eager 2:4 decode ran at "
                                                                  "2.8 tok/s on an H200: keep it short)")
+    p.add_argument("--graph_new_tokens", type=int, default=64, help="decode steps per run under CUDA graphs")
+    p.add_argument("--modes", default="graphs,eager", help="graphs: CUDA-graph replay (CUDA only); eager: plain PyTorch")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--parts", default="micro,model")
     p.add_argument("--out", default="bench/results/semi24_7b.json")

@@ -430,13 +430,14 @@ def test_bench_semi24_refused_before_any_work(tmp_path, tokenizer, capsys, extra
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
-@pytest.mark.parametrize("backend", ["cusparselt", "auto"])
-def test_bench_semi24_on_cuda(tmp_path, tokenizer, capsys, backend):
+@pytest.mark.parametrize("backend,graphs", [("cusparselt", []), ("auto", []), ("auto", ["--cuda_graphs"])])
+def test_bench_semi24_on_cuda(tmp_path, tokenizer, capsys, backend, graphs):
     d = _saved_24(tmp_path, tokenizer)
     assert main(["--quiet", "bench", "--model", str(d), "--baseline", str(d), "--kernels", "semi24", "--device",
                  "cuda", "--backend", backend, "--prefill", "64", "--decode_batches", "1,2", "--decode_prompt", "8",
-                 "--new_tokens", "4", "--repeats", "2", "--save", str(tmp_path / "s")]) == 0
+                 "--new_tokens", "4", "--repeats", "2", "--save", str(tmp_path / "s"), *graphs]) == 0
     res = json.loads((tmp_path / "s" / "speed.json").read_text())
+    assert res["settings"]["cuda_graphs"] == bool(graphs)
     assert list(res["results"]) == ["dense bf16", "model bf16", "model 2:4 cusparselt"]
     assert res["device"].startswith("cuda") and len(res["sparse_kernels"]["swapped"]) == 14
     assert all(v > 0 for r in res["results"].values() for v in r.values())

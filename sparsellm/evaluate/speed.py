@@ -83,12 +83,15 @@ def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8), decode_prompt: int = 128,
             new_tokens: int = 32, repeats: int = 5, warmup: int = 1, threads: int | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, cuda_graphs: bool = False) -> dict:
     """Throughput of every model in `models` ({name: model}; the first is the baseline) on identical
     prompts. Returns {"threads", "settings", "results": {name: {"prefill@L": tokens/s, "decode_b{B}": tokens/s}},
     "ratios": {name: {...}: throughput / baseline's}, "ratio_spread": {name: {...}: `ratio_spread` of the
     per-repeat ratios}, "seconds": {name: {...}: every timed repeat's wall time, in order}}. Throughputs are
-    medians of `repeats` runs after `warmup`. Raises UsageError for non-positive settings."""
+    medians of `repeats` runs after `warmup`. `cuda_graphs`: every prefill and decode step is captured once
+    in a CUDA graph and replayed (`cuda_graphs.GraphedPrefill`, `GraphedDecode`; decode from a static KV
+    cache), one model and one setting at a time. Raises UsageError for non-positive settings, or for
+    `cuda_graphs` with a model off CUDA."""
     if repeats < 1 or warmup < 0 or new_tokens < 1 or decode_prompt < 1:
         raise UsageError("repeats, new_tokens and the decode prompt must be >= 1, warmup >= 0")
     if threads is not None:
@@ -97,6 +100,8 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
         torch.set_num_threads(threads)
     names = list(models)
     first = models[names[0]]
+    if cuda_graphs and any(_device(m).type != "cuda" for m in models.values()):
+        raise UsageError("CUDA graphs need every model on a CUDA device")
     vocab = first.config.vocab_size
     ctx = getattr(first.config, "max_position_embeddings", 2048) or 2048
     jobs = [(f"prefill@{L}", _prompt(vocab, 1, L), None) for L in prefill_lengths if L <= ctx]
@@ -108,12 +113,15 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
     seconds = {n: {} for n in names}
     for key, ids, steps in jobs:
         times = {n: [] for n in names}
+        timers = {n: _timer(models[n], ids, steps, cuda_graphs) for n in names}
         for r in range(warmup + repeats):
             for n in names:  # alternate, so drifts in machine load hit every model alike
-                m = models[n]
-                t = prefill_seconds(m, ids) if steps is None else decode_seconds(m, ids, steps)
+                t = timers[n]()
                 if r >= warmup:
                     times[n].append(t)
+        del timers  # captured graphs hold their memory pools
+        if cuda_graphs:
+            torch.cuda.empty_cache()
         tokens = ids.numel() if steps is None else ids.shape[0] * steps
         for n in names:
             results[n][key] = tokens / statistics.median(times[n])
@@ -126,8 +134,18 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
     return {"threads": torch.get_num_threads(), "results": results, "ratios": ratios, "ratio_spread": spread,
             "seconds": seconds,
             "settings": {"prefill_lengths": [j[0] for j in jobs if j[2] is None], "decode_prompt": decode_prompt,
-                         "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "baseline": names[0]},
+                         "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "baseline": names[0],
+                         "cuda_graphs": cuda_graphs},
             "device": str(_device(first))}
+
+
+def _timer(model, ids, steps, graphs: bool):
+    """A callable returning the seconds of one prefill (`steps` None) or one decode of `steps` tokens."""
+    if graphs:
+        from .cuda_graphs import GraphedDecode, GraphedPrefill
+
+        return GraphedPrefill(model, ids) if steps is None else GraphedDecode(model, ids, steps)
+    return (lambda: prefill_seconds(model, ids)) if steps is None else (lambda: decode_seconds(model, ids, steps))
 
 
 def ratio_spread(base_seconds: list[float], seconds: list[float]) -> dict:

@@ -45,6 +45,9 @@ class BenchRun:
     backend: str = setting("auto", "the 2:4 kernels of --kernels semi24: cusparselt, cutlass (compute capability "
                                    "8.x only), or auto (cusparselt where torch has it)",
                            choices=("auto", "cutlass", "cusparselt"))
+    cuda_graphs: bool = setting(False, "GPU only: capture every prefill and decode step once in a CUDA graph and "
+                                       "replay it (decode from a static KV cache), as serving engines do; eager "
+                                       "PyTorch pays each kernel's launch and dispatch on the host")
     deepsparse: bool = setting(False, "also run both models, exported to ONNX, in DeepSparse 1.8 (needs "
                                       "`make deepsparse-env`)")
     deepsparse_python: str | None = setting(None, "the Python of the DeepSparse environment (default: "
@@ -69,6 +72,8 @@ class BenchRun:
             check_available(self.backend, device)
         if cuda and (self.no_bf16 or self.values != "float16"):
             raise UsageError("on a GPU every run is bfloat16 and --values / --no_bf16 do not apply; drop them")
+        if self.cuda_graphs and not cuda:
+            raise UsageError("--cuda_graphs needs a GPU: add --device cuda")
         if self.kernels == "sparse" and cuda:
             raise UsageError("--kernels sparse are CPU kernels: use --device cpu (or --kernels semi24 on a GPU)")
         if cuda and self.deepsparse:
@@ -182,7 +187,8 @@ def _run_cuda(cfg: BenchRun, device, baseline: str, prefill, batches, save, prog
         swap = sparsify(semi, min_sparsity=0.3, kernels="semi24", backend=cfg.backend)
         models[f"model 2:4 {swap['isa']}"] = semi
     timing = dict(decode_prompt=cfg.decode_prompt, new_tokens=cfg.new_tokens, repeats=cfg.repeats, warmup=cfg.warmup)
-    res = compare(models, prefill, batches, threads=cfg.threads, progress=progress, **timing)
+    res = compare(models, prefill, batches, threads=cfg.threads, progress=progress, cuda_graphs=cfg.cuda_graphs,
+                  **timing)
     res.update(model=cfg.model, baseline=baseline, device=describe(device))
     if swap is not None:
         res["sparse_kernels"] = {k: v for k, v in swap.items() if k != "skipped"}
