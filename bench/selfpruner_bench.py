@@ -93,12 +93,14 @@ def main():
     if args.out is None:
         ap.error("--out is required")
     runs = []
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as work:
         for b in args.backends.split(","):
             runs.append(run(args, b, Path(work)))
             print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("history", "speed", "command")}), flush=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
-    Path(args.out).write_text(json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
+            tmp = Path(args.out).with_suffix(".tmp")  # after every backend: a run cut short keeps the finished ones
+            tmp.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
+            tmp.replace(args.out)
     print(table([args.out]))
 
 
