@@ -89,3 +89,13 @@ def test_bench_records_every_repeat_and_the_spreads(tmp_path, saved_model_dir, c
         assert (got["min"], got["max"]) == (pytest.approx(per.min()), pytest.approx(per.max()))
         assert got["within_noise"] == bool(per.min() <= 1.0 <= per.max())
     assert "speed-up" not in capsys.readouterr().out
+
+
+def test_settings_past_the_context_are_named_not_dropped_silently(monkeypatch, capsys):
+    a, b = make_model("llama"), make_model("llama", seed=1)  # context 128
+    _fake(monkeypatch, a, b, [1.0], [1.0], warmup=0)
+    res = speed.compare({"dense": a, "model": b}, prefill_lengths=(16, 256), decode_batches=(1, 2), decode_prompt=100,
+                        new_tokens=40, repeats=1, warmup=0, progress=True)
+    assert list(res["results"]["model"]) == ["prefill@16"]
+    assert res["settings"]["skipped_past_context"] == ["prefill@256", "decode_b1", "decode_b2"]
+    assert "skipped (past the model's context of 128 tokens): prefill@256, decode_b1, decode_b2" in capsys.readouterr().err

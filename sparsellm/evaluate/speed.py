@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import statistics
+import sys
 import time
 
 import torch
@@ -88,9 +89,10 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
     prompts. Returns {"threads", "settings", "results": {name: {"prefill@L": tokens/s, "decode_b{B}": tokens/s}},
     "ratios": {name: {...}: throughput / baseline's}, "ratio_spread": {name: {...}: `ratio_spread` of the
     per-repeat ratios}, "seconds": {name: {...}: every timed repeat's wall time, in order}}. Throughputs are
-    medians of `repeats` runs after `warmup`. `cuda_graphs`: every prefill and decode step is captured once
-    in a CUDA graph and replayed (`cuda_graphs.GraphedPrefill`, `GraphedDecode`; decode from a static KV
-    cache), one model and one setting at a time. Raises UsageError for non-positive settings, or for
+    medians of `repeats` runs after `warmup`. A setting past the model's context is left out and named in
+    `settings["skipped_past_context"]` (and on stderr with `progress`). `cuda_graphs`: every prefill and
+    decode step is captured once in a CUDA graph and replayed (`cuda_graphs.GraphedPrefill`,
+    `GraphedDecode`; decode from a static KV cache), one model and one setting at a time. Raises UsageError for non-positive settings, or for
     `cuda_graphs` with a model off CUDA."""
     if repeats < 1 or warmup < 0 or new_tokens < 1 or decode_prompt < 1:
         raise UsageError("repeats, new_tokens and the decode prompt must be >= 1, warmup >= 0")
@@ -109,6 +111,10 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
              if decode_prompt + new_tokens <= ctx]
     if not jobs:
         raise UsageError(f"every prefill length and the decode prompt + new tokens exceed the model's context ({ctx})")
+    skipped = [f"prefill@{L}" for L in prefill_lengths if L > ctx]
+    skipped += [f"decode_b{B}" for B in decode_batches if decode_prompt + new_tokens > ctx]
+    if skipped and progress:
+        print(f"skipped (past the model's context of {ctx} tokens): {', '.join(skipped)}", file=sys.stderr, flush=True)
     results = {n: {} for n in names}
     seconds = {n: {} for n in names}
     for key, ids, steps in jobs:
@@ -135,7 +141,7 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
             "seconds": seconds,
             "settings": {"prefill_lengths": [j[0] for j in jobs if j[2] is None], "decode_prompt": decode_prompt,
                          "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "baseline": names[0],
-                         "cuda_graphs": cuda_graphs},
+                         "cuda_graphs": cuda_graphs, "skipped_past_context": skipped},
             "device": str(_device(first))}
 
 

@@ -150,7 +150,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.3, dtype: torch.dtype = t
     if kernels == "semi24":
         from .semi24 import check_available, SemiStructuredLinear
 
-        backend = check_available(backend)
+        on = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+        backend = check_available(backend, on)  # the model's GPU, not the current one
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     record = {"kernels": kernels, "isa": None, "dtype": str(dtype).replace("torch.", ""), "swapped": {},
               "skipped": {}, "sparse_bytes": 0, "dense_bytes": 0}
