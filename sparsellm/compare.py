@@ -74,6 +74,13 @@ def run_row(run: dict, directory) -> dict:
             if name.startswith("model 2:4"):
                 speed.update({f"2:4 {k}": v for k, v in r.items()})
                 spread.update({f"2:4 {k}": v for k, v in sp.get("ratio_spread", {}).get(name, {}).items()})
+        bad = [k for k, v in speed.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            from .errors import UsageError
+
+            raise UsageError(f"{directory / 'speed.json'}: the ratio {bad[0]!r} is not a number "
+                             f"({speed[bad[0]]!r}); rerun sparsellm bench --save")
+        spread = {k: v for k, v in spread.items() if isinstance(v, dict)}
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
     m = p.get("measured")
     if extra_measured is not None:

@@ -130,6 +130,11 @@ def test_report_and_plot_errors_guards(capsys, tmp_path, saved_model_dir, calib_
     assert main(["report", str(run)]) == 0  # an allocate-only run: method, allocation and target from its config
     row = [ln for ln in capsys.readouterr().out.splitlines() if str(run) in ln][0]
     assert "| wanda | atp |" in row and "| 0.40 |" in row
+    (run / "speed.json").write_text(json.dumps({"ratios": {"model fp32": {"prefill@8": "fast"}}}))
+    assert main(["report", str(run)]) == 2  # a hand-edited ratio: one line, no traceback
+    err = capsys.readouterr().err
+    assert "'prefill@8' is not a number" in err and len(err.strip().splitlines()) == 1, err
+    (run / "speed.json").unlink()
     assert main(["plot-errors", str(run), "--out", str(tmp_path / "e.png")]) == 2  # it pruned nothing
     assert "pruned nothing" in capsys.readouterr().err and not (tmp_path / "e.png").exists()
     bad = tmp_path / "bad.json"
