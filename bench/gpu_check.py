@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=400, help="start no job after this many seconds")
     p.add_argument("--out", default="bench/results/gpu_check.json")
     args = p.parse_args()
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers must be >= 1, got {args.layers}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per pruned block
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, "bfloat16")
@@ -67,7 +69,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {}))
+    shape = dict(SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers is not None else {}))
     out["layers"] = shape["num_hidden_layers"]
     config = LlamaConfig(**shape, dtype=str(dtype).removeprefix("torch."))
     with torch.device(device):

@@ -173,7 +173,10 @@ def model_bench(args, out, save, backends):
     save()
     prefill = [int(t) for t in args.prefill.split(",")]
     batches = [int(t) for t in args.decode_batches.split(",")]
-    modes = [m for m in args.modes.split(",") if m and (m != "graphs" or args.device != "cpu")]
+    modes = [m for m in args.modes.split(",") if m]
+    if "graphs" in modes and args.device == "cpu":
+        out["model"]["graphs_skipped"] = "CUDA graphs need a GPU"
+        modes.remove("graphs")
     if "graphs" in modes:
         from sparsellm.evaluate.cuda_graphs import GraphedDecode
 
@@ -187,8 +190,8 @@ def model_bench(args, out, save, backends):
                 agree[n] = f"{type(e).__name__}: {e}"[:300]
         ref = agree["dense bf16"]
         out["model"]["graphed_greedy_agreement_with_dense"] = {
-            n: t if isinstance(t, str) or isinstance(ref, str) else float((t == ref).float().mean())
-            for n, t in agree.items()}
+            n: t if isinstance(t, str) else "no dense reference" if isinstance(ref, str)
+            else float((t == ref).float().mean()) for n, t in agree.items()}
         save()
     for mode in modes:
         graphs = mode == "graphs"
@@ -220,6 +223,8 @@ def main() -> None:
     p.add_argument("--parts", default="micro,model")
     p.add_argument("--out", default="bench/results/semi24_7b.json")
     args = p.parse_args()
+    if not args.modes or not set(args.modes.split(",")) <= {"graphs", "eager"}:
+        p.error(f"--modes takes graphs and/or eager, got {args.modes!r}")
     import torch
 
     from sparsellm.devices import describe, resolve_device

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 from .report import acc_text, fmt, ratio_text
 
 
@@ -57,30 +60,7 @@ def run_row(run: dict, directory) -> dict:
              "target_sparsity": e.get("target_sparsity", 0.0 if dense else None)}
     ev = run.get("eval", {})
     zs = ev.get("zeroshot")
-    speed, spread = {}, {}
-    if (directory / "speed.json").is_file():
-        try:
-            sp = json.loads((directory / "speed.json").read_text())
-        except (ValueError, UnicodeDecodeError):
-            from .errors import UsageError
-
-            raise UsageError(f"{directory / 'speed.json'} is not valid JSON") from None
-        ratios = sp.get("ratios", {})
-        speed = dict(ratios.get("model fp32", {}))
-        spread = dict(sp.get("ratio_spread", {}).get("model fp32", {}))
-        # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
-        speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
-        for name, r in ratios.items():  # `bench --device cuda --kernels semi24`: 2:4 kernels / dense bf16
-            if name.startswith("model 2:4"):
-                speed.update({f"2:4 {k}": v for k, v in r.items()})
-                spread.update({f"2:4 {k}": v for k, v in sp.get("ratio_spread", {}).get(name, {}).items()})
-        bad = [k for k, v in speed.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
-        if bad:
-            from .errors import UsageError
-
-            raise UsageError(f"{directory / 'speed.json'}: the ratio {bad[0]!r} is not a number "
-                             f"({speed[bad[0]]!r}); rerun sparsellm bench --save")
-        spread = {k: v for k, v in spread.items() if isinstance(v, dict)}
+    speed, spread = _speed(directory / "speed.json") if (directory / "speed.json").is_file() else ({}, {})
     weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin")]
     m = p.get("measured")
     if extra_measured is not None:
@@ -102,6 +82,41 @@ def run_row(run: dict, directory) -> dict:
         "rates": (p.get("allocation") or run.get("allocation") or {}).get("rates"),
         "warnings": list(run.get("warnings") or []),
     }
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _speed(path) -> tuple[dict, dict]:
+    """The model's speed ratios and their spreads from a `sparsellm bench` speed.json: fp32 model / dense fp32,
+    DeepSparse's as "deepsparse KEY" and the 2:4 kernels' as "2:4 KEY". Raises UsageError (one line) for a
+    file that is not valid JSON, not a bench result, or holds a ratio or spread that is not a finite number."""
+    from .errors import UsageError
+
+    try:
+        sp = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{path} is not valid JSON") from None
+    ratios, spreads = (sp.get("ratios"), sp.get("ratio_spread") or {}) if isinstance(sp, dict) else (None, None)
+    if not isinstance(ratios, dict) or not isinstance(spreads, dict) \
+            or not all(isinstance(r, dict) for r in (*ratios.values(), *spreads.values())):
+        raise UsageError(f"{path} is not a sparsellm bench result (no 'ratios' by run); rerun sparsellm bench --save")
+    speed, spread = dict(ratios.get("model fp32", {})), dict(spreads.get("model fp32", {}))
+    # with --deepsparse: the pruned model in DeepSparse, against PyTorch dense fp32 of the same bench run
+    speed.update({f"deepsparse {k}": v for k, v in ratios.get("deepsparse model", {}).items()})
+    for name, r in ratios.items():  # `bench --device cuda --kernels semi24`: 2:4 kernels / dense bf16
+        if name.startswith("model 2:4"):
+            speed.update({f"2:4 {k}": v for k, v in r.items()})
+            spread.update({f"2:4 {k}": v for k, v in spreads.get(name, {}).items()})
+    for k, v in speed.items():
+        if not _number(v):
+            raise UsageError(f"{path}: the ratio {k!r} is not a finite number ({v!r}); rerun sparsellm bench --save")
+    for k, v in spread.items():
+        if not (isinstance(v, dict) and _number(v.get("repeats")) and (v["repeats"] < 2 or (
+                _number(v.get("min")) and _number(v.get("max")) and isinstance(v.get("within_noise"), bool)))):
+            raise UsageError(f"{path}: the spread of {k!r} is not a sparsellm ratio spread; rerun sparsellm bench --save")
+    return speed, spread
 
 
 def compare_runs(paths, out=None) -> str:

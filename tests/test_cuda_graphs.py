@@ -39,10 +39,26 @@ def test_static_cache_stepping_matches_a_cache_free_greedy_decode(family):
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
-def test_a_sliding_window_shorter_than_the_run_is_refused(family):
+def test_sliding_windows(family):
     model = make_model(family, attn="sdpa")  # window 8
-    with pytest.raises(UsageError, match="sliding-window"):
-        GraphedDecode(model, torch.randint(3, 100, (1, 7)), 6, graph=False)
+    with pytest.raises(UsageError, match="shorter than the prompt"):
+        GraphedDecode(model, torch.randint(3, 100, (1, 7)), 2, graph=False)
+    ids = torch.randint(3, 100, (1, 3), generator=torch.Generator().manual_seed(4))
+    dec = GraphedDecode(model, ids, 5, graph=False)  # prompt + new tokens = the window: allowed eagerly
+    dec(), dec()
+    assert torch.equal(dec.tokens, greedy_no_cache(model, ids, 5))
+    with pytest.raises(UsageError, match="cannot be replayed from a CUDA graph"):  # before any device check
+        GraphedDecode(model, ids, 5)
+
+
+def test_one_new_token_and_the_context_limit():
+    model = make_model("opt", attn="sdpa")  # learned positions, context 128
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(5))
+    dec = GraphedDecode(model, ids, 1, graph=False)
+    dec(), dec()
+    assert torch.equal(dec.tokens, greedy_no_cache(model, ids, 1))
+    with pytest.raises(UsageError, match="context"):
+        GraphedDecode(model, torch.randint(3, 100, (1, 120)), 9, graph=False)
 
 
 def test_prefill_logits_are_the_last_position():
@@ -66,8 +82,8 @@ def test_graphs_refuse_a_model_off_cuda():
 
 
 @cuda
-@pytest.mark.parametrize("kernels", ["dense", "semi24"])
-def test_captured_decode_matches_the_reference_on_cuda(kernels):
+@pytest.mark.parametrize("kernels,new_tokens", [("dense", 8), ("dense", 1), ("semi24", 8)])
+def test_captured_decode_matches_the_reference_on_cuda(kernels, new_tokens):
     from sparsellm.kernels import sparsify
 
     model = make_model("llama", attn="sdpa", hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -79,14 +95,14 @@ def test_captured_decode_matches_the_reference_on_cuda(kernels):
                     g = m.weight.data.view(m.weight.shape[0], -1, 4)
                     g.scatter_(-1, g.abs().argsort(-1)[..., :2], 0)
         ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(3)).cuda()
-        ref = greedy_no_cache(model, ids, 8)
+        ref = greedy_no_cache(model, ids, new_tokens)
         sparsify(model, min_sparsity=0.3, kernels="semi24", backend="auto")
     else:
         ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(3)).cuda()
-        ref = greedy_no_cache(model, ids, 8)
-    eager = GraphedDecode(model, ids, 8, graph=False)
+        ref = greedy_no_cache(model, ids, new_tokens)
+    eager = GraphedDecode(model, ids, new_tokens, graph=False)
     eager()
-    graphed = GraphedDecode(model, ids, 8)
+    graphed = GraphedDecode(model, ids, new_tokens)
     for _ in range(2):
         graphed()
         assert torch.equal(graphed.tokens, eager.tokens)

@@ -130,10 +130,24 @@ def test_report_and_plot_errors_guards(capsys, tmp_path, saved_model_dir, calib_
     assert main(["report", str(run)]) == 0  # an allocate-only run: method, allocation and target from its config
     row = [ln for ln in capsys.readouterr().out.splitlines() if str(run) in ln][0]
     assert "| wanda | atp |" in row and "| 0.40 |" in row
-    (run / "speed.json").write_text(json.dumps({"ratios": {"model fp32": {"prefill@8": "fast"}}}))
-    assert main(["report", str(run)]) == 2  # a hand-edited ratio: one line, no traceback
-    err = capsys.readouterr().err
-    assert "'prefill@8' is not a number" in err and len(err.strip().splitlines()) == 1, err
+    spread = {"repeats": 3, "min": 0.9, "max": 1.2, "within_noise": True}
+    for speed_json, says in [  # hand-edited or foreign speed.json files: one line each, no traceback
+            ({"ratios": {"model fp32": {"prefill@8": "fast"}}}, "'prefill@8' is not a finite number"),
+            ({"ratios": {"model fp32": {"prefill@8": float("nan")}}}, "'prefill@8' is not a finite number"),
+            ({"ratios": {"model 2:4 x": {"prefill@8": True}}}, "'2:4 prefill@8' is not a finite number"),
+            ({"ratios": {"model fp32": {"prefill@8": 1.1}}, "ratio_spread": {"model fp32": {"prefill@8": {"repeats": 3}}}},
+             "the spread of 'prefill@8'"),
+            ({"ratios": {"model fp32": {"prefill@8": 1.1}},
+              "ratio_spread": {"model fp32": {"prefill@8": {**spread, "repeats": "3"}}}}, "the spread of 'prefill@8'"),
+            ([1, 2], "speed.json is not a sparsellm bench result"),
+            ({"ratios": None}, "speed.json is not a sparsellm bench result")]:
+        (run / "speed.json").write_text(json.dumps(speed_json))
+        assert main(["report", str(run)]) == 2, speed_json
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    (run / "speed.json").write_text(json.dumps({"ratios": {"model fp32": {"prefill@8": 1.1}},
+                                                "ratio_spread": {"model fp32": {"prefill@8": spread}}}))
+    assert main(["report", str(run)]) == 0 and "1.10× (0.90–1.20, within noise)" in capsys.readouterr().out
     (run / "speed.json").unlink()
     assert main(["plot-errors", str(run), "--out", str(tmp_path / "e.png")]) == 2  # it pruned nothing
     assert "pruned nothing" in capsys.readouterr().err and not (tmp_path / "e.png").exists()

@@ -11,7 +11,9 @@ kernels alone.
   the last run's greedy tokens, (batch, new_tokens).
 
 With `graph=False` both run the same code eagerly (any device): the CPU tests check the static-cache
-stepping against a plain decode that way. Capture itself needs CUDA.
+stepping against a plain decode that way. Capture itself needs CUDA. Sliding-window attention layers
+(Mistral, Gemma 3, Qwen2 with a window) are refused under capture: their cache keeps its length in a
+Python int, which a captured step would freeze.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from ..errors import UsageError
 from .speed import _device, _sync, cache_kwarg
 
 
-def _warm_and_capture(fn, graph: bool):
-    """Run fn twice on a side stream (cuBLAS workspaces, lazy allocations), then capture it in a CUDA graph.
+def _warm_and_capture(fn, graph: bool, reset=None):
+    """Run fn twice on a side stream (cuBLAS workspaces, lazy allocations), then capture it in a CUDA graph;
+    `reset()` (if given) runs after each warm-up, so state that fn advances starts again from the same point.
     Returns the graph's replay, or fn itself when `graph` is False."""
     if not graph:
         return fn
@@ -35,6 +38,8 @@ def _warm_and_capture(fn, graph: bool):
     with torch.cuda.stream(s):
         for _ in range(2):
             fn()
+            if reset is not None:
+                reset()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -74,27 +79,35 @@ class GraphedPrefill:
 class GraphedDecode:
     """Greedy KV-cache decode from a StaticCache, one captured step replayed `new_tokens` times per call.
     Works with transformers that take `cache_position` (≤ 5.2x) and with those whose static cache counts its
-    own length (`cumulative_length`); both are rewound to the prompt before each run. Raises UsageError for
-    new_tokens < 1, for a model off CUDA with graph=True, and for sliding-window layers whose window is
-    shorter than the prompt + new tokens (a full window rolls with Python-side state)."""
+    own length (`cumulative_length`); both are rewound to the prompt before each run (and after each warm-up
+    step before the capture). Raises UsageError for new_tokens < 1, a prompt + new tokens past the model's
+    context, a model off CUDA with graph=True, any sliding-window layer with graph=True (its mask sizes come
+    from Python-side state that a capture would freeze), and with graph=False a window shorter than the
+    prompt + new tokens (a full window rolls its cache)."""
 
     @torch.no_grad()
     def __init__(self, model, ids: torch.Tensor, new_tokens: int, graph: bool = True):
         from transformers import StaticCache
 
-        dev = _check(model, graph)
         if new_tokens < 1:
             raise UsageError(f"new_tokens must be >= 1, got {new_tokens}")
+        batch, self.prompt = ids.shape
+        total = self.prompt + new_tokens  # the last step writes position prompt + new_tokens - 1
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        if ctx is not None and total > ctx:
+            raise UsageError(f"the prompt + new tokens ({self.prompt} + {new_tokens}) exceed the model's context ({ctx})")
+        self.cache = StaticCache(config=model.config, max_cache_len=total)
+        sliding = [getattr(layer, "max_cache_len", 0) for layer in getattr(self.cache, "layers", [])
+                   if getattr(layer, "is_sliding", False)]
+        if sliding and graph:  # its mask sizes come from a Python int that a captured step would freeze
+            raise UsageError("sliding-window attention layers cannot be replayed from a CUDA graph (their cache "
+                             "length is Python-side state): measure this model without --cuda_graphs")
+        if sliding and min(sliding) < total:  # a full window rolls its cache: a rewind cannot undo that
+            raise UsageError(f"sliding-window attention (window {min(sliding)}) is shorter than the prompt + new "
+                             f"tokens ({self.prompt} + {new_tokens}): use a shorter run")
+        dev = _check(model, graph)
         self.model, self.dev, self.new_tokens = model, dev, new_tokens
         ids = ids.to(dev)
-        batch, self.prompt = ids.shape
-        total = self.prompt + new_tokens + 2
-        self.cache = StaticCache(config=model.config, max_cache_len=total)
-        short = [n for n in (getattr(layer, "max_cache_len", total) for layer in getattr(self.cache, "layers", [])
-                             if getattr(layer, "is_sliding", False)) if n < total]
-        if short:  # a full sliding window rolls its cache with Python-side state: one captured step cannot replay it
-            raise UsageError(f"sliding-window attention (window {min(short)}) is shorter than the prompt + new tokens "
-                             f"({self.prompt} + {new_tokens}): decode it without CUDA graphs, or with a shorter run")
         kw = cache_kwarg(model)
         takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         pos = torch.arange(self.prompt, device=dev)
@@ -113,7 +126,7 @@ class GraphedDecode:
             self.pos.add_(1)
 
         self.rewind()
-        self.step = _warm_and_capture(step, graph)
+        self.step = _warm_and_capture(step, graph, reset=self.rewind)
         self.rewind()
 
     def rewind(self) -> None:

@@ -92,7 +92,8 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
     medians of `repeats` runs after `warmup`. A setting past the model's context is left out and named in
     `settings["skipped_past_context"]` (and on stderr with `progress`). `cuda_graphs`: every prefill and
     decode step is captured once in a CUDA graph and replayed (`cuda_graphs.GraphedPrefill`,
-    `GraphedDecode`; decode from a static KV cache), one model and one setting at a time. Raises UsageError for non-positive settings, or for
+    `GraphedDecode`; decode from a static KV cache), one setting at a time (every model's graphs of that
+    setting are alive together, and freed before the next). Raises UsageError for non-positive settings, or for
     `cuda_graphs` with a model off CUDA."""
     if repeats < 1 or warmup < 0 or new_tokens < 1 or decode_prompt < 1:
         raise UsageError("repeats, new_tokens and the decode prompt must be >= 1, warmup >= 0")
