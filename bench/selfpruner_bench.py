@@ -44,7 +44,8 @@ def run(args, backend: str, work: Path) -> dict:
     return {"backend": backend, "wikitext2_ppl": run_["eval"]["wikitext2_ppl@2048"]["ppl"],
             "windows": run_["eval"]["wikitext2_ppl@2048"]["windows"], "best_fitness": s["best_fitness"],
             "params_dense": s["params_dense"], "params_pruned": s["params_pruned"], "best_rates": s["best_rates"],
-            "evals": s["evals"], "search_seconds": s["search_seconds"], "importance_seconds": s["importance_seconds"],
+            "evals": s["evals"], "proposed": s.get("proposed"), "new_candidates": s.get("new_candidates"),
+            "search_seconds": s["search_seconds"], "importance_seconds": s["importance_seconds"],
             "operators": s["operators"], "speed_ratios": run_["speed"]["ratios"]["model fp32"],
             "speed": run_["speed"]["results"], "history": s["history"], "wall_seconds": wall,
             "peak_rss_mib": run_["peak_rss_mib"], "command": shlex.join(cmd[1:])}

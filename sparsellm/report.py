@@ -238,7 +238,8 @@ def search_markdown(run: dict) -> str:
              f"parameters {r['params_dense']:,} → {r['params_pruned']:,} ({r['params_pruned'] / r['params_dense']:.3f} of dense)"
              + (f", weights on disk {r['weights_mib']:.1f} MiB" if "weights_mib" in r else ""),
              f"{r['evals']:g} fitness evaluations over {r['generations']} generations in {r['search_seconds']:.1f} s "
-             f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
+             + (f"({r['new_candidates']} of {r['proposed']} proposed candidates were new) " if r.get("proposed") else "")
+             + f"(importance {r['importance_seconds']:.1f} s); best fitness (c4 ppl@{r['fitness']['seqlen']}, "
              f"{count(r['fitness']['windows'], 'window')}) {r['best_fitness']:.4f}"]
     if "calls" in ops:
         steps = ops.get("steps") or {}

@@ -64,7 +64,8 @@ def test_ga_search_approaches_a_known_optimum_and_caches():
     assert feasible(best["rates"], 0.3, 0.8)
     assert best["fitness"] < 0.2 * state["history"][0]["best"]  # far better than the best initial vector
     assert [h["best"] for h in state["history"]] == sorted((h["best"] for h in state["history"]), reverse=True)
-    assert len(calls) == state["evals"] == len({",".join(f"{r:.3f}" for r in c) for c in calls})
+    assert len(calls) == state["evals"] == state["new"] == len({",".join(f"{r:.3f}" for r in c) for c in calls})
+    assert state["proposed"] == 8 + 15 * (4 + 4)
     assert len(state["population"]) == 8
 
 
@@ -142,6 +143,19 @@ def test_llm_operators_validate_fall_back_count_and_log(tmp_path):
 
     def never(messages, seed, max_tokens, prefix="", reply=None):
         return "no json here"
+
+    def zeros(messages, seed, max_tokens, prefix="", reply=None):  # valid JSON, always the all-zero vectors
+        text = messages[-1]["content"]
+        L = int(re.search(r"exactly (\d+) numbers", text).group(1))
+        if m := re.search(r"Propose (\d+)", text):
+            return json.dumps({"population": [[0] * L] * int(m.group(1))})
+        if m := re.search(r"Select (\d+) pairs", text):
+            return json.dumps({"pairs": [[0, 0]] * int(m.group(1))})
+        return json.dumps({"children": [[0] * L] * int(re.search(r"\((\d+) children", text).group(1))})
+
+    state = evolve(f, 6, cfg, LLMOperators(zeros, "m", None, retries=0))  # what SmolLM2-135M answered (§12)
+    assert state["evals"] == state["new"] == 1 and state["population"][0]["rates"] == [0.3] * 6  # repaired: uniform
+    assert state["proposed"] == 5 + 3 * (2 + 2)  # the initial population, then crossover and mutation children
 
     ops = LLMOperators(never, "m", None, retries=1)
     evolve(f, 6, cfg, ops)  # a reply that never parses: GA fallback, no crash
