@@ -10,7 +10,6 @@ from .report import acc_text, fmt, ratio_text
 
 def load_run(path) -> tuple[dict, "Path"]:
     """A run's report.json (given the file or its directory) and the directory. Raises UsageError."""
-    import json
     from pathlib import Path
 
     from .errors import UsageError
@@ -40,8 +39,6 @@ def run_row(run: dict, directory) -> dict:
     report, if any; with DeepSparse, also the model in DeepSparse / PyTorch dense fp32; from a GPU bench, the
     model in 2:4 kernels / dense bf16), size on disk of
     the weights in the directory, non-zero block-linear weights."""
-    import json
-
     p = run.get("prune") or {}
     cfg = run.get("config") or {}
     if run.get("command") == "search":  # structured: "measured" is the fraction of all parameters removed

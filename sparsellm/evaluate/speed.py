@@ -107,13 +107,12 @@ def compare(models: dict, prefill_lengths=(128, 512, 2048), decode_batches=(1, 8
         raise UsageError("CUDA graphs need every model on a CUDA device")
     vocab = first.config.vocab_size
     ctx = getattr(first.config, "max_position_embeddings", 2048) or 2048
-    jobs = [(f"prefill@{L}", _prompt(vocab, 1, L), None) for L in prefill_lengths if L <= ctx]
-    jobs += [(f"decode_b{B}", _prompt(vocab, B, decode_prompt), new_tokens) for B in decode_batches
-             if decode_prompt + new_tokens <= ctx]
+    wanted = [(f"prefill@{L}", 1, L, None) for L in prefill_lengths]  # (key, batch, prompt, decode steps)
+    wanted += [(f"decode_b{B}", B, decode_prompt, new_tokens) for B in decode_batches]
+    jobs = [(key, _prompt(vocab, b, L), steps) for key, b, L, steps in wanted if L + (steps or 0) <= ctx]
+    skipped = [key for key, _, L, steps in wanted if L + (steps or 0) > ctx]
     if not jobs:
         raise UsageError(f"every prefill length and the decode prompt + new tokens exceed the model's context ({ctx})")
-    skipped = [f"prefill@{L}" for L in prefill_lengths if L > ctx]
-    skipped += [f"decode_b{B}" for B in decode_batches if decode_prompt + new_tokens > ctx]
     if skipped and progress:
         print(f"skipped (past the model's context of {ctx} tokens): {', '.join(skipped)}", file=sys.stderr, flush=True)
     results = {n: {} for n in names}

@@ -163,7 +163,7 @@ def self_prune(model, tok, config: SearchConfig, ops, calib_ids, structure: Stru
         "best_rates": best["rates"], "best_fitness": best["fitness"],
         "fitness": {"dataset": "c4", "windows": fit.fitness_windows, "seqlen": seqlen},
         "history": state["history"], "evals": state["evals"], "generations": state["generation"],
-        "proposed": state.get("proposed"), "new_candidates": state.get("new"),
+        "proposed": state.get("proposed"), "new_candidates": state["evals"] if "proposed" in state else None,
         "operators": ops.stats() if ops is not None else {}, "final": finals,
         "importance_seconds": imp_seconds, "search_seconds": search_seconds, "structure": rep,
         "params_dense": rep["params_before"], "params_pruned": rep["params_after"],

@@ -137,9 +137,9 @@ def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, r
     init(n, ctx), select(pop, n, ctx), crossover(pairs, ctx), mutate(parents, ctx) returning rate vectors
     (select returns index pairs into pop), plus a `stats()` dict (fallback counts). With `state_path`,
     the state is written after every generation; `resume` continues from it (same `settings` required).
-    Returns the final state: population (sorted by fitness), history, cache, evals, seconds, proposed (every
-    candidate the operators proposed, after repair) and new (those distinct and not scored before: an
-    operator that only repeats known vectors, e.g. a small LLM answering the uniform vector, shows as new ≪
+    Returns the final state: population (sorted by fitness), history, cache, evals, seconds and proposed (every
+    candidate the operators proposed, after repair; evals counts those distinct and not scored before, so an
+    operator that only repeats known vectors, e.g. a small LLM answering the uniform vector, shows as evals ≪
     proposed).
 
     fitness_many(list of rate vectors) -> list of floats, in the same order: how one generation's new
@@ -188,7 +188,6 @@ def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, r
             inds.append({"rates": rates, "origin": origin, "key": key_of(rates, config.decimals)})
         todo = list({i["key"]: i["rates"] for i in inds if i["key"] not in cache}.items())
         state["proposed"] = state.get("proposed", 0) + len(inds)  # candidates the operators proposed, repaired
-        state["new"] = state.get("new", 0) + len(todo)  # of them, distinct and never scored before
         if todo:
             scores = score_many([r for _, r in todo])
             if len(scores) != len(todo):
