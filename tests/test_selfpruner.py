@@ -124,6 +124,10 @@ def test_resume_continues_exactly(tmp_path, backend):
     assert resumed["population"] == full["population"]
     assert [h["best"] for h in resumed["history"]] == [h["best"] for h in full["history"]]
     assert resumed["operators"] == full["operators"]
+    assert resumed["proposed"] == full["proposed"] == 6 + 5 * (3 + 3)  # every proposal, across the interruption
+    legacy = {k: v for k, v in stopped.items() if k != "proposed"}  # a state saved before the count existed
+    (tmp_path / "b.json").write_text(json.dumps(legacy))
+    assert "proposed" not in evolve(f, 4, cfg, ops(), tmp_path / "b.json", resume=True)  # not a partial count
 
 
 def test_llm_operators_validate_fall_back_count_and_log(tmp_path):

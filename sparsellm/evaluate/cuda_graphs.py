@@ -60,7 +60,7 @@ class GraphedPrefill:
     @torch.no_grad()
     def __init__(self, model, ids: torch.Tensor, graph: bool = True):
         dev = _check(model, graph)
-        self.ids, self.dev = ids.to(dev).clone(), dev
+        self.model, self.ids, self.dev = model, ids.to(dev).clone(), dev  # model: the graph reads its weights
 
         def forward():
             self.logits = model(self.ids, use_cache=False, logits_to_keep=1).logits
@@ -106,7 +106,7 @@ class GraphedDecode:
             raise UsageError(f"sliding-window attention (window {min(sliding)}) is shorter than the prompt + new "
                              f"tokens ({self.prompt} + {new_tokens}): use a shorter run")
         dev = _check(model, graph)
-        self.dev, self.new_tokens = dev, new_tokens
+        self.model, self.dev, self.new_tokens = model, dev, new_tokens  # model: the graph reads its weights
         ids = ids.to(dev)
         kw = cache_kwarg(model)
         takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters

@@ -175,7 +175,7 @@ def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, r
         log.info("resumed the search after generation %d of %d", state["generation"], config.generations)
     else:
         state = {"settings": settings, "generation": -1, "population": [], "history": [], "cache": {}, "evals": 0,
-                 "seconds": 0.0}
+                 "seconds": 0.0, "proposed": 0}
     cache = state["cache"]
 
     score_many = fitness_many or (lambda vs: [fitness(v) for v in vs])
@@ -187,7 +187,8 @@ def evolve(fitness, n_blocks: int, config: SearchConfig, ops, state_path=None, r
             rates = repair(v, config.target_rate, config.max_rate)
             inds.append({"rates": rates, "origin": origin, "key": key_of(rates, config.decimals)})
         todo = list({i["key"]: i["rates"] for i in inds if i["key"] not in cache}.items())
-        state["proposed"] = state.get("proposed", 0) + len(inds)  # candidates the operators proposed, repaired
+        if "proposed" in state:  # candidates the operators proposed, repaired (absent in states saved before it)
+            state["proposed"] += len(inds)
         if todo:
             scores = score_many([r for _, r in todo])
             if len(scores) != len(todo):
